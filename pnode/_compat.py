@@ -1,0 +1,73 @@
+"""Import petsc4py once, and keep every difference between petsc4py versions (3.18 .. 3.26) here."""
+
+import sys
+
+_INSTALL_HINT = (
+    "pnode needs petsc4py (PETSc's Python bindings) and mpi4py. On Debian/Ubuntu run "
+    "`bash scripts/setup.sh` from the pnode checkout (it builds petsc==3.26.1 and petsc4py into .venv), "
+    "or by hand: apt-get install libopenmpi-dev libopenblas-dev liblapack-dev; "
+    "pip install wheel setuptools cython numpy; "
+    "PETSC_CONFIGURE_OPTIONS='--with-fc=0 --with-debugging=0' pip install --no-build-isolation "
+    "petsc==3.26.1 petsc4py==3.26.1; pip install mpi4py. A petsc4py from a cluster module or conda "
+    "works as well."
+)
+
+
+def import_petsc():
+    """Return the initialised ``petsc4py.PETSc`` module, or raise an ImportError that says how to install it.
+
+    PETSc reads ``sys.argv`` once, at initialisation, so command-line options such as ``-ts_type cn``
+    reach every solver pnode creates.
+    """
+    try:
+        import petsc4py
+    except ImportError as exc:  # pragma: no cover - exercised only without petsc4py
+        raise ImportError(_INSTALL_HINT) from exc
+    if not getattr(petsc4py, "_pnode_initialised", False):
+        try:
+            from petsc4py import PETSc as _already  # noqa: F401  (someone initialised it before us)
+        except ImportError:
+            pass
+        petsc4py.init(sys.argv)
+        petsc4py._pnode_initialised = True
+    from petsc4py import PETSc
+
+    return PETSc
+
+
+PETSc = import_petsc()
+
+PETSC_VERSION = PETSc.Sys.getVersion()  # e.g. (3, 26, 1)
+
+
+def set_rhs_jacobian_p(ts, callback, mat) -> None:
+    """``TSSetRHSJacobianP``: the keyword name of the matrix differs between petsc4py versions."""
+    ts.setRHSJacobianP(callback, mat)
+
+
+def converged_reason_name(reason: int) -> str:
+    """Name of a ``TS.ConvergedReason`` value, e.g. -2 -> ``'DIVERGED_STEP_REJECTED'``."""
+    for name in dir(PETSc.TS.ConvergedReason):
+        if not name.startswith("_") and getattr(PETSc.TS.ConvergedReason, name) == reason:
+            return name
+    return str(reason)
+
+
+def has_revolve() -> bool:
+    """Whether this PETSc build was configured with Revolve (needed by ``-ts_trajectory_max_cps_ram``)."""
+    try:
+        import petsc4py
+
+        conf = petsc4py.get_config()
+        petsc_dir = conf.get("PETSC_DIR", "")
+        arch = conf.get("PETSC_ARCH", "") or ""
+        import os
+
+        for path in (os.path.join(petsc_dir, arch, "include", "petscconf.h"),
+                     os.path.join(petsc_dir, "include", "petscconf.h")):
+            if os.path.exists(path):
+                with open(path) as fh:
+                    return "PETSC_HAVE_REVOLVE" in fh.read()
+    except Exception:  # pragma: no cover - configuration layout varies between installs
+        pass
+    return False

@@ -1,0 +1,116 @@
+"""The autograd function: forward through PETSc TS, backward through PETSc TSAdjoint.
+
+Solvers are pooled by (configuration, sizes, communicator): a forward pass that will be
+differentiated takes a solver out of the pool and the matching backward pass puts it back, so two
+ODE blocks of the same shape in one network never share a trajectory.
+"""
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .bridge import PETSC_DTYPE, tensor_to_petsc_cpu
+from .distributed import check_consistent, comm_key
+from .options import database_fingerprint
+from .problem import Problem
+from .rhs import RHS
+from .solver import Solver
+
+_free_solvers: Dict[tuple, List[Solver]] = defaultdict(list)
+
+
+def _pool_key(problem: Problem, param_size: int, record: bool) -> tuple:
+    return (problem.config, problem.layout.numel, param_size, comm_key(problem.comm), record,
+            database_fingerprint())
+
+
+def acquire_solver(problem: Problem, param_size: int, record: bool) -> Tuple[tuple, Solver]:
+    """A solver for ``problem`` from the pool (built on first use); return it with :func:`release_solver`."""
+    key = _pool_key(problem, param_size, record)
+    check_consistent(problem.comm, "the solve", (problem.config, problem.taus.tobytes(), param_size,
+                                                 str(problem.layout.dtype), record))
+    pool = _free_solvers[key]
+    if pool:
+        return key, pool.pop()
+    return key, Solver(problem.config, problem.layout.numel, param_size, problem.comm, record)
+
+
+def release_solver(key: tuple, solver: Solver) -> None:
+    solver.rhs = None
+    _free_solvers[key].append(solver)
+
+
+def solve_forward(problem: Problem, params, record: bool):
+    """Run the forward solve; returns ``(key, solver, ForwardRecord)`` with the solver still checked out."""
+    param_size = sum(p.numel() for p in params) if record else 0
+    key, solver = acquire_solver(problem, param_size, record)
+    rhs = RHS(problem.func, problem.layout, params, problem.direction, problem.counter)
+    y0 = tensor_to_petsc_cpu(problem.y0_flat)
+    result = solver.forward(rhs, problem.taus, y0)  # on error the solver is dropped, not pooled
+    return key, solver, result
+
+
+class AdjointSolve(torch.autograd.Function):
+    """``outputs = AdjointSolve.apply(problem, t, y0_flat, *params)``: ``(n_times, numel)`` in the user's dtype."""
+
+    @staticmethod
+    def forward(ctx, problem: Problem, t: torch.Tensor, y0_flat: torch.Tensor, *params):
+        key, solver, result = solve_forward(problem, params, record=True)
+        ctx.pooled = (key, solver)
+        ctx.problem = problem
+        ctx.params = params
+        ctx.outputs = result.outputs
+        return result.outputs.to(device=problem.layout.device, dtype=problem.layout.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_outputs: torch.Tensor):
+        problem: Problem = ctx.problem
+        if ctx.pooled is None:
+            raise RuntimeError("pnode: backward through the same ODE solve twice is not supported; "
+                               "run the forward pass again")
+        key, solver = ctx.pooled
+        ctx.pooled = None
+        grad64 = grad_outputs.detach().to(device="cpu", dtype=PETSC_DTYPE)
+        grad_y0, before_first, grad_params = solver.adjoint(grad64)
+        release_solver(key, solver)
+        layout = problem.layout
+        grad_t = _time_gradient(ctx, grad64, before_first) if ctx.needs_input_grad[1] else None
+        return (None, grad_t, grad_y0.to(device=layout.device, dtype=layout.dtype),
+                *_split_params(grad_params, ctx.params))
+
+
+def _split_params(flat: Optional[torch.Tensor], params) -> Tuple[Optional[torch.Tensor], ...]:
+    if flat is None:
+        return tuple(None for _ in params)
+    grads, offset = [], 0
+    for p in params:
+        n = p.numel()
+        grads.append(flat[offset:offset + n].view(p.shape).to(device=p.device, dtype=p.dtype))
+        offset += n
+    return tuple(grads)
+
+
+def _time_gradient(ctx, grad64: torch.Tensor, before_first: torch.Tensor) -> torch.Tensor:
+    """``dL/dt_i = <g_i, f(t_i, y_i)>`` for i >= 1 and ``dL/dt_0 = -<lambda(t_0), f(t_0, y_0)>``.
+
+    These are the derivatives of the exact flow with respect to the output times (as in
+    torchdiffeq's adjoint): the solution at ``t_i`` moves with velocity ``f`` when ``t_i`` moves.
+    """
+    problem: Problem = ctx.problem
+    layout = problem.layout
+    t = problem.t.detach()
+    grad_t = torch.zeros(len(t), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(len(t)):
+            cotangent = before_first if i == 0 else grad64[i]
+            if i > 0 and not bool(cotangent.any()):
+                continue
+            y = layout.unflatten(ctx.outputs[i].to(device=layout.device, dtype=layout.dtype))
+            problem.counter.backward += 1
+            velocity = layout.flatten(problem.func(t[i], y)).to("cpu", torch.float64)
+            value = torch.dot(cotangent, velocity)
+            grad_t[i] = -value if i == 0 else value
+    return grad_t.to(device=t.device, dtype=t.dtype)

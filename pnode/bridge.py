@@ -1,0 +1,98 @@
+"""The tensor <-> PETSc Vec bridge: state layout, dtype casts and device staging, in one place.
+
+PETSc works on one flat vector of real scalars (float64 in the builds pnode targets). A user state
+is a tensor of any shape, or a tuple of tensors; :class:`StateLayout` maps between the two.
+Reading a Vec gives a zero-copy CPU view; tensors of another dtype or on a CUDA device are cast or
+staged through the host at this boundary and nowhere else.
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ._compat import PETSc
+
+PETSC_DTYPE = torch.from_numpy(np.zeros(1, dtype=PETSc.ScalarType)).dtype
+"""The torch dtype matching PETSc's scalar (``torch.float64`` for a default real build)."""
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Shapes of the tensors that make up one state, and how they pack into a flat vector.
+
+    Attributes:
+        shapes: shape of each tensor of the state (one entry for a plain tensor state).
+        is_tuple: whether the user passed a tuple (so results are returned as a tuple).
+        dtype: the user's floating dtype (all tensors of a state share it).
+        device: the user's device.
+    """
+
+    shapes: Tuple[torch.Size, ...]
+    is_tuple: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def sizes(self) -> Tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, state: State) -> torch.Tensor:
+        """Concatenate a state into a 1-D tensor of ``numel`` entries (user dtype and device)."""
+        parts = state if self.is_tuple else (state,)
+        if len(parts) == 1:
+            return parts[0].reshape(-1)
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def unflatten(self, flat: torch.Tensor) -> State:
+        """Split a 1-D tensor (or ``(..., numel)`` tensor) back into the state's shapes."""
+        lead = flat.shape[:-1]
+        if not self.is_tuple:
+            return flat.reshape(*lead, *self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+
+
+def layout_of(state: State) -> StateLayout:
+    """The :class:`StateLayout` of a tensor or tuple of tensors (validated by the caller)."""
+    is_tuple = isinstance(state, (tuple, list))
+    parts: Sequence[torch.Tensor] = tuple(state) if is_tuple else (state,)
+    return StateLayout(tuple(p.shape for p in parts), is_tuple, parts[0].dtype, parts[0].device)
+
+
+def vec_view(vec) -> torch.Tensor:
+    """A CPU tensor that shares memory with the local part of ``vec`` (no copy).
+
+    Valid while ``vec`` lives and its storage is not replaced; callers copy what they keep.
+    """
+    with warnings.catch_warnings():
+        # PETSc hands out a read-only NumPy view; pnode never writes through it.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(vec.getArray(readonly=True))
+
+
+def vec_to_tensor(vec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The local part of ``vec`` as a new tensor of ``dtype`` on ``device`` (always a copy)."""
+    view = vec_view(vec)
+    if view.dtype == dtype and device.type == "cpu":
+        return view.clone()
+    return view.to(device=device, dtype=dtype, non_blocking=False)
+
+
+def tensor_into_vec(tensor: torch.Tensor, vec) -> None:
+    """Write a 1-D tensor (any dtype, any device) into the local part of ``vec``."""
+    target = torch.from_numpy(vec.getArray())
+    target.copy_(tensor.detach().reshape(-1))
+
+
+def tensor_to_petsc_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a contiguous CPU tensor of PETSc's scalar dtype (no copy when it already is one)."""
+    return tensor.detach().to(device="cpu", dtype=PETSC_DTYPE).contiguous()

@@ -1,0 +1,104 @@
+"""The method registry: one table from a pnode method name to the PETSc TS configuration.
+
+Nothing else in pnode branches on method names; it reads the :class:`Method` record instead.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a pnode method maps onto PETSc TS.
+
+    Attributes:
+        name: the pnode (torchdiffeq-compatible where one exists) name.
+        ts_type: PETSc ``TSType`` (``'rk'``, ``'theta'``, ``'cn'``, ``'beuler'``, ...).
+        rk_type: PETSc ``TSRKType`` tableau name for ``ts_type == 'rk'``.
+        theta: the theta of ``TSTHETA`` (``None`` for other types).
+        adaptive: whether the method has an error estimator, so that steps adapt to ``rtol``/``atol``
+            unless ``options['step_size']`` fixes them.
+        implicit: whether each step solves a nonlinear system (Newton-Krylov with matrix-free JVPs).
+        order: the classical order of accuracy.
+        description: a one-line description shown by :func:`available_methods`.
+    """
+
+    name: str
+    ts_type: str
+    rk_type: Optional[str] = None
+    theta: Optional[float] = None
+    adaptive: bool = False
+    implicit: bool = False
+    order: int = 1
+    description: str = ""
+
+
+_TABLE: Tuple[Method, ...] = (
+    Method("euler", "rk", rk_type="1fe", order=1, description="forward Euler (PETSc RK 1fe)"),
+    Method("midpoint", "rk", rk_type="2b", order=2, description="explicit midpoint (PETSc RK 2b)"),
+    Method("rk4", "rk", rk_type="4", order=4,
+           description="classic RK4 (PETSc RK 4); torchdiffeq's rk4 is the 3/8 rule"),
+    Method("bosh3", "rk", rk_type="3bs", adaptive=True, order=3,
+           description="Bogacki-Shampine 3(2) (PETSc RK 3bs)"),
+    Method("dopri5", "rk", rk_type="5dp", adaptive=True, order=5,
+           description="Dormand-Prince 5(4) (PETSc RK 5dp)"),
+    Method("adaptive_heun", "rk", rk_type="2a", adaptive=True, order=2,
+           description="Heun with embedded Euler (PETSc RK 2a)"),
+    Method("cn", "cn", implicit=True, order=2, description="Crank-Nicolson (PETSc TS cn)"),
+    Method("beuler", "beuler", implicit=True, order=1, description="backward Euler (PETSc TS beuler)"),
+    Method("theta", "theta", theta=0.5, implicit=True, order=1,
+           description="theta method, options={'theta': ...} (PETSc TS theta)"),
+)
+
+# Further PETSc RK tableaus, usable by their PETSc name (``method='rk:5bs'`` or ``-ts_rk_type``).
+_PETSC_RK: Dict[str, Tuple[bool, int]] = {
+    "1fe": (False, 1), "2a": (True, 2), "2b": (False, 2), "3": (False, 3), "3bs": (True, 3),
+    "4": (False, 4), "5f": (True, 5), "5dp": (True, 5), "5bs": (True, 5), "6vr": (True, 6),
+    "7vr": (True, 7), "8vr": (True, 8),
+}
+
+# torchdiffeq methods that PETSc cannot serve, with what to use instead.
+_UNAVAILABLE: Dict[str, str] = {
+    "dopri8": "use 'rk:8vr' (Verner 8(7)) for a high-order adaptive RK",
+    "fehlberg2": "use 'adaptive_heun' or 'bosh3'",
+    "explicit_adams": "multistep methods have no PETSc adjoint; use 'rk4' or 'dopri5'",
+    "implicit_adams": "multistep methods have no PETSc adjoint; use 'cn' or 'beuler'",
+    "fixed_adams": "multistep methods have no PETSc adjoint; use 'rk4'",
+    "scipy_solver": "pnode integrates with PETSc only; use 'dopri5', or 'cn'/'beuler' for stiff problems",
+    "heun3": "use 'rk:3' or 'bosh3'",
+}
+
+_BY_NAME: Dict[str, Method] = {m.name: m for m in _TABLE}
+
+DEFAULT_METHOD = "dopri5"
+
+
+def available_methods() -> List[str]:
+    """Names accepted by ``method=``: the torchdiffeq-style names, PETSc's own, and ``'rk:<tableau>'``."""
+    return [m.name for m in _TABLE] + [f"rk:{name}" for name in _PETSC_RK]
+
+
+def resolve_method(name: Optional[str]) -> Method:
+    """Return the :class:`Method` for ``name`` (``None`` means the default, ``'dopri5'``).
+
+    Raises:
+        InputError: the name is unknown, or names a torchdiffeq method PETSc has no adjoint for.
+    """
+    if name is None:
+        name = DEFAULT_METHOD
+    if not isinstance(name, str):
+        raise InputError(f"method must be a string, got {type(name).__name__}; "
+                         f"choose one of: {', '.join(available_methods())}")
+    key = name.strip().lower()
+    if key in _BY_NAME:
+        return _BY_NAME[key]
+    if key.startswith("rk:") and key[3:] in _PETSC_RK:
+        adaptive, order = _PETSC_RK[key[3:]]
+        return Method(key, "rk", rk_type=key[3:], adaptive=adaptive, order=order,
+                      description=f"PETSc RK tableau {key[3:]}")
+    hint = _UNAVAILABLE.get(key)
+    reason = f" ({hint})" if hint else ""
+    raise InputError(f"method {name!r} is not available with PETSc{reason}; "
+                     f"choose one of: {', '.join(available_methods())}")

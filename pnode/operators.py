@@ -1,0 +1,93 @@
+"""Matrix-free PETSc operators: the RHS Jacobian ``J = df/du`` and ``J_p = df/dp`` as shell matrices.
+
+PETSc never sees a dense Jacobian. TS asks for products with these operators: ``J v`` in Newton-
+Krylov solves of implicit methods (a torch JVP), ``J^T x`` and ``J_p^T x`` in TSAdjoint (one torch
+VJP through the network). TS also scales and shifts the RHS Jacobian in place to form
+``shift*I - J`` for implicit methods, so each shell records a scale and a shift:
+``A x = scale * (op x) + shift * x``.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._compat import PETSc
+from .bridge import tensor_into_vec, vec_view
+from .errors import CallbackErrorTrap
+from .rhs import Linearization
+
+
+class _ScaledShell:
+    """Scale/shift bookkeeping for a MATPYTHON context (``MatScale``/``MatShift`` on a shell)."""
+
+    def __init__(self, trap: CallbackErrorTrap):
+        self.trap = trap
+        self.linearization: Optional[Linearization] = None
+        self.scale_factor = 1.0
+        self.shift_amount = 0.0
+
+    def reset(self, linearization: Linearization) -> None:
+        """Point the operator at a new linearization, as if freshly assembled (scale 1, shift 0)."""
+        self.linearization = linearization
+        self.scale_factor = 1.0
+        self.shift_amount = 0.0
+
+    def scale(self, mat, alpha) -> None:
+        self.scale_factor *= float(alpha)
+        self.shift_amount *= float(alpha)
+
+    def shift(self, mat, alpha) -> None:
+        self.shift_amount += float(alpha)
+
+    def _store(self, result: torch.Tensor, x, y) -> None:
+        if self.scale_factor != 1.0:
+            result = result * self.scale_factor
+        if self.shift_amount != 0.0:
+            result = result + self.shift_amount * vec_view(x).to(result)
+        tensor_into_vec(result, y)
+
+
+class RHSJacobianShell(_ScaledShell):
+    """``scale * df/du + shift * I`` applied by JVPs (``mult``) and VJPs (``multTranspose``)."""
+
+    def mult(self, mat, x, y) -> None:
+        self.trap.call(lambda: self._store(self.linearization.jvp(vec_view(x)), x, y))
+
+    def multTranspose(self, mat, x, y) -> None:
+        self.trap.call(lambda: self._store(self.linearization.vjp(vec_view(x))[0], x, y))
+
+
+class ParamJacobianShell(_ScaledShell):
+    """``scale * df/dp`` applied transposed (``multTranspose``): the parameter part of the VJP.
+
+    The parameter gradients are packed, in ``params`` order, into the local part of the PETSc
+    parameter vector; a parameter that ``f`` does not use contributes zeros.
+    """
+
+    def __init__(self, trap: CallbackErrorTrap):
+        super().__init__(trap)
+        self.param_numels: Tuple[int, ...] = ()
+
+    def multTranspose(self, mat, x, y) -> None:
+        self.trap.call(self._param_vjp, x, y)
+
+    def _param_vjp(self, x, y) -> None:
+        _, param_grads = self.linearization.vjp(vec_view(x))
+        target = torch.from_numpy(y.getArray())
+        offset = 0
+        for grad, numel in zip(param_grads, self.param_numels):
+            chunk = target[offset:offset + numel]
+            if grad is None:
+                chunk.zero_()
+            else:
+                chunk.copy_(grad.detach().reshape(-1))
+                if self.scale_factor != 1.0:
+                    chunk.mul_(self.scale_factor)
+            offset += numel
+
+
+def create_shell(ctx, local_rows: int, local_cols: int, comm):
+    """A MATPYTHON shell of local size ``local_rows x local_cols`` driven by ``ctx``."""
+    mat = PETSc.Mat().createPython(((local_rows, None), (local_cols, None)), context=ctx, comm=comm)
+    mat.setUp()
+    return mat

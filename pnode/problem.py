@@ -1,0 +1,216 @@
+"""Input checking at the door: turn the torchdiffeq-style call into one canonical :class:`Problem`.
+
+Everything that can be wrong with the arguments is detected here, before any PETSc object is
+touched, and reported with what was received and what to do instead.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bridge import StateLayout, layout_of
+from .distributed import resolve_comm
+from .errors import InputError
+from .methods import resolve_method
+from .rhs import EvaluationCounter
+from .solver import SolverConfig
+
+# torchdiffeq options that map onto PETSc's adaptive controller.
+_ADAPT_OPTION_MAP = {"safety": "ts_adapt_safety"}
+# torchdiffeq options pnode cannot honour, with what to do instead.
+_UNSUPPORTED_OPTIONS = {
+    "perturb": "PETSc steps cannot be perturbed; split the integration at the discontinuity instead",
+    "grid_constructor": "use options={'step_size': h}; output times are always hit exactly",
+    "interp": "pnode never interpolates: every output time is a step end",
+    "norm": "PETSc's controller uses a weighted RMS norm; choose another with "
+            "options={'ts_adapt_wnormtype': 'infinity'}",
+    "step_t": "split the integration at those times (call pnode once per interval)",
+    "jump_t": "split the integration at those times (call pnode once per interval)",
+    "dtype": "PETSc integrates in its scalar type (float64); the state keeps its own dtype",
+}
+
+
+@dataclass
+class Problem:
+    """A canonical ODE problem.
+
+    Attributes:
+        func: the user's ``func(t, y)``.
+        layout: how the state packs into a flat vector.
+        y0_flat: the initial state, flat, user dtype and device (keeps its autograd history).
+        t: the user's output times (1-D, float, possibly requiring grad).
+        taus: the output times in PETSc time, strictly increasing, float64 ``(n_times,)``.
+        direction: +1.0 for increasing ``t``, -1.0 for decreasing.
+        config: the solver configuration (part of the solver cache key).
+        comm: the PETSc communicator.
+        params: tensors gradients are taken with respect to.
+        counter: where evaluations are counted.
+    """
+
+    func: Callable
+    layout: StateLayout
+    y0_flat: torch.Tensor
+    t: torch.Tensor
+    taus: np.ndarray
+    direction: float
+    config: SolverConfig
+    comm: object
+    params: Tuple[torch.Tensor, ...]
+    counter: EvaluationCounter
+
+
+def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), prefix=None,
+                 counter: Optional[EvaluationCounter] = None) -> Problem:
+    """Validate and canonicalise the arguments of ``odeint``/``odeint_adjoint``.
+
+    Raises:
+        InputError: with a message naming the argument, what was received and how to fix it.
+    """
+    if not callable(func):
+        raise InputError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    layout = _check_y0(y0)
+    y0_flat = layout.flatten(y0)
+    t = _check_t(t, layout)
+    taus_user = t.detach().to("cpu", torch.float64).numpy()
+    direction = 1.0 if len(taus_user) < 2 or taus_user[1] > taus_user[0] else -1.0
+    taus = np.ascontiguousarray(direction * taus_user)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    config = _make_config(resolve_method(method), float(rtol), float(atol), options, prefix)
+    return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
+                   counter if counter is not None else EvaluationCounter())
+
+
+def _check_y0(y0) -> StateLayout:
+    parts = tuple(y0) if isinstance(y0, (tuple, list)) else (y0,)
+    if len(parts) == 0:
+        raise InputError("y0 is an empty tuple; pass a tensor or a non-empty tuple of tensors")
+    for i, part in enumerate(parts):
+        where = f"y0[{i}]" if isinstance(y0, (tuple, list)) else "y0"
+        if not isinstance(part, torch.Tensor):
+            raise InputError(f"{where} must be a torch.Tensor, got {type(part).__name__}")
+        if not part.is_floating_point():
+            raise InputError(f"{where} has dtype {part.dtype}; the state must be floating point "
+                             "(use y0.double() or y0.float())")
+        if part.dtype != parts[0].dtype or part.device != parts[0].device:
+            raise InputError(f"{where} has dtype {part.dtype} on {part.device} but y0[0] has "
+                             f"{parts[0].dtype} on {parts[0].device}; all tensors of a tuple state "
+                             "must share dtype and device")
+        if not bool(torch.isfinite(part.detach()).all()):
+            raise InputError(f"{where} contains NaN or inf; the initial state must be finite")
+    return layout_of(y0)
+
+
+def _check_t(t, layout: StateLayout) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=layout.dtype)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"t must be a 1-D tensor of output times, got {type(t).__name__}") from exc
+    if t.dim() != 1 or t.numel() == 0:
+        raise InputError(f"t must be a 1-D tensor with at least one time, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(layout.dtype)
+    values = t.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise InputError("t contains NaN or inf; output times must be finite")
+    if values.numel() > 1:
+        steps = values[1:] - values[:-1]
+        if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+            bad = int(torch.nonzero((steps * torch.sign(steps[0])) <= 0)[0])
+            raise InputError(f"t must be strictly increasing or strictly decreasing; t[{bad}]={values[bad]:.6g} "
+                             f"and t[{bad + 1}]={values[bad + 1]:.6g} break the order")
+    return t
+
+
+def _make_config(method, rtol, atol, options, prefix) -> SolverConfig:
+    opts: Dict[str, object] = dict(options or {})
+    if not isinstance(options, (dict, type(None))):
+        raise InputError(f"options must be a dict, got {type(options).__name__}")
+    step_size = _positive(opts.pop("step_size", None), "step_size")
+    first_step = _positive(opts.pop("first_step", None), "first_step")
+    min_step = _positive(opts.pop("min_step", None), "min_step", allow_zero=True)
+    max_step = _positive(opts.pop("max_step", None), "max_step")
+    max_num_steps = opts.pop("max_num_steps", None)
+    if max_num_steps is not None and (not isinstance(max_num_steps, int) or max_num_steps < 1):
+        raise InputError(f"options['max_num_steps'] must be a positive int, got {max_num_steps!r}")
+    petsc: Dict[str, object] = {}
+    if "theta" in opts:
+        petsc["ts_theta_theta"] = opts.pop("theta")
+    for key in ("ifactor", "dfactor"):
+        if key in opts:
+            low, high = 1.0 / float(opts.pop("dfactor", 5.0)), float(opts.pop("ifactor", 10.0))
+            petsc["ts_adapt_clip"] = f"{low},{high}"
+    for key, name in _ADAPT_OPTION_MAP.items():
+        if key in opts:
+            petsc[name] = opts.pop(key)
+    for key in list(opts):
+        if key in _UNSUPPORTED_OPTIONS:
+            raise InputError(f"options[{key!r}] is a torchdiffeq option pnode cannot honour: "
+                             f"{_UNSUPPORTED_OPTIONS[key]}")
+        petsc[key.lstrip("-")] = opts.pop(key)
+    if prefix and not prefix.endswith("_"):
+        prefix = prefix + "_"
+    return SolverConfig(method=method, rtol=rtol, atol=atol, step_size=step_size, first_step=first_step,
+                        min_step=min_step, max_step=max_step,
+                        max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
+                        petsc_options=tuple(sorted((k, str(v)) for k, v in petsc.items())),
+                        prefix=prefix or "")
+
+
+def _positive(value, name, allow_zero=False):
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"options[{name!r}] must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InputError(f"options[{name!r}] must be finite and {bound}, got {value!r}")
+    return value
+
+
+def resolve_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
+    """The tensors to differentiate: ``adjoint_params`` or, for an nn.Module, its parameters.
+
+    Tensors that do not require grad are dropped (as torchdiffeq does). A plain function that
+    closes over tensors requiring grad, with no ``adjoint_params``, triggers a warning, because
+    those tensors would silently get no gradient.
+    """
+    if adjoint_params is None:
+        if isinstance(func, nn.Module):
+            candidates = tuple(func.parameters())
+        else:
+            candidates = ()
+            _warn_on_hidden_params(func)
+    else:
+        candidates = tuple(adjoint_params)
+        for p in candidates:
+            if not isinstance(p, torch.Tensor):
+                raise InputError(f"adjoint_params must hold tensors, got {type(p).__name__}")
+    return tuple(p for p in candidates if p.requires_grad)
+
+
+def _warn_on_hidden_params(func) -> None:
+    cells = getattr(func, "__closure__", None) or ()
+    hidden = []
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            hidden.append(tuple(value.shape))
+        elif isinstance(value, nn.Module) and any(p.requires_grad for p in value.parameters()):
+            hidden.append(type(value).__name__)
+    if hidden:
+        warnings.warn(f"func closes over tensors/modules that require grad ({hidden}) but adjoint_params "
+                      "was not given, so they get no gradient; pass them: "
+                      "odeint_adjoint(func, y0, t, adjoint_params=(...))", stacklevel=4)

@@ -1,0 +1,176 @@
+"""The user's right-hand side as PETSc sees it: flat float64 state, PETSc time, counted evaluations.
+
+:class:`RHS` wraps ``func(t, y)`` once per solve. It converts between the flat PETSc state and the
+user's tensors (shape, dtype, device), maps PETSc's always-increasing time onto the user's time
+axis (``t_user = direction * t_petsc``, so decreasing ``t`` integrates ``-f`` forward in PETSc time),
+checks what ``func`` returns, and builds :class:`Linearization` objects for JVPs and VJPs.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from .bridge import PETSC_DTYPE, StateLayout
+from .errors import InputError
+
+
+@dataclass
+class EvaluationCounter:
+    """Work done on the user's ``func``.
+
+    Attributes:
+        forward: evaluations of f without a graph (forward solves, initial-step selection).
+        jvp: Jacobian-vector products (Newton-Krylov iterations of implicit methods).
+        backward: evaluations of f with a graph, each followed by one or more VJPs (adjoint solves).
+        vjp: vector-Jacobian products (one per ``backward`` for explicit methods, one per Krylov
+            iteration of an implicit adjoint solve).
+    """
+
+    forward: int = 0
+    jvp: int = 0
+    backward: int = 0
+    vjp: int = 0
+
+    @property
+    def nfe_forward(self) -> int:
+        """NFE-F as the classic ODE-Net logs it: evaluations and JVPs in forward solves."""
+        return self.forward + self.jvp
+
+
+class RHS:
+    """``f_petsc(tau, u) = direction * func(direction * tau, unflatten(u))`` with evaluation counters.
+
+    Args:
+        func: the user's ``func(t, y)``; ``t`` is a 0-dim tensor of the state's dtype and device,
+            ``y`` a tensor (or tuple) shaped like ``y0``.
+        layout: the state's layout.
+        params: tensors that gradients are taken with respect to (``adjoint_params``).
+        direction: +1.0 when the output times increase, -1.0 when they decrease.
+        counter: where evaluations are counted (an :class:`EvaluationCounter`; a new one if None).
+    """
+
+    def __init__(self, func: Callable, layout: StateLayout, params: Sequence[torch.Tensor],
+                 direction: float, counter: Optional[EvaluationCounter] = None):
+        self.func = func
+        self.layout = layout
+        self.params = tuple(params)
+        self.direction = direction
+        self.counter = counter if counter is not None else EvaluationCounter()
+
+    def user_time(self, tau: float) -> torch.Tensor:
+        return torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
+
+    def to_user(self, flat: torch.Tensor) -> torch.Tensor:
+        """A flat PETSc-dtype CPU tensor as a flat tensor of the user's dtype and device."""
+        return flat.to(device=self.layout.device, dtype=self.layout.dtype)
+
+    def call(self, tau: float, y_flat: torch.Tensor) -> torch.Tensor:
+        """``direction * func(t, y)`` as a flat tensor of the user's dtype (graph kept if enabled)."""
+        out = self.func(self.user_time(tau), self.layout.unflatten(y_flat))
+        self._check_output(out)
+        flat = self.layout.flatten(out)
+        return flat if self.direction > 0 else -flat
+
+    def evaluate(self, tau: float, u: torch.Tensor) -> torch.Tensor:
+        """Forward evaluation without a graph: returns a flat tensor of PETSc's dtype on the CPU."""
+        self.counter.forward += 1
+        with torch.no_grad():
+            out = self.call(tau, self.to_user(u))
+        return out.to(device="cpu", dtype=PETSC_DTYPE)
+
+    def linearize(self, tau: float, u: torch.Tensor) -> "Linearization":
+        """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype CPU view that is copied."""
+        return Linearization(self, tau, u.clone())
+
+    def _check_output(self, out) -> None:
+        layout = self.layout
+        parts = out if isinstance(out, (tuple, list)) else (out,)
+        if isinstance(out, (tuple, list)) != layout.is_tuple or len(parts) != len(layout.shapes):
+            raise InputError(
+                f"func returned {_describe(out)} for a state of {_describe_layout(layout)}; "
+                "func(t, y) must return dy/dt with the same structure as y0")
+        for part, shape in zip(parts, layout.shapes):
+            if not isinstance(part, torch.Tensor) or part.shape != shape:
+                got = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+                raise InputError(f"func returned shape {got} for a state of shape {tuple(shape)}; "
+                                 "func(t, y) must return dy/dt shaped like y")
+            if part.dtype != layout.dtype:
+                raise InputError(f"func returned dtype {part.dtype} for a state of dtype {layout.dtype}; "
+                                 "make func return the dtype of y0 (e.g. cast its parameters with .to(y0.dtype))")
+
+
+class Linearization:
+    """``f`` linearised at one point ``(tau, u)``: Jacobian-vector and vector-Jacobian products.
+
+    The forward graph is built on first use and kept, so the state VJP (for ``J^T``) and the
+    parameter VJP (for ``J_p^T``) that PETSc asks for with the same vector cost one backward pass,
+    and the repeated ``J^T x`` of an implicit adjoint solve reuse one forward evaluation.
+    """
+
+    def __init__(self, rhs: RHS, tau: float, u_petsc: torch.Tensor):
+        self.rhs = rhs
+        self.tau = tau
+        self.u_petsc = u_petsc
+        self.u = rhs.to_user(u_petsc)
+        self._graph: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._cached_x: Optional[torch.Tensor] = None
+        self._cached_vjp: Optional[Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]] = None
+
+    def _build_graph(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._graph is None:
+            self.rhs.counter.backward += 1
+            y = self.u.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = self.rhs.call(self.tau, y)
+            self._graph = (y, out)
+        return self._graph
+
+    def vjp(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
+        """``(x^T df/du, x^T df/dp)`` for a flat cotangent ``x`` (PETSc dtype, CPU).
+
+        Returns the state part as a flat tensor of the user's dtype and device, and one gradient
+        (or ``None``) per parameter.
+        """
+        if self._cached_x is not None and torch.equal(self._cached_x, x):
+            return self._cached_vjp
+        y, out = self._build_graph()
+        self.rhs.counter.vjp += 1
+        inputs = (y,) + self.rhs.params
+        grads = torch.autograd.grad(out, inputs, grad_outputs=self.rhs.to_user(x),
+                                    retain_graph=True, allow_unused=True)
+        state_grad = grads[0] if grads[0] is not None else torch.zeros_like(y)
+        self._cached_x = x.clone()
+        self._cached_vjp = (state_grad, tuple(grads[1:]))
+        return self._cached_vjp
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``df/du v`` for a flat tangent ``v`` (PETSc dtype, CPU); flat, user dtype and device."""
+        tangent = self.rhs.to_user(v)
+        self.rhs.counter.jvp += 1
+        try:
+            with torch.no_grad():
+                _, out = torch.func.jvp(lambda y: self.rhs.call(self.tau, y), (self.u,), (tangent,))
+            return out
+        except (RuntimeError, NotImplementedError):
+            # Modules without forward-mode AD: J v = d/dw (J^T w)^T v, a double backward.
+            y, out = self._build_graph()
+            with torch.enable_grad():
+                w = torch.zeros_like(out, requires_grad=True)
+                (jt_w,) = torch.autograd.grad(out, y, grad_outputs=w, create_graph=True, retain_graph=True)
+                (jv,) = torch.autograd.grad(jt_w, w, grad_outputs=tangent, retain_graph=True)
+            return jv
+
+
+def _describe(out) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} items"
+    return f"an object of type {type(out).__name__}"
+
+
+def _describe_layout(layout: StateLayout) -> str:
+    if layout.is_tuple:
+        return f"a tuple of {len(layout.shapes)} tensors"
+    return f"shape {tuple(layout.shapes[0])}"

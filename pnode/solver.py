@@ -1,0 +1,375 @@
+"""The solver: owns one PETSc TS (with its vectors and shell operators), runs forward and adjoint solves.
+
+A :class:`Solver` is built once per (state size, parameter count, configuration, communicator) and
+reused across calls, since training calls it thousands of times; the right-hand side is swapped in
+per call. PETSc's time always increases: decreasing output times are handled by :class:`RHS`.
+
+Output times are hit exactly: a pre-step hook shortens the step that would cross the next output
+time, and restores the uncut step size afterwards (so adaptivity does not restart from a sliver).
+The step number at which each output time is reached is recorded, so that the adjoint can run
+TSAdjoint segment by segment and add each output's cotangent at its exact step.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ._compat import PETSc, converged_reason_name
+from .bridge import PETSC_DTYPE, tensor_into_vec, vec_view
+from .errors import CallbackErrorTrap, InputError, SolverError
+from .methods import Method
+from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
+from .options import scoped_options
+from .rhs import RHS
+
+# A step is stretched to the output time when it would stop short by less than this fraction of
+# itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0).
+_SLIVER = 1e-8
+
+# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly.
+_RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Everything that fixes how a TS is configured (hashable: it is part of the cache key).
+
+    Times are in PETSc's (increasing) time units, i.e. absolute values of the user's steps.
+    """
+
+    method: Method
+    rtol: float
+    atol: float
+    step_size: Optional[float] = None
+    first_step: Optional[float] = None
+    min_step: Optional[float] = None
+    max_step: Optional[float] = None
+    max_num_steps: int = 2**31 - 1
+    petsc_options: Tuple[Tuple[str, str], ...] = ()
+    prefix: str = ""
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method.adaptive and self.step_size is None
+
+    def derived_options(self) -> Mapping[str, object]:
+        """The PETSc options that express ``method`` and the step settings (lowest precedence)."""
+        opts = {"ts_type": self.method.ts_type,
+                "ts_adapt_type": "basic" if self.adaptive else "none",
+                "ts_trajectory_type": "memory"}
+        if self.method.rk_type is not None:
+            opts["ts_rk_type"] = self.method.rk_type
+        if self.method.theta is not None:
+            opts["ts_theta_theta"] = self.method.theta
+        # Newton-Krylov on shell Jacobians: no matrix entries, so no preconditioner by default.
+        opts.update({"ksp_type": "gmres", "pc_type": "none", "snes_type": "newtonls"})
+        return opts
+
+
+@dataclass
+class ForwardRecord:
+    """What one forward solve leaves for its adjoint.
+
+    Attributes:
+        taus: output times in PETSc time, increasing, shape ``(n_times,)``.
+        step_of_output: TS step number at which each output time was reached (0 for the first).
+        outputs: the solution at every output time, ``(n_times, local_size)``, PETSc dtype, CPU.
+        step_times: PETSc time at the end of every accepted step, starting with ``taus[0]``.
+    """
+
+    taus: np.ndarray
+    step_of_output: List[int] = field(default_factory=list)
+    outputs: Optional[torch.Tensor] = None
+    step_times: List[float] = field(default_factory=list)
+
+
+class Solver:
+    """One PETSc TS configured for a problem size, reused across forward and adjoint solves.
+
+    Args:
+        config: the method and step settings.
+        local_size: number of state entries on this rank.
+        param_size: number of parameter entries (adjoint_params) on this rank.
+        comm: the PETSc communicator the state is distributed over.
+        record: whether forward solves store a trajectory for TSAdjoint.
+    """
+
+    def __init__(self, config: SolverConfig, local_size: int, param_size: int, comm, record: bool):
+        self.config = config
+        self.comm = comm
+        self.record = record
+        self.param_size = param_size
+        self.rhs: Optional[RHS] = None
+        self.trap = CallbackErrorTrap()
+        self.solution = PETSc.Vec().createMPI((local_size, PETSc.DECIDE), comm=comm)
+        self.rhs_work = self.solution.duplicate()
+        self.jacobian = create_shell(RHSJacobianShell(self.trap), local_size, local_size, comm)
+        self.adjoint_state = self.solution.duplicate() if record else None
+        self.param_gradient = None
+        self.param_jacobian = None
+        if record and param_size:
+            self.param_gradient = PETSc.Vec().createMPI((param_size, PETSc.DECIDE), comm=comm)
+            self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
+        self.ts = self._create_ts()
+        self._record: Optional[ForwardRecord] = None
+        self._segment_end: Optional[float] = None
+        self._uncut_step: Optional[float] = None
+        self._nonfinite_at: Optional[float] = None
+
+    # ------------------------------------------------------------------ set-up
+    def _create_ts(self):
+        cfg = self.config
+        ts = PETSc.TS().create(comm=self.comm)
+        ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
+        ts.setRHSFunction(self._rhs_function, self.rhs_work)
+        ts.setRHSJacobian(self._rhs_jacobian, self.jacobian, self.jacobian)
+        ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
+        ts.setTolerances(rtol=cfg.rtol, atol=cfg.atol)
+        ts.setMaxSteps(cfg.max_num_steps)
+        ts.setErrorIfStepFails(False)
+        ts.setPreStep(self._pre_step)
+        ts.setPostStep(self._post_step)
+        if cfg.adaptive and (cfg.min_step is not None or cfg.max_step is not None):
+            ts.setStepLimits(cfg.min_step or 0.0, cfg.max_step or PETSc.INFINITY)
+        if self.record:
+            ts.setSaveTrajectory()
+        if cfg.prefix:
+            ts.setOptionsPrefix(cfg.prefix)
+        user = dict(cfg.petsc_options)
+        with scoped_options(cfg.prefix, user, cfg.derived_options()) as user_names:
+            ts.setFromOptions()
+            _check_used(user_names)
+        if self.param_jacobian is not None:
+            # Explicit RK adjoints read dG/dp of the right-hand side; implicit ones (theta, cn,
+            # beuler, ...) read dF/dp of F(udot, u) = udot - G(u), i.e. -dG/dp. Handing implicit
+            # types the RHS form would make PETSc zero and AXPY into a copy of the shell.
+            if ts.getType() in _RHS_FORM_ADJOINT_TYPES:
+                ts.setRHSJacobianP(self._param_jacobian, self.param_jacobian)
+            else:
+                ts.setIJacobianP(self._param_ijacobian, self.param_jacobian)
+        return ts
+
+    @property
+    def ts_type(self) -> str:
+        return self.ts.getType()
+
+    # ------------------------------------------------------------------ callbacks
+    def _rhs_function(self, ts, tau, u, f):
+        def run():
+            tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)), f)
+        self.trap.call(run)
+
+    def _rhs_jacobian(self, ts, tau, u, jac, pre):
+        def run():
+            self.jacobian.getPythonContext().reset(self.rhs.linearize(tau, vec_view(u)))
+        self.trap.call(run)
+
+    def _param_jacobian(self, ts, tau, u, jac_p):
+        def run():
+            ctx = self.param_jacobian.getPythonContext()
+            lin = self.jacobian.getPythonContext().linearization
+            view = vec_view(u)
+            if lin is None or lin.tau != tau or not torch.equal(lin.u_petsc, view):
+                lin = self.rhs.linearize(tau, view)
+            ctx.reset(lin)
+        self.trap.call(run)
+
+    def _param_ijacobian(self, ts, tau, u, udot, shift, jac_p):
+        self._param_jacobian(ts, tau, u, jac_p)
+        self.param_jacobian.getPythonContext().scale(jac_p, -1.0)
+
+    def _pre_step(self, ts):
+        tau, dt = ts.getTime(), ts.getTimeStep()
+        target = self._record.taus[len(self._record.step_of_output)]
+        remaining = target - tau
+        if dt >= remaining or remaining - dt < _SLIVER * dt:
+            ts.setTimeStep(remaining)
+            self._segment_end = tau + remaining
+            self._uncut_step = dt
+        else:
+            self._segment_end = None
+
+    def _post_step(self, ts):
+        tau = ts.getTime()
+        if not np.isfinite(ts.getSolution().norm()):
+            self._nonfinite_at = tau
+            ts.setConvergedReason(PETSc.TS.ConvergedReason.DIVERGED_STEP_REJECTED)
+            return
+        self._record.step_times.append(tau)
+        if self._segment_end is not None and tau == self._segment_end:
+            record = self._record
+            record.step_of_output.append(ts.getStepNumber())
+            record.outputs[len(record.step_of_output) - 1].copy_(vec_view(ts.getSolution()))
+            next_dt = ts.getTimeStep()
+            # Like PETSc's own evaluation-time logic: a cut step that was not too large gives
+            # the step size back that the controller (or the fixed step) had chosen.
+            if next_dt >= tau - ts.getPrevTime():
+                ts.setTimeStep(max(next_dt, self._uncut_step))
+            self._segment_end = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> ForwardRecord:
+        """Integrate from ``taus[0]`` through every output time.
+
+        Args:
+            rhs: the right-hand side for this call.
+            taus: strictly increasing PETSc output times, ``(n_times,)`` float64.
+            y0: initial state, flat, PETSc dtype, CPU, ``(local_size,)``.
+
+        Returns:
+            the :class:`ForwardRecord` (outputs ``(n_times, local_size)``).
+        """
+        self.rhs = rhs
+        if self.param_jacobian is not None:
+            self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
+        record = ForwardRecord(taus=taus, step_of_output=[0], step_times=[float(taus[0])])
+        record.outputs = torch.empty((len(taus), y0.numel()), dtype=PETSC_DTYPE)
+        record.outputs[0].copy_(y0)
+        self._record = record
+        if len(taus) == 1:
+            return record
+        tensor_into_vec(y0, self.solution)
+        ts = self.ts
+        ts.setTime(float(taus[0]))
+        ts.setStepNumber(0)
+        ts.setMaxTime(float(taus[-1]))
+        ts.setTimeStep(self._first_step(rhs, taus))
+        self._nonfinite_at = None
+        self._run(lambda: ts.solve(self.solution), "forward")
+        self._check_forward(record)
+        return record
+
+    def _first_step(self, rhs: RHS, taus: np.ndarray) -> float:
+        cfg = self.config
+        if cfg.step_size is not None:
+            return cfg.step_size
+        if not cfg.adaptive:
+            return float(taus[1] - taus[0])
+        if cfg.first_step is not None:
+            return cfg.first_step
+        return self._select_initial_step(rhs, taus)
+
+    def _select_initial_step(self, rhs: RHS, taus: np.ndarray) -> float:
+        """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), in PETSc's weighted RMS norm."""
+        cfg = self.config
+        tau0 = float(taus[0])
+        y0 = vec_view(self.solution).clone()
+        scale = cfg.atol + cfg.rtol * y0.abs()
+        f0 = rhs.evaluate(tau0, y0).to(PETSC_DTYPE).cpu()
+        d0, d1 = self._rms(y0 / scale), self._rms(f0 / scale)
+        h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+        h0 = min(h0, float(taus[-1] - tau0))
+        f1 = rhs.evaluate(tau0 + h0, y0 + h0 * f0).to(PETSC_DTYPE).cpu()
+        d2 = self._rms((f1 - f0) / scale) / h0
+        order = cfg.method.order
+        if max(d1, d2) <= 1e-15:
+            h1 = max(1e-6, h0 * 1e-3)
+        else:
+            h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+        return min(100 * h0, h1, float(taus[-1] - tau0))
+
+    def _rms(self, x: torch.Tensor) -> float:
+        local = np.array([float(torch.sum(x * x)), float(x.numel())])
+        if self.comm.getSize() > 1:
+            local = self.comm.tompi4py().allreduce(local)
+        return float(np.sqrt(local[0] / local[1]))
+
+    def _check_forward(self, record: ForwardRecord) -> None:
+        reached = len(record.step_of_output)
+        if reached == len(record.taus):
+            return
+        tau = self.ts.getTime()
+        t_user = self.rhs.direction * tau
+        if self._nonfinite_at is not None:
+            raise self._nonfinite_error(self._nonfinite_at)
+        reason = self.ts.getConvergedReason()
+        name = converged_reason_name(reason)
+        if reason < 0:
+            hint = {"DIVERGED_STEP_REJECTED": "the step size fell below what the tolerances allow; "
+                    "the problem may be stiff (try method='cn' or 'beuler'), or loosen rtol/atol",
+                    "DIVERGED_NONLINEAR_SOLVE": "Newton failed to converge; try a smaller step_size, "
+                    "or tune it with options={'snes_max_it': ..., 'ksp_max_it': ...}"}.get(
+                name, "see PETSc's -ts_monitor/-ts_adapt_monitor output for details")
+            raise SolverError(f"the solve stopped at t={t_user:.6g} after {self.ts.getStepNumber()} steps "
+                              f"({name}): {hint}", t_reached=t_user, reason=name)
+        raise SolverError(f"the solve stopped at t={t_user:.6g} after {self.ts.getStepNumber()} steps "
+                          f"({name}) before reaching the last output time "
+                          f"{self.rhs.direction * record.taus[-1]:.6g}: raise options['max_num_steps'] "
+                          "(or -ts_max_steps), or loosen rtol/atol", t_reached=t_user, reason=name)
+
+    def _nonfinite_error(self, tau: float) -> SolverError:
+        t_user = self.rhs.direction * tau
+        return SolverError(
+            f"the solution became non-finite (NaN/inf) after t={t_user:.6g} (step {self.ts.getStepNumber()}); "
+            "the ODE may blow up in finite time, or the steps are too large for it: try smaller "
+            "options['step_size'], an adaptive method ('dopri5'), or an implicit one ('cn', 'beuler')",
+            t_reached=t_user, reason="NONFINITE_STATE")
+
+    # ------------------------------------------------------------------ adjoint
+    def adjoint(self, grad_outputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Run TSAdjoint back through the recorded steps.
+
+        Args:
+            grad_outputs: ``dL/d outputs``, ``(n_times, local_size)``, PETSc dtype, CPU.
+
+        Returns:
+            ``(grad_y0, adjoint_before_first_output, grad_params)``: the state cotangent at the
+            first output time with and without that output's own cotangent (the latter gives the
+            gradient w.r.t. ``t[0]``), and the local parameter gradient ``(param_size,)`` or None.
+        """
+        record = self._record
+        if record is None:
+            raise SolverError("backward called twice on the same solve; pass retain_graph=False "
+                              "and run the forward pass again (pnode frees the trajectory after backward)")
+        tensor_into_vec(grad_outputs[-1], self.adjoint_state)
+        if self.param_gradient is not None:
+            self.param_gradient.zeroEntries()
+            self.ts.setCostGradients(self.adjoint_state, self.param_gradient)
+        else:
+            self.ts.setCostGradients(self.adjoint_state)
+        for i in range(len(record.taus) - 1, 0, -1):
+            steps = record.step_of_output[i] - record.step_of_output[i - 1]
+            self.ts.adjointSetSteps(steps)
+            self._run(self.ts.adjointSolve, "adjoint")
+            if i > 1:
+                torch.from_numpy(self.adjoint_state.getArray()).add_(grad_outputs[i - 1])
+        before_first = vec_view(self.adjoint_state).clone()
+        grad_y0 = before_first + grad_outputs[0]
+        grad_params = None
+        if self.param_gradient is not None:
+            grad_params = vec_view(self.param_gradient).clone()
+        self._record = None
+        return grad_y0, before_first, grad_params
+
+    # ------------------------------------------------------------------ errors
+    def _run(self, call, phase: str) -> None:
+        try:
+            call()
+        except PETSc.Error as exc:
+            original = self.trap.pop()
+            if original is not None:
+                raise original.with_traceback(original.__traceback__) from None
+            tau = self.ts.getTime()
+            if "not-a-number" in str(exc):
+                raise self._nonfinite_error(tau) from None
+            raise SolverError(f"PETSc failed in the {phase} solve at t={self.rhs.direction * tau:.6g}: {exc}. "
+                              "Run with -ts_monitor -ts_adapt_monitor -snes_converged_reason to see where.",
+                              t_reached=self.rhs.direction * tau, reason=f"PETSC_ERROR_{exc.ierr}") from None
+        error = self.trap.pop()
+        if error is not None:
+            raise error
+
+
+def _check_used(names) -> None:
+    db = PETSc.Options()
+    used = getattr(db, "used", None)
+    if used is None:
+        return
+    unused = [n for n in names if not used(n)]
+    if unused:
+        raise InputError(f"options {unused} were not used by PETSc: they are neither pnode options "
+                         "(step_size, first_step, min_step, max_step, max_num_steps, theta, checkpoints) "
+                         "nor PETSc options this solver reads; check the spelling (PETSc names are "
+                         "e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")

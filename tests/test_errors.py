@@ -1,0 +1,159 @@
+"""Bad input and failed solves raise pnode exceptions that say what happened and what to try."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from problems import MLPField
+
+import pnode
+
+T01 = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+
+def _y0(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["dopri8", "explicit_adams", "scipy_solver", "rk45"])
+def test_unknown_method_lists_available_ones(name):
+    with pytest.raises(ValueError, match=r"not available with PETSc.*choose one of: euler, midpoint, rk4"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, method=name)
+
+
+def test_non_finite_y0():
+    y0 = _y0(3)
+    y0[1] = float("nan")
+    with pytest.raises(pnode.InputError, match="y0 contains NaN or inf"):
+        pnode.odeint(lambda t, y: -y, y0, T01)
+
+
+def test_wrong_output_shape():
+    with pytest.raises(pnode.InputError, match=r"func returned shape \(3, 2\) for a state of shape \(3, 4\)"):
+        pnode.odeint(lambda t, y: y[:, :2], _y0(3, 4), T01, method="euler")
+
+
+def test_wrong_output_dtype():
+    with pytest.raises(pnode.InputError, match="func returned dtype torch.float32 for a state of dtype torch.float64"):
+        pnode.odeint(lambda t, y: y.float(), _y0(3), T01, method="rk4")
+
+
+def test_wrong_output_structure():
+    with pytest.raises(pnode.InputError, match="func returned a tensor of shape"):
+        pnode.odeint(lambda t, s: s[0], (_y0(2), _y0(2)), T01, method="rk4")
+
+
+@pytest.mark.parametrize("t", [[0.0, 1.0, 1.0], [0.0, 1.0, 0.5], [1.0, 0.0, 0.5]])
+def test_non_monotonic_t(t):
+    with pytest.raises(pnode.InputError, match="strictly increasing or strictly decreasing"):
+        pnode.odeint(lambda t, y: -y, _y0(3), torch.tensor(t, dtype=torch.float64))
+
+
+def test_t_must_be_1d():
+    with pytest.raises(pnode.InputError, match="1-D tensor"):
+        pnode.odeint(lambda t, y: -y, _y0(3), torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("h", [0.0, -0.1, float("nan")])
+def test_bad_step_size(h):
+    with pytest.raises(pnode.InputError, match=r"options\['step_size'\] must be finite and > 0"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, method="rk4", options={"step_size": h})
+
+
+def test_non_float_state():
+    with pytest.raises(pnode.InputError, match="floating point"):
+        pnode.odeint(lambda t, y: y, torch.ones(3, dtype=torch.int64), T01)
+
+
+def test_unknown_option_is_reported():
+    with pytest.raises(pnode.InputError, match="not used by PETSc"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, options={"stepsize": 0.1})
+
+
+def test_unsupported_torchdiffeq_option():
+    with pytest.raises(pnode.InputError, match="grid_constructor"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, method="rk4", options={"grid_constructor": None})
+
+
+def test_adjoint_method_must_match():
+    with pytest.raises(pnode.InputError, match="adjoint_method='rk4' differs from method='dopri5'"):
+        pnode.odeint_adjoint(lambda t, y: -y, _y0(3), T01, method="dopri5", adjoint_method="rk4")
+
+
+def test_adjoint_tolerances_warn():
+    y0 = _y0(3).requires_grad_(True)
+    with pytest.warns(UserWarning, match="adjoint_rtol ignored"):
+        pnode.odeint_adjoint(lambda t, y: -y, y0, T01, adjoint_rtol=1e-3)
+
+
+def test_finite_time_blow_up_adaptive():
+    # dy/dt = y^2, y(0) = 1 blows up at t = 1.
+    with pytest.raises(pnode.SolverError, match=r"non-finite") as info:
+        pnode.odeint(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 2.0]).double())
+    assert 0.9 < info.value.t_reached < 1.1  # the numerical solution blows up near t = 1
+
+
+def test_finite_time_blow_up_fixed_steps_reports_nonfinite():
+    with pytest.raises(pnode.SolverError, match="became non-finite") as info:
+        pnode.odeint(lambda t, y: y * y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 3.0]).double(),
+                     method="rk4", options={"step_size": 0.25})
+    assert info.value.reason == "NONFINITE_STATE"
+    assert info.value.t_reached <= 3.0
+
+
+def test_nan_mid_solve():
+    def f(t, y):
+        return y * float("nan") if t > 0.5 else -y
+
+    with pytest.raises(pnode.SolverError, match="non-finite"):
+        pnode.odeint(f, _y0(3), T01, method="euler", options={"step_size": 0.1})
+
+
+def test_max_num_steps():
+    with pytest.raises(pnode.SolverError, match="max_num_steps"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, method="rk4", options={"step_size": 0.01, "max_num_steps": 10})
+
+
+def test_exception_in_func_propagates_unchanged():
+    class Boom(Exception):
+        pass
+
+    def f(t, y):
+        raise Boom("from user code")
+
+    with pytest.raises(Boom, match="from user code"):
+        pnode.odeint(f, _y0(3), T01)
+
+
+def test_exception_in_backward_propagates():
+    func = MLPField().double()
+    calls = {"n": 0}
+
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = func
+
+        def forward(self, t, y):
+            if torch.is_grad_enabled():
+                raise RuntimeError("VJP failed on purpose")
+            calls["n"] += 1
+            return self.inner(t, y)
+
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint_adjoint(Flaky(), y0, T01, method="rk4", options={"step_size": 0.5})
+    with pytest.raises(RuntimeError, match="VJP failed on purpose"):
+        ys.sum().backward()
+    # the solver is usable again afterwards
+    ys = pnode.odeint_adjoint(func, y0, T01, method="rk4", options={"step_size": 0.5})
+    ys.sum().backward()
+    assert torch.isfinite(y0.grad).all()
+
+
+def test_missing_petsc4py_says_how_to_install():
+    code = "import sys; sys.modules['petsc4py'] = None\nimport pnode"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr
+    assert "pip install --no-build-isolation petsc==3.26.1 petsc4py==3.26.1" in proc.stderr

@@ -1,0 +1,112 @@
+"""PETSc options: precedence between pnode's method, options={...}, the command line and prefixes.
+
+Precedence (highest first): prefixed command line > unprefixed command line > options={...} >
+method/step settings. The command line is simulated by inserting into PETSc's options database.
+"""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import rel_err
+from references import TABLEAUS, rk_solve
+
+import pnode
+from pnode._compat import PETSc
+
+T = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+
+def field(t, y):
+    return torch.sin(y) - 0.3 * y
+
+
+@contextmanager
+def command_line(**options):
+    db = PETSc.Options()
+    for key, value in options.items():
+        db.setValue(key, value)
+    try:
+        yield
+    finally:
+        for key in options:
+            db.delValue(key)
+
+
+def solve(method="rk4", options=None, prefix=None):
+    y0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    opts = {"step_size": 0.25, **(options or {})}
+    block = pnode.ODEBlock(field, t=(0.0, 1.0), method=method, options=opts, prefix=prefix)
+    return block(y0)
+
+
+def reference(method):
+    y0 = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    return rk_solve(field, y0, [0.0, 1.0], 0.25, TABLEAUS[method])[-1]
+
+
+def test_method_argument_alone():
+    assert rel_err(solve("rk4"), reference("rk4")) < 1e-14
+    assert rel_err(solve("midpoint"), reference("midpoint")) < 1e-14
+
+
+def test_options_dict_overrides_method():
+    assert rel_err(solve("rk4", {"ts_rk_type": "1fe"}), reference("euler")) < 1e-14
+
+
+def test_command_line_overrides_options_dict():
+    with command_line(ts_rk_type="2b"):
+        assert rel_err(solve("rk4", {"ts_rk_type": "1fe"}), reference("midpoint")) < 1e-14
+
+
+def test_unprefixed_command_line_reaches_prefixed_solvers():
+    with command_line(ts_rk_type="2b"):
+        assert rel_err(solve("rk4", prefix="blk_a_"), reference("midpoint")) < 1e-14
+
+
+def test_prefixed_command_line_overrides_unprefixed_and_only_its_block():
+    with command_line(ts_rk_type="2b", blk_b_ts_rk_type="1fe"):
+        assert rel_err(solve("rk4", prefix="blk_b_"), reference("euler")) < 1e-14
+        assert rel_err(solve("rk4", prefix="blk_c_"), reference("midpoint")) < 1e-14
+
+
+def test_command_line_can_switch_to_an_implicit_method():
+    # -ts_type beuler replaces the script's rk4; backward Euler differs from every RK reference.
+    with command_line(blk_d_ts_type="beuler"):
+        y = solve("rk4", prefix="blk_d_")
+    assert rel_err(y, reference("rk4")) > 1e-3
+    y_be = solve("beuler", prefix="blk_e_")
+    assert rel_err(y, y_be) < 1e-8
+
+
+def test_options_do_not_leak_between_solvers():
+    solve("rk4", {"ts_rk_type": "1fe"})
+    assert not PETSc.Options().hasName("ts_rk_type")
+    assert rel_err(solve("rk4"), reference("rk4")) < 1e-14
+
+
+def test_theta_option():
+    y0 = torch.linspace(-1, 1, 4, dtype=torch.float64)
+    lam = -2.0
+    h = 0.1
+    opts = {"step_size": h, "theta": 0.7, "ts_theta_endpoint": True, "ksp_rtol": 1e-14, "snes_rtol": 1e-14}
+    y = pnode.odeint(lambda t, y: lam * y, y0, T, method="theta", options=opts)[-1]
+    growth = (1 + (1 - 0.7) * h * lam) / (1 - 0.7 * h * lam)
+    assert rel_err(y, y0 * growth**10) < 1e-12
+
+
+@pytest.mark.parametrize("traj", [{"ts_trajectory_type": "memory"},
+                                  {"ts_trajectory_type": "memory", "ts_trajectory_solution_only": True}])
+def test_trajectory_options_keep_gradients(traj):
+    W = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        return torch.tanh(y @ W)
+
+    ys = pnode.odeint_adjoint(f, y0, T, method="rk4", options={"step_size": 0.1, **traj}, adjoint_params=(W,))
+    got = torch.autograd.grad(ys[-1].sum(), (y0, W))
+    ref = rk_solve(f, y0, [0.0, 1.0], 0.1, TABLEAUS["rk4"])
+    want = torch.autograd.grad(ref[-1].sum(), (y0, W))
+    for g, r in zip(got, want):
+        assert rel_err(g, r) < 1e-10
