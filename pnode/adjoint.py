@@ -5,6 +5,7 @@ differentiated takes a solver out of the pool and the matching backward pass put
 ODE blocks of the same shape in one network never share a trajectory.
 """
 
+import functools
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -114,3 +115,23 @@ def _time_gradient(ctx, grad64: torch.Tensor, before_first: torch.Tensor) -> tor
             value = torch.dot(cotangent, velocity)
             grad_t[i] = -value if i == 0 else value
     return grad_t.to(device=t.device, dtype=t.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def zero_weight_param_gradients_ok() -> bool:
+    """Whether this PETSc's RK adjoint gets parameter gradients of zero-weight stages right.
+
+    PETSc 3.18's ``TSAdjointStep_RK`` skips ``J_p^T`` for a stage with ``b_i = 0`` (explicit
+    midpoint, Dormand-Prince, ...). Checked once per process on ``dy/dt = p y`` with one explicit
+    midpoint step, whose exact discrete derivative is ``dy1/dp = h + h^2 p``.
+    """
+    from .problem import check_inputs
+
+    p = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    h = 0.5
+    problem = check_inputs(lambda t, y: p * y, torch.ones(1, dtype=torch.float64),
+                           torch.tensor([0.0, h], dtype=torch.float64), 1e-7, 1e-9, "midpoint", None, None,
+                           params=(p,))
+    outputs = AdjointSolve.apply(problem, problem.t, problem.y0_flat, p)
+    (grad,) = torch.autograd.grad(outputs[-1].sum(), p)
+    return abs(float(grad) - (h + h * h * 0.7)) < 1e-12

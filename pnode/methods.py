@@ -22,6 +22,8 @@ class Method:
             unless ``options['step_size']`` fixes them.
         implicit: whether each step solves a nonlinear system (Newton-Krylov with matrix-free JVPs).
         order: the classical order of accuracy.
+        zero_weight_stage: an RK tableau with a zero weight b_i on a stage that later stages use
+            (PETSc 3.18's RK adjoint drops the parameter gradient of such stages).
         description: a one-line description shown by :func:`available_methods`.
     """
 
@@ -32,17 +34,18 @@ class Method:
     adaptive: bool = False
     implicit: bool = False
     order: int = 1
+    zero_weight_stage: bool = False
     description: str = ""
 
 
 _TABLE: Tuple[Method, ...] = (
     Method("euler", "rk", rk_type="1fe", order=1, description="forward Euler (PETSc RK 1fe)"),
-    Method("midpoint", "rk", rk_type="2b", order=2, description="explicit midpoint (PETSc RK 2b)"),
+    Method("midpoint", "rk", rk_type="2b", order=2, zero_weight_stage=True, description="explicit midpoint (PETSc RK 2b)"),
     Method("rk4", "rk", rk_type="4", order=4,
            description="classic RK4 (PETSc RK 4); torchdiffeq's rk4 is the 3/8 rule"),
     Method("bosh3", "rk", rk_type="3bs", adaptive=True, order=3,
            description="Bogacki-Shampine 3(2) (PETSc RK 3bs)"),
-    Method("dopri5", "rk", rk_type="5dp", adaptive=True, order=5,
+    Method("dopri5", "rk", rk_type="5dp", adaptive=True, order=5, zero_weight_stage=True,
            description="Dormand-Prince 5(4) (PETSc RK 5dp)"),
     Method("adaptive_heun", "rk", rk_type="2a", adaptive=True, order=2,
            description="Heun with embedded Euler (PETSc RK 2a)"),
@@ -52,11 +55,12 @@ _TABLE: Tuple[Method, ...] = (
            description="theta method, options={'theta': ...} (PETSc TS theta)"),
 )
 
-# Further PETSc RK tableaus, usable by their PETSc name (``method='rk:5bs'`` or ``-ts_rk_type``).
-_PETSC_RK: Dict[str, Tuple[bool, int]] = {
-    "1fe": (False, 1), "2a": (True, 2), "2b": (False, 2), "3": (False, 3), "3bs": (True, 3),
-    "4": (False, 4), "5f": (True, 5), "5dp": (True, 5), "5bs": (True, 5), "6vr": (True, 6),
-    "7vr": (True, 7), "8vr": (True, 8),
+# Every PETSc RK tableau, usable by name (``method='rk:5bs'`` or ``-ts_rk_type``):
+# name -> (adaptive, order, has a zero-weight stage that later stages use).
+_PETSC_RK: Dict[str, Tuple[bool, int, bool]] = {
+    "1fe": (False, 1, False), "2a": (True, 2, False), "2b": (False, 2, True), "3": (False, 3, False),
+    "3bs": (True, 3, False), "4": (False, 4, False), "5f": (True, 5, True), "5dp": (True, 5, True),
+    "5bs": (True, 5, True), "6vr": (True, 6, True), "7vr": (True, 7, True), "8vr": (True, 8, True),
 }
 
 # torchdiffeq methods that PETSc cannot serve, with what to use instead.
@@ -95,8 +99,8 @@ def resolve_method(name: Optional[str]) -> Method:
     if key in _BY_NAME:
         return _BY_NAME[key]
     if key.startswith("rk:") and key[3:] in _PETSC_RK:
-        adaptive, order = _PETSC_RK[key[3:]]
-        return Method(key, "rk", rk_type=key[3:], adaptive=adaptive, order=order,
+        adaptive, order, zero_weight = _PETSC_RK[key[3:]]
+        return Method(key, "rk", rk_type=key[3:], adaptive=adaptive, order=order, zero_weight_stage=zero_weight,
                       description=f"PETSc RK tableau {key[3:]}")
     hint = _UNAVAILABLE.get(key)
     reason = f" ({hint})" if hint else ""

@@ -5,7 +5,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .adjoint import AdjointSolve, release_solver, solve_forward
+from ._compat import PETSC_VERSION
+from .adjoint import AdjointSolve, release_solver, solve_forward, zero_weight_param_gradients_ok
+from .errors import InputError
 from .problem import check_inputs, resolve_params
 from .rhs import EvaluationCounter
 
@@ -86,13 +88,17 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: 
         key, solver, result = solve_forward(problem, (), record=False)
         release_solver(key, solver)
         return layout.unflatten(result.outputs.to(device=layout.device, dtype=layout.dtype))
+    if params and problem.config.method.zero_weight_stage and not zero_weight_param_gradients_ok():
+        raise InputError(
+            f"method {problem.config.method.name!r} has a zero-weight RK stage, and this PETSc "
+            f"({'.'.join(map(str, PETSC_VERSION))}) drops the parameter gradient of such stages in "
+            "TSAdjointStep_RK (fixed in newer PETSc, e.g. 3.26). Use a method without one ('rk4', "
+            "'bosh3', 'adaptive_heun', 'euler'), or upgrade petsc4py (bash scripts/setup.sh builds 3.26.1)")
     outputs = AdjointSolve.apply(problem, problem.t, problem.y0_flat, *params)
     return layout.unflatten(outputs)
 
 
 def _check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options) -> None:
-    from .errors import InputError
-
     if adjoint_method is not None and adjoint_method != method:
         raise InputError(f"adjoint_method={adjoint_method!r} differs from method={method!r}: pnode's "
                          "discrete adjoint retraces the forward steps and cannot change method; "
