@@ -6,6 +6,7 @@ axis (``t_user = direction * t_petsc``, so decreasing ``t`` integrates ``-f`` fo
 checks what ``func`` returns, and builds :class:`Linearization` objects for JVPs and VJPs.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -149,7 +150,9 @@ class Linearization:
         tangent = self.rhs.to_user(v)
         self.rhs.counter.jvp += 1
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # torch.func.jvp trips torch.jit's deprecation warning internally on some versions
+                warnings.simplefilter("ignore", FutureWarning)
                 _, out = torch.func.jvp(lambda y: self.rhs.call(self.tau, y), (self.u,), (tangent,))
             return out
         except (RuntimeError, NotImplementedError):

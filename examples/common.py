@@ -1,0 +1,139 @@
+"""Small helpers shared by pnode's example scripts: arguments, logging, progress, checkpoints, memory.
+
+Every example accepts PETSc options on its command line (``-ts_type cn -ts_trajectory_type memory``):
+argparse ignores them (``parse_known_args``) and PETSc reads them from ``sys.argv`` when pnode is
+imported. Under ``mpirun`` only rank 0 logs, shows progress bars and writes checkpoints.
+"""
+
+import argparse
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from typing import Any, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+
+
+def rank_and_size():
+    """(rank, size) of MPI_COMM_WORLD, or (0, 1) without MPI."""
+    try:
+        from petsc4py import PETSc
+
+        return PETSc.COMM_WORLD.getRank(), PETSc.COMM_WORLD.getSize()
+    except ImportError:
+        return 0, 1
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments every example shares (run directory, resume, seed, threads, progress)."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", default=None, help="run directory for logs, checkpoints and figures")
+    group.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--threads", type=int, default=0,
+                       help="torch threads per process (0: torch's default; 1 per rank under mpirun)")
+    group.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse known arguments; leave ``-ts_*``-style PETSc options to PETSc, reject other unknowns."""
+    args, unknown = parser.parse_known_args(argv)
+    stray = [a for a in unknown if a.startswith("--")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} (PETSc options take one dash: -ts_type cn)")
+    return args
+
+
+def setup_run(args: argparse.Namespace, name: str) -> logging.Logger:
+    """Create the run directory, seed everything (per rank), set threads, return a rank-0 logger."""
+    rank, size = rank_and_size()
+    if args.out is None:
+        args.out = os.path.join("runs", name)
+    if args.threads or size > 1:
+        torch.set_num_threads(args.threads or 1)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+    logger = logging.getLogger(name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(args.out, "log.txt"))):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.info("command: %s", " ".join(sys.argv))
+        logger.info("ranks: %d, torch threads: %d", size, torch.get_num_threads())
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def progress(iterable: Iterable, desc: str = "", enabled: bool = True, total: Optional[int] = None):
+    """A tqdm progress bar on rank 0 (plain iteration elsewhere or when disabled)."""
+    if not enabled or rank_and_size()[0] != 0:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """Write ``state`` with torch.save atomically (temp file + rename), on rank 0 only."""
+    if rank_and_size()[0] != 0:
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint at ``path`` (every rank reads it), or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy and torch RNG states, so a resumed run continues the same random stream."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def append_jsonl(path: str, record: Dict[str, Any]) -> None:
+    """Append one JSON record per line (metrics history), on rank 0 only."""
+    if rank_and_size()[0] != 0:
+        return
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
