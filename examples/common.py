@@ -137,3 +137,36 @@ def append_jsonl(path: str, record: Dict[str, Any]) -> None:
         return
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def insert_petsc_options(argv=None) -> Dict[str, str]:
+    """Copy the PETSc options in ``argv`` (default ``sys.argv[1:]``) into PETSc's options database.
+
+    ``-ts_type cn -ts_monitor -ksp_rtol 1e-10``: a one-dash name, optionally followed by a value.
+    pnode (0.1.0) initialises PETSc without the command line, and a ``main(argv)`` called from
+    Python passes its own list, so the examples insert the options themselves; call this before
+    the first solve. Options already in the database are left as they are. Returns what was added.
+    """
+    from petsc4py import PETSc
+
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    db, added = PETSc.Options(), {}
+    for i, token in enumerate(tokens):
+        if not token.startswith("-") or token.startswith("--") or len(token) < 2 or _is_number(token):
+            continue
+        value = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if value.startswith("-") and not _is_number(value):
+            value = ""
+        name = token[1:]
+        if not db.hasName(name):
+            db.setValue(name, value)
+            added[name] = value
+    return added
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -117,6 +117,7 @@ class Solver:
         self._segment_end: Optional[float] = None
         self._uncut_step: Optional[float] = None
         self._nonfinite_at: Optional[float] = None
+        self._forced_times: Optional[np.ndarray] = None
 
     # ------------------------------------------------------------------ set-up
     def _create_ts(self):
@@ -181,6 +182,9 @@ class Solver:
         self.param_jacobian.getPythonContext().scale(jac_p, -1.0)
 
     def _pre_step(self, ts):
+        if self._forced_times is not None:
+            ts.setTimeStep(self._forced_times[ts.getStepNumber() + 1] - ts.getTime())
+            return
         tau, dt = ts.getTime(), ts.getTimeStep()
         target = self._record.taus[len(self._record.step_of_output)]
         remaining = target - tau
@@ -197,6 +201,8 @@ class Solver:
             self._nonfinite_at = tau
             ts.setConvergedReason(PETSc.TS.ConvergedReason.DIVERGED_STEP_REJECTED)
             return
+        if self._forced_times is not None:
+            return
         self._record.step_times.append(tau)
         if self._segment_end is not None and tau == self._segment_end:
             record = self._record
@@ -210,6 +216,43 @@ class Solver:
             self._segment_end = None
 
     # ------------------------------------------------------------------ forward
+    def _use(self, rhs: RHS) -> None:
+        self.rhs = rhs
+        if self.param_jacobian is not None:
+            self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
+
+    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor) -> torch.Tensor:
+        """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
+
+        Used by checkpointing to recompute recorded steps: the same step sizes from the same
+        state repeat the original arithmetic, so an adaptive controller accepts every step again.
+        With ``record=True`` the steps are left in the trajectory for :meth:`adjoint_steps`.
+
+        Returns:
+            the state at ``times[-1]`` (a copy, PETSc dtype, CPU).
+        """
+        self._use(rhs)
+        tensor_into_vec(y_start, self.solution)
+        ts = self.ts
+        ts.setTime(float(times[0]))
+        ts.setStepNumber(0)
+        ts.setMaxTime(float(times[-1]))
+        ts.setTimeStep(float(times[1] - times[0]))
+        self._nonfinite_at = None
+        self._forced_times = times
+        try:
+            self._run(lambda: ts.solve(self.solution), "recomputation")
+        finally:
+            self._forced_times = None
+        if self._nonfinite_at is not None:
+            raise self._nonfinite_error(self._nonfinite_at)
+        if ts.getStepNumber() != len(times) - 1:
+            raise SolverError(f"recomputing {len(times) - 1} recorded steps took {ts.getStepNumber()} "
+                              f"({converged_reason_name(ts.getConvergedReason())}): the right-hand side is "
+                              "not deterministic, so checkpointing cannot reproduce the forward pass",
+                              t_reached=self.rhs.direction * ts.getTime(), reason="REPLAY_MISMATCH")
+        return vec_view(self.solution).clone()
+
     def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> ForwardRecord:
         """Integrate from ``taus[0]`` through every output time.
 
@@ -221,9 +264,7 @@ class Solver:
         Returns:
             the :class:`ForwardRecord` (outputs ``(n_times, local_size)``).
         """
-        self.rhs = rhs
-        if self.param_jacobian is not None:
-            self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
+        self._use(rhs)
         record = ForwardRecord(taus=taus, step_of_output=[0], step_times=[float(taus[0])])
         record.outputs = torch.empty((len(taus), y0.numel()), dtype=PETSC_DTYPE)
         record.outputs[0].copy_(y0)
@@ -308,8 +349,32 @@ class Solver:
             t_reached=t_user, reason="NONFINITE_STATE")
 
     # ------------------------------------------------------------------ adjoint
+    def begin_adjoint(self, cotangent: torch.Tensor) -> None:
+        """Start an adjoint pass: ``lambda = cotangent`` (flat, PETSc dtype), parameter gradient zero."""
+        tensor_into_vec(cotangent, self.adjoint_state)
+        if self.param_gradient is not None:
+            self.param_gradient.zeroEntries()
+            self.ts.setCostGradients(self.adjoint_state, self.param_gradient)
+        else:
+            self.ts.setCostGradients(self.adjoint_state)
+
+    def adjoint_steps(self, steps: int) -> None:
+        """Run TSAdjoint back over the last ``steps`` recorded steps (accumulating into lambda and mu)."""
+        if steps > 0:
+            self.ts.adjointSetSteps(steps)
+            self._run(self.ts.adjointSolve, "adjoint")
+
+    def add_to_adjoint_state(self, cotangent: torch.Tensor) -> None:
+        torch.from_numpy(self.adjoint_state.getArray()).add_(cotangent)
+
+    def adjoint_state_tensor(self) -> torch.Tensor:
+        return vec_view(self.adjoint_state).clone()
+
+    def param_gradient_tensor(self) -> Optional[torch.Tensor]:
+        return None if self.param_gradient is None else vec_view(self.param_gradient).clone()
+
     def adjoint(self, grad_outputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Run TSAdjoint back through the recorded steps.
+        """Run TSAdjoint back through the steps of the last :meth:`forward`.
 
         Args:
             grad_outputs: ``dL/d outputs``, ``(n_times, local_size)``, PETSc dtype, CPU.
@@ -321,27 +386,16 @@ class Solver:
         """
         record = self._record
         if record is None:
-            raise SolverError("backward called twice on the same solve; pass retain_graph=False "
-                              "and run the forward pass again (pnode frees the trajectory after backward)")
-        tensor_into_vec(grad_outputs[-1], self.adjoint_state)
-        if self.param_gradient is not None:
-            self.param_gradient.zeroEntries()
-            self.ts.setCostGradients(self.adjoint_state, self.param_gradient)
-        else:
-            self.ts.setCostGradients(self.adjoint_state)
+            raise SolverError("backward called twice on the same solve; run the forward pass again "
+                              "(pnode frees the trajectory after backward)")
+        self.begin_adjoint(grad_outputs[-1])
         for i in range(len(record.taus) - 1, 0, -1):
-            steps = record.step_of_output[i] - record.step_of_output[i - 1]
-            self.ts.adjointSetSteps(steps)
-            self._run(self.ts.adjointSolve, "adjoint")
+            self.adjoint_steps(record.step_of_output[i] - record.step_of_output[i - 1])
             if i > 1:
-                torch.from_numpy(self.adjoint_state.getArray()).add_(grad_outputs[i - 1])
-        before_first = vec_view(self.adjoint_state).clone()
-        grad_y0 = before_first + grad_outputs[0]
-        grad_params = None
-        if self.param_gradient is not None:
-            grad_params = vec_view(self.param_gradient).clone()
+                self.add_to_adjoint_state(grad_outputs[i - 1])
+        before_first = self.adjoint_state_tensor()
         self._record = None
-        return grad_y0, before_first, grad_params
+        return before_first + grad_outputs[0], before_first, self.param_gradient_tensor()
 
     # ------------------------------------------------------------------ errors
     def _run(self, call, phase: str) -> None:

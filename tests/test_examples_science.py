@@ -1,0 +1,275 @@
+"""The science examples (CNF, latent ODE, Robertson kinetics): their numerics against independent
+references, short runs that must make progress, resume == uninterrupted, and ``--help``.
+
+Every test runs with one torch thread and takes seconds; the examples' own defaults take minutes.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pnode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, EXAMPLES)
+
+import cnf  # noqa: E402
+import common  # noqa: E402
+import latent_ode  # noqa: E402
+import robertson  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the examples set one thread themselves (--threads 1); restore the suite's setting afterwards
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(module, tmp_path, *argv):
+    return module.main([*argv, "--out", str(tmp_path), "--no-progress"])
+
+
+# ---------------------------------------------------------------------------------------------- all three
+@pytest.mark.parametrize("script", ["cnf.py", "latent_ode.py", "robertson.py"])
+def test_help(script):
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and "--resume" in proc.stdout and "--out" in proc.stdout
+
+
+def test_petsc_options_from_argv_reach_the_database():
+    from petsc4py import PETSc
+
+    added = common.insert_petsc_options(["--seed", "3", "-pnode_test_value", "1e-3", "-pnode_test_flag", "--out", "x"])
+    try:
+        assert added == {"pnode_test_value": "1e-3", "pnode_test_flag": ""}
+        assert PETSc.Options().getReal("pnode_test_value") == 1e-3
+        assert PETSc.Options().hasName("pnode_test_flag")
+    finally:
+        for name in added:
+            PETSc.Options().delValue(name)
+
+
+RESUME_ARGS = {
+    # tiny settings; Hutchinson's trace so that the probe noise is part of the resumed random stream
+    cnf: ["--batch-size", "64", "--test-size", "128", "--hidden", "16", "--trace", "hutchinson",
+          "--plot-samples", "0", "--log-every", "2"],
+    latent_ode: ["--n-train", "16", "--n-test", "8", "--batch-size", "8", "--n-grid", "16", "--n-obs", "5",
+                 "--t-obs", "6", "--hidden", "16", "--rnn-hidden", "8", "--plot-spirals", "0", "--log-every", "2"],
+    robertson: ["--n-times", "21", "--steps-per-interval", "2", "--explicit-max-steps", "0", "--no-plot",
+                "--log-every", "1"],
+}
+
+
+@pytest.mark.parametrize("module", [cnf, latent_ode, robertson], ids=lambda m: m.__name__)
+def test_resumed_run_equals_uninterrupted_run(module, tmp_path):
+    # Model, optimiser (Adam moments, L-BFGS history), iteration and RNG streams are checkpointed,
+    # and PETSc's solves are deterministic: the resumed run must be bitwise the uninterrupted one.
+    args = RESUME_ARGS[module]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _run(module, whole, *args, "--niters", "4")
+    _run(module, parts, *args, "--niters", "2")
+    _run(module, parts, *args, "--niters", "4", "--resume")
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(parts / "checkpoint.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 4
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "seconds_per_iter")} for r in a["history"]]
+    assert strip == [{k: v for k, v in r.items() if k not in ("elapsed", "seconds_per_iter")} for r in b["history"]]
+
+
+# ---------------------------------------------------------------------------------------------- CNF
+class LinearField(nn.Module):
+    def __init__(self, A):
+        super().__init__()
+        self.A = nn.Parameter(A)
+
+    def forward(self, t, z):
+        return z @ self.A.T
+
+
+def test_cnf_exact_trace_of_a_linear_field():
+    # dz/dt = A z: delta(T) = -tr(A) T exactly, z(T) = expm(A T) z0, and d delta(T)/dA = -T I per
+    # sample; the last one differentiates the trace itself inside TSAdjoint (create_graph path).
+    A = torch.tensor([[-0.3, 1.2], [-0.8, 0.5]], dtype=F64)
+    dynamics = cnf.CNFDynamics(LinearField(A))
+    z0 = torch.randn(16, 2, dtype=F64)
+    T = 0.7
+    z, delta = pnode.odeint_adjoint(dynamics, (z0, torch.zeros(16, 1, dtype=F64)), torch.tensor([0.0, T], dtype=F64),
+                                    rtol=1e-10, atol=1e-10)
+    assert torch.allclose(delta[-1], torch.full((16, 1), -float(A.trace()) * T, dtype=F64), rtol=0, atol=1e-12)
+    assert torch.allclose(z[-1], z0 @ torch.linalg.matrix_exp(A * T).T, rtol=0, atol=1e-8)
+    (grad,) = torch.autograd.grad(delta[-1].sum(), dynamics.net.A)
+    assert torch.allclose(grad, -T * 16 * torch.eye(2, dtype=F64), rtol=0, atol=1e-9)
+
+
+def _rk4_flow(net, x, steps=200):
+    """The flow map t=0 -> 1 of dz/dt = net(t, z) by classic RK4 written out here (shares no code with pnode)."""
+    h, z = 1.0 / steps, x
+    for i in range(steps):
+        t = torch.tensor(i * h, dtype=F64)
+        k1 = net(t, z)
+        k2 = net(t + h / 2, z + h / 2 * k1)
+        k3 = net(t + h / 2, z + h / 2 * k2)
+        k4 = net(t + h, z + h * k3)
+        z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return z
+
+
+def test_cnf_log_prob_and_gradient_match_the_change_of_variables():
+    # log p(x) = log N(phi(x)) + log|det dphi/dx| with phi from an independent RK4 and its Jacobian
+    # from autograd; the parameter gradient of the mean log p compared through the same reference.
+    torch.manual_seed(1)
+    net = cnf.TimeConditionedMLP(2, 16, 2, "tanh").to(F64)
+    model = cnf.CNF(cnf.CNFDynamics(net), "dopri5", rtol=1e-10, atol=1e-10)
+    x = torch.randn(4, 2, dtype=F64)
+
+    def reference_logp(x):
+        z = _rk4_flow(net, x)
+        jac = torch.autograd.functional.jacobian(lambda v: _rk4_flow(net, v).sum(0), x, create_graph=True)
+        logdet = torch.stack([torch.linalg.slogdet(jac[:, i, :])[1] for i in range(x.shape[0])])
+        return cnf.standard_normal_logprob(z) + logdet
+
+    got, want = model.log_prob(x), reference_logp(x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
+    grads = torch.autograd.grad(got.mean(), list(net.parameters()))
+    ref_grads = torch.autograd.grad(want.mean(), list(net.parameters()))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_hutchinson_estimate_is_unbiased_over_a_solve():
+    # Each sample keeps its own probe for the whole solve, so delta_i = -int eps_i^T J eps_i dt and
+    # E[delta_i] = the exact delta; the mean over many probes must agree within its standard error.
+    torch.manual_seed(2)
+    dynamics = cnf.CNFDynamics(cnf.TimeConditionedMLP(2, 16, 2, "tanh").to(F64))
+    model = cnf.CNF(dynamics, "dopri5", rtol=1e-7, atol=1e-7)
+    points, copies = torch.randn(3, 2, dtype=F64), 3000
+    with torch.no_grad():
+        _, exact = model.flow((points, torch.zeros(3, 1, dtype=F64)))
+        exact = exact[:, 0]
+        for kind in ("rademacher", "gaussian"):
+            x = points.repeat_interleave(copies, dim=0)
+            dynamics.noise = cnf.draw_probes(kind, x.shape)
+            _, delta = model.flow((x, torch.zeros(len(x), 1, dtype=F64)))
+            dynamics.noise = None
+            delta = delta.reshape(3, copies)
+            stderr = delta.std(dim=1) / math.sqrt(copies)
+            assert bool((stderr > 0).all())  # the estimator really is random here
+            assert bool(((delta.mean(dim=1) - exact).abs() < 4 * stderr + 1e-6).all()), (kind, delta.mean(1), exact)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_cnf_short_training_improves_test_nll(trace, tmp_path):
+    result = _run(cnf, tmp_path, "--niters", "12", "--log-every", "6", "--batch-size", "128", "--test-size", "512",
+                  "--hidden", "32", "--lr", "1e-2", "--trace", trace, "--plot-samples", "0")
+    nll = [r["test_nll"] for r in result["history"]]
+    assert len(nll) == 3
+    assert nll[-1] < nll[0] - 0.2, nll
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cnf_figure_and_sampling(tmp_path):
+    result = _run(cnf, tmp_path, "--niters", "1", "--batch-size", "32", "--test-size", "64", "--hidden", "8",
+                  "--plot-samples", "200", "--grid", "20", "--data", "checkerboard")
+    assert os.path.getsize(result["figure"]) > 1000
+
+
+# ---------------------------------------------------------------------------------------------- latent ODE
+def _latent_setup(*extra):
+    args = latent_ode.build_parser().parse_args(["--hidden", "16", "--rnn-hidden", "8", *extra])
+    rng = np.random.RandomState(0)
+    times = latent_ode.make_times(30, args.t_end, rng)
+    data = latent_ode.make_spirals(6, times, args.t_obs, 7, args.noise_std, rng)
+    return args, data, latent_ode.LatentODE(args).to(F64)
+
+
+def test_latent_ode_irregular_times_are_hit_exactly():
+    # The batch is solved once over the union of its observation times; each trajectory's values at
+    # its own times must equal a solve over those times alone (no interpolation anywhere).
+    args, data, model = _latent_setup("--rtol", "1e-10", "--atol", "1e-10")
+    steps = data.times.diff()
+    assert float(steps.max() - steps.min()) > 0.1  # the grid is irregular
+    assert (data.observed.sum(dim=1) == 7).all() and not torch.equal(data.observed[0], data.observed[1])
+    keep = data.observed.any(dim=0)
+    keep[0] = True
+    union = data.times[keep]
+    z0 = torch.randn(6, args.latent_dim, dtype=F64)
+    with torch.no_grad():
+        path = model.decode_path(z0, union)
+        assert path.shape == (6, len(union), 2)
+        for i in range(6):
+            own = data.observed[i, keep].clone()
+            own[0] = True
+            alone = model.decode_path(z0[i:i + 1], union[own])
+            assert torch.allclose(alone[0], path[i, own], rtol=0, atol=1e-8)
+
+
+def test_latent_ode_elbo_gradients_reach_every_module():
+    args, data, model = _latent_setup()
+    loss = latent_ode.negative_elbo(model, data, args.noise_std)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_latent_ode_short_training_reduces_the_loss(tmp_path):
+    result = _run(latent_ode, tmp_path, "--n-train", "40", "--n-test", "20", "--batch-size", "20", "--n-grid", "30",
+                  "--n-obs", "8", "--hidden", "16", "--rnn-hidden", "12", "--niters", "20", "--log-every", "10",
+                  "--plot-spirals", "2")
+    history = result["history"]
+    assert [r["iteration"] for r in history] == [0, 10, 20]
+    assert history[2]["neg_elbo"] < history[1]["neg_elbo"]
+    assert history[2]["recon_rmse"] < history[0]["recon_rmse"]
+    assert all(math.isfinite(history[2][k]) for k in ("interp_rmse", "extrap_rmse"))
+    assert os.path.getsize(result["figure"]) > 1000
+
+
+# ---------------------------------------------------------------------------------------------- Robertson
+def _robertson_error(steps_per_interval, *extra):
+    args = robertson.build_parser().parse_args(["--steps-per-interval", str(steps_per_interval), *extra])
+    times = robertson.output_times(args.t_end, args.n_times)
+    reference = torch.as_tensor(robertson.reference_solution(times.numpy()), dtype=F64)
+    integrator = robertson.Integrator(args, times)
+    with torch.no_grad():
+        y = integrator.integrate(robertson.Kinetics(torch.tensor(robertson.TRUE_K, dtype=F64)))
+    return float(((y - reference).abs() / reference.abs().amax(dim=0)).max())
+
+
+def test_robertson_cn_matches_bdf_reference_with_second_order():
+    # Errors are relative to each species' largest value. cn with 2 steps per output interval
+    # (82 steps over [0, 1e5]) is within 5e-3 of SciPy's BDF at 1e-10; halving the steps again
+    # divides the error by ~4 (second order), which rules out a loose Newton solve.
+    coarse, fine = _robertson_error(2), _robertson_error(4)
+    assert coarse < 5e-3
+    assert 3.0 < coarse / fine < 5.5, (coarse, fine)
+
+
+def test_robertson_adaptive_cn_matches_bdf_reference():
+    assert _robertson_error(1, "--adapt", "--rtol", "1e-3", "--atol", "1e-8") < 1e-3
+
+
+def test_robertson_fit_reduces_loss_and_dopri5_stalls(tmp_path):
+    result = _run(robertson, tmp_path, "--niters", "3", "--n-times", "21", "--steps-per-interval", "2",
+                  "--explicit-max-steps", "300", "--no-plot")
+    losses = [r["loss"] for r in result["history"]] + [result["final_loss"]]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] / 10
+    explicit = result["explicit"]
+    assert not explicit["completed"] and explicit["t_reached"] < 1.0  # 300 explicit steps: not even to t=1
+    # two cn steps per output interval cover [0, 1e5] (PETSc may halve the last step: MATCHSTEP)
+    assert result["implicit_steps"] in (42, 43)
