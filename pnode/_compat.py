@@ -23,13 +23,14 @@ def import_petsc():
         import petsc4py
     except ImportError as exc:  # pragma: no cover - exercised only without petsc4py
         raise ImportError(_INSTALL_HINT) from exc
-    if not getattr(petsc4py, "_pnode_initialised", False):
-        try:
-            from petsc4py import PETSc as _already  # noqa: F401  (someone initialised it before us)
-        except ImportError:
-            pass
-        petsc4py.init(sys.argv)
-        petsc4py._pnode_initialised = True
+    # Importing petsc4py.PETSc initialises PETSc without arguments, after which init() is a no-op:
+    # only call init(sys.argv) when nobody has imported PETSc yet (else their choice stands).
+    if "petsc4py.PETSc" not in sys.modules:
+        args = list(sys.argv)
+        if "-options_left" not in args:
+            # the script's own flags (--epochs 10, pytest's -q) are not PETSc's: don't list them at exit
+            args += ["-options_left", "no"]
+        petsc4py.init(args)
     from petsc4py import PETSc
 
     return PETSc

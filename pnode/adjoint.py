@@ -13,7 +13,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .bridge import PETSC_DTYPE, tensor_to_petsc_cpu
-from .distributed import check_consistent, comm_key
+from .checkpoint import CheckpointedAdjoint, CheckpointStore
+from .distributed import check_consistent, comm_key, local_sizes
 from .options import database_fingerprint
 from .problem import Problem
 from .rhs import RHS
@@ -23,8 +24,8 @@ _free_solvers: Dict[tuple, List[Solver]] = defaultdict(list)
 
 
 def _pool_key(problem: Problem, param_size: int, record: bool) -> tuple:
-    return (problem.config, problem.layout.numel, param_size, comm_key(problem.comm), record,
-            database_fingerprint())
+    return (problem.config, local_sizes(problem.comm, problem.layout.numel), param_size, comm_key(problem.comm),
+            record, database_fingerprint())
 
 
 def acquire_solver(problem: Problem, param_size: int, record: bool) -> Tuple[tuple, Solver]:
@@ -39,17 +40,17 @@ def acquire_solver(problem: Problem, param_size: int, record: bool) -> Tuple[tup
 
 
 def release_solver(key: tuple, solver: Solver) -> None:
-    solver.rhs = None
+    solver.detach()
     _free_solvers[key].append(solver)
 
 
-def solve_forward(problem: Problem, params, record: bool):
+def solve_forward(problem: Problem, params, record: bool, store: Optional[CheckpointStore] = None):
     """Run the forward solve; returns ``(key, solver, ForwardRecord)`` with the solver still checked out."""
     param_size = sum(p.numel() for p in params) if record else 0
     key, solver = acquire_solver(problem, param_size, record)
     rhs = RHS(problem.func, problem.layout, params, problem.direction, problem.counter)
     y0 = tensor_to_petsc_cpu(problem.y0_flat)
-    result = solver.forward(rhs, problem.taus, y0)  # on error the solver is dropped, not pooled
+    result = solver.forward(rhs, problem.taus, y0, store)  # on error the solver is dropped, not pooled
     return key, solver, result
 
 
@@ -58,10 +59,14 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, problem: Problem, t: torch.Tensor, y0_flat: torch.Tensor, *params):
-        key, solver, result = solve_forward(problem, params, record=True)
+        # With a checkpoint budget the forward TS records no trajectory; the store keeps K - 1 states.
+        store = CheckpointStore(problem.checkpoints - 1) if problem.checkpoints else None
+        key, solver, result = solve_forward(problem, params, record=store is None, store=store)
         ctx.pooled = (key, solver)
         ctx.problem = problem
         ctx.params = params
+        ctx.record = result
+        ctx.store = store
         ctx.outputs = result.outputs
         return result.outputs.to(device=problem.layout.device, dtype=problem.layout.dtype)
 
@@ -75,12 +80,27 @@ class AdjointSolve(torch.autograd.Function):
         key, solver = ctx.pooled
         ctx.pooled = None
         grad64 = grad_outputs.detach().to(device="cpu", dtype=PETSC_DTYPE)
-        grad_y0, before_first, grad_params = solver.adjoint(grad64)
+        if ctx.store is None:
+            grad_y0, before_first, grad_params = solver.adjoint(grad64)
+        else:
+            grad_y0, before_first, grad_params = _checkpointed_adjoint(ctx, solver, grad64)
         release_solver(key, solver)
         layout = problem.layout
         grad_t = _time_gradient(ctx, grad64, before_first) if ctx.needs_input_grad[1] else None
         return (None, grad_t, grad_y0.to(device=layout.device, dtype=layout.dtype),
                 *_split_params(grad_params, ctx.params))
+
+
+def _checkpointed_adjoint(ctx, plain: Solver, grad64: torch.Tensor):
+    """The adjoint of a forward solve that kept only a :class:`CheckpointStore` (see pnode.checkpoint)."""
+    problem: Problem = ctx.problem
+    param_size = sum(p.numel() for p in ctx.params)
+    key, recorder = acquire_solver(problem, param_size, record=True)
+    adjoint = CheckpointedAdjoint(plain, recorder, plain.rhs, problem.checkpoints)
+    result = adjoint.run(ctx.record, ctx.store, grad64)  # on error the recorder is dropped, not pooled
+    release_solver(key, recorder)
+    ctx.store = ctx.record = None
+    return result
 
 
 def _split_params(flat: Optional[torch.Tensor], params) -> Tuple[Optional[torch.Tensor], ...]:

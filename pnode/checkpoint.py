@@ -1,16 +1,20 @@
 """Checkpointing built on top of PETSc TS: Revolve's binomial schedule, on any PETSc build.
 
 PETSc's own limited-memory checkpointing (``-ts_trajectory_max_cps_ram``) needs Revolve, which
-common builds lack. pnode therefore keeps only the output states of the forward solve plus the
-times of its steps, and in the backward pass rebuilds what the adjoint needs from at most K
-stored states at once:
+common builds lack. With ``options={'checkpoints': K}`` pnode instead holds at most K states of
+the trajectory at any time (besides the output states, which the caller gets anyway):
 
-* between two output times (whose states are kept anyway), the steps are reversed with the
-  binomial schedule of Griewank & Walther (Revolve): it advances from a stored state to the split
-  point that minimises the total number of recomputed steps, stores it, recurses on the right part
-  with one slot fewer, frees it, and recurses on the left part;
-* reversing one step re-takes it on a TS that records its trajectory (stages included) and runs
-  TSAdjoint over that single step, accumulating into the same adjoint and parameter vectors.
+* the forward pass runs a TS without a trajectory; a :class:`CheckpointStore` keeps up to K - 1
+  of its states, spread evenly over the steps taken (when it is full, every other one is
+  dropped and the spacing doubles, so it needs no step count in advance: adaptive steps work);
+* the backward pass walks the intervals between stored states from the last to the first; each
+  interval is reversed with the binomial schedule of Griewank & Walther (Revolve) on the slots
+  still free: advance from a stored state to the split point that minimises the recomputed steps,
+  store it, reverse the right part with one slot fewer, free it, reverse the left part;
+* reversing one step re-takes it on a TS that records its trajectory and runs TSAdjoint over that
+  single step, accumulating into the same adjoint and parameter vectors. For explicit methods the
+  re-taken step keeps the graphs of its stage evaluations, which the adjoint's vector-Jacobian
+  products then reuse, so the re-step costs no evaluation beyond those of plain store-all.
 
 Steps are re-taken with exactly the recorded step sizes, so adaptive and implicit methods
 reproduce the forward pass and the gradients equal the store-everything run to round-off.
@@ -18,8 +22,9 @@ reproduce the forward pass and the gradients equal the store-everything run to r
 
 from functools import lru_cache
 from math import comb
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .rhs import RHS
@@ -48,19 +53,48 @@ def best_split(m: int, slots: int) -> int:
     return min(range(1, m), key=lambda j: (j + recomputed_steps(m - j, slots - 1) + recomputed_steps(j, slots), -j))
 
 
+class CheckpointStore:
+    """States a forward pass keeps for its adjoint: at most ``capacity``, evenly spread over the steps.
+
+    States are kept at the step numbers that are multiples of ``stride``; when a new one would
+    exceed the capacity, the stride doubles and the states off the new grid are dropped.
+
+    Attributes:
+        capacity: the most states held at once.
+        stride: the current spacing of kept steps.
+        states: step number -> state (flat, PETSc dtype, CPU; copies).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.stride = 1
+        self.states: Dict[int, torch.Tensor] = {}
+
+    def offer(self, step: int, state: torch.Tensor) -> None:
+        """Keep a copy of ``state`` (the solution after step ``step``) if it falls on the grid."""
+        if self.capacity <= 0 or step % self.stride:
+            return
+        while len(self.states) >= self.capacity:
+            self.stride *= 2
+            self.states = {k: v for k, v in self.states.items() if k % self.stride == 0}
+            if step % self.stride:
+                return
+        self.states[step] = state.clone()
+
+
 class CheckpointedAdjoint:
-    """Runs the adjoint of a forward solve that kept only its outputs, with at most K stored states.
+    """Runs the adjoint of a forward solve that kept only its outputs and a :class:`CheckpointStore`.
 
     Args:
         plain: a solver without a trajectory, used to advance between checkpoints.
         recorder: a solver that records its trajectory, used to re-take and reverse one step.
         rhs: the right-hand side of the forward solve.
-        checkpoints: K, the number of states held at once (the segment start included), K >= 1.
+        checkpoints: K, the most trajectory states held at once (output states not counted), K >= 1.
 
     Attributes:
-        advanced_steps: steps recomputed to reach checkpoints (excluding the one recording per step).
+        advanced_steps: steps recomputed to reach checkpoints (excluding the one re-take per step).
         recorded_steps: steps re-taken with a trajectory (one per forward step).
-        peak_stored: the largest number of states held at once.
+        peak_stored: the most trajectory states held at once during the adjoint.
     """
 
     def __init__(self, plain: Solver, recorder: Solver, rhs: RHS, checkpoints: int):
@@ -71,46 +105,56 @@ class CheckpointedAdjoint:
         self.advanced_steps = 0
         self.recorded_steps = 0
         self.peak_stored = 0
-        self._stored = 0
+        self._held = 0
 
-    def run(self, record: ForwardRecord, grad_outputs: torch.Tensor
+    def run(self, record: ForwardRecord, store: CheckpointStore, grad_outputs: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Same contract as :meth:`Solver.adjoint`, for a forward record of ``plain``."""
-        times = torch.tensor(record.step_times, dtype=torch.float64).numpy()
+        times = np.asarray(record.step_times, dtype=np.float64)
+        output_at = {step: i for i, step in enumerate(record.step_of_output)}
+        anchors = {step: record.outputs[i] for step, i in output_at.items()}
+        anchors.update(store.states)
+        self._held = len(store.states)
+        self.peak_stored = self._held
+        order = sorted(anchors)
         self.recorder.begin_adjoint(grad_outputs[-1])
-        for i in range(len(record.taus) - 1, 0, -1):
-            lo, hi = record.step_of_output[i - 1], record.step_of_output[i]
-            self._stored = 1
-            self._reverse(times[lo:hi + 1], record.outputs[i - 1], self.checkpoints - 1)
-            if i > 1:
-                self.recorder.add_to_adjoint_state(grad_outputs[i - 1])
+        for lo, hi in zip(reversed(order[:-1]), reversed(order[1:])):
+            self._reverse(times[lo:hi + 1], anchors[lo], self.checkpoints - self._held)
+            if lo in store.states:
+                del store.states[lo]
+                self._held -= 1
+            if output_at.get(lo, 0) > 0:
+                self.recorder.add_to_adjoint_state(grad_outputs[output_at[lo]])
         before_first = self.recorder.adjoint_state_tensor()
         return before_first + grad_outputs[0], before_first, self.recorder.param_gradient_tensor()
 
-    def _reverse(self, times, start_state: torch.Tensor, slots: int) -> None:
+    def _reverse(self, times: np.ndarray, start_state: torch.Tensor, slots: int) -> None:
         """Reverse the steps ``times[0] -> ... -> times[-1]`` given the state at ``times[0]``."""
         m = len(times) - 1
-        self.peak_stored = max(self.peak_stored, self._stored)
         if m == 1:
             self._reverse_one_step(times, start_state)
-        elif slots == 0:
+        elif slots <= 0:
             for k in range(m - 1, -1, -1):
                 state = start_state if k == 0 else self._advance(times[:k + 1], start_state)
                 self._reverse_one_step(times[k:k + 2], state)
         else:
             j = best_split(m, slots)
             mid_state = self._advance(times[:j + 1], start_state)
-            self._stored += 1
+            self._held += 1
+            self.peak_stored = max(self.peak_stored, self._held)
             self._reverse(times[j:], mid_state, slots - 1)
             del mid_state
-            self._stored -= 1
+            self._held -= 1
             self._reverse(times[:j + 1], start_state, slots)
 
-    def _advance(self, times, state: torch.Tensor) -> torch.Tensor:
+    def _advance(self, times: np.ndarray, state: torch.Tensor) -> torch.Tensor:
         self.advanced_steps += len(times) - 1
         return self.plain.replay(self.rhs, times, state)
 
-    def _reverse_one_step(self, times, state: torch.Tensor) -> None:
+    def _reverse_one_step(self, times: np.ndarray, state: torch.Tensor) -> None:
         self.recorded_steps += 1
-        self.recorder.replay(self.rhs, times, state)
-        self.recorder.adjoint_steps(1)
+        try:
+            self.recorder.replay(self.rhs, times, state, keep_graphs=True)
+            self.recorder.adjoint_steps(1)
+        finally:
+            self.recorder.drop_graphs()

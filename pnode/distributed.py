@@ -16,7 +16,7 @@ import math
 import os
 import pickle
 import socket
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import Subset
@@ -44,6 +44,17 @@ def comm_key(comm) -> int:
     """A hashable identity of a communicator (its Fortran handle)."""
     handle = getattr(comm, "fortran", None)
     return int(handle) if handle is not None else int(comm.tompi4py().py2f())
+
+
+def local_sizes(comm, local_size: int) -> Tuple[int, ...]:
+    """Every rank's local size, in rank order (collective). A solver fits a call only if all match.
+
+    Keying solvers on the local size alone would let one rank build a new solver (collective)
+    while another reuses its old one, and both would wait for ever.
+    """
+    if comm.getSize() == 1:
+        return (local_size,)
+    return tuple(comm.tompi4py().allgather(local_size))
 
 
 _SOLVE_HINT = ("Every rank must call pnode with the same method, options, output times, dtype and parameter "

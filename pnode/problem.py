@@ -17,6 +17,7 @@ from .bridge import StateLayout, layout_of
 from .distributed import resolve_comm
 from .errors import InputError
 from .methods import resolve_method
+from .options import get_global_option
 from .rhs import EvaluationCounter
 from .solver import SolverConfig
 
@@ -50,6 +51,8 @@ class Problem:
         comm: the PETSc communicator.
         params: tensors gradients are taken with respect to.
         counter: where evaluations are counted.
+        checkpoints: pnode's checkpoint budget K (at most K trajectory states held at once, see
+            :mod:`pnode.checkpoint`), or ``None``: PETSc's trajectory stores every step.
     """
 
     func: Callable
@@ -62,6 +65,7 @@ class Problem:
     comm: object
     params: Tuple[torch.Tensor, ...]
     counter: EvaluationCounter
+    checkpoints: Optional[int] = None
 
 
 def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), prefix=None,
@@ -82,9 +86,37 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    options = dict(options) if isinstance(options, dict) else options
+    checkpoints = _checkpoints(options.pop("checkpoints", None) if isinstance(options, dict) else None, prefix)
     config = _make_config(resolve_method(method), float(rtol), float(atol), options, prefix)
     return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
-                   counter if counter is not None else EvaluationCounter())
+                   counter if counter is not None else EvaluationCounter(), checkpoints)
+
+
+def _checkpoints(value, prefix: Optional[str]) -> Optional[int]:
+    """The checkpoint budget: ``-<prefix>pnode_checkpoints``, else ``-pnode_checkpoints``, else ``value``.
+
+    The command line wins over ``options`` as for every PETSc option; 0 on the command line turns
+    pnode's checkpointing off (store every step).
+    """
+    source = "options['checkpoints']"
+    prefix = prefix if not prefix or prefix.endswith("_") else prefix + "_"
+    for name in ((prefix or "") + "pnode_checkpoints", "pnode_checkpoints"):
+        text = get_global_option(name)
+        if text is not None:
+            value, source = text, f"-{name}"
+            break
+    if value is None:
+        return None
+    try:
+        count = int(value)
+        if count != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(f"{source} must be a whole number of checkpoints, got {value!r}") from None
+    if count < 0:
+        raise InputError(f"{source} must be >= 1 (states held at once), or 0 to store every step; got {count}")
+    return count or None
 
 
 def _check_y0(y0) -> StateLayout:

@@ -15,6 +15,9 @@ import torch
 from .bridge import PETSC_DTYPE, StateLayout
 from .errors import InputError
 
+# Relative difference below which two PETSc times denote the same stage time (a few ulps).
+_TIME_MATCH = 1e-13
+
 
 @dataclass
 class EvaluationCounter:
@@ -83,6 +86,27 @@ class RHS:
     def linearize(self, tau: float, u: torch.Tensor) -> "Linearization":
         """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype CPU view that is copied."""
         return Linearization(self, tau, u.clone())
+
+    def evaluate_linearized(self, tau: float, u: torch.Tensor) -> Tuple[torch.Tensor, "Linearization"]:
+        """Evaluate ``f(tau, u)`` with its graph kept, for VJPs at this point later.
+
+        Returns the value (flat, PETSc dtype, CPU) and the :class:`Linearization` that holds the
+        graph. Used when a step is re-taken just before its adjoint: the stage evaluations then
+        serve the adjoint's Jacobian products, instead of being evaluated a second time.
+        """
+        lin = self.linearize(tau, u)
+        _, out = lin._build_graph()
+        return out.detach().to(device="cpu", dtype=PETSC_DTYPE), lin
+
+    def matches(self, lin: Optional["Linearization"], tau: float, u: torch.Tensor) -> bool:
+        """Whether ``lin`` linearises ``f`` at ``(tau, u)``.
+
+        The state must be equal bit for bit. The time may differ by round-off: PETSc's RK adjoint
+        recomputes a stage time as ``t_end - (1 - c_i) h`` where the forward step used ``t + c_i h``.
+        """
+        if lin is None or abs(lin.tau - tau) > _TIME_MATCH * max(1.0, abs(tau)):
+            return False
+        return torch.equal(lin.u_petsc, u)
 
     def _check_output(self, out) -> None:
         layout = self.layout

@@ -118,6 +118,8 @@ class Solver:
         self._uncut_step: Optional[float] = None
         self._nonfinite_at: Optional[float] = None
         self._forced_times: Optional[np.ndarray] = None
+        self._store = None
+        self._graphs: Optional[List] = None
 
     # ------------------------------------------------------------------ set-up
     def _create_ts(self):
@@ -156,25 +158,50 @@ class Solver:
     def ts_type(self) -> str:
         return self.ts.getType()
 
+    @property
+    def explicit(self) -> bool:
+        """Whether each step is explicit (its RHS evaluations are exactly the adjoint's stage points)."""
+        return self.ts_type in _RHS_FORM_ADJOINT_TYPES
+
+    def detach(self) -> None:
+        """Forget this call's right-hand side and linearizations (their graphs hold the user's tensors)."""
+        self.rhs = None
+        self._graphs = None
+        self.jacobian.getPythonContext().linearization = None
+        if self.param_jacobian is not None:
+            self.param_jacobian.getPythonContext().linearization = None
+
+    def drop_graphs(self) -> None:
+        """Free the graphs kept by ``replay(..., keep_graphs=True)``."""
+        self._graphs = None
+
     # ------------------------------------------------------------------ callbacks
     def _rhs_function(self, ts, tau, u, f):
         def run():
-            tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)), f)
+            if self._graphs is None:
+                tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)), f)
+            else:
+                value, lin = self.rhs.evaluate_linearized(tau, vec_view(u))
+                self._graphs.append(lin)
+                tensor_into_vec(value, f)
         self.trap.call(run)
+
+    def _linearization_at(self, tau: float, u: torch.Tensor):
+        """A linearization of f at ``(tau, u)``: the current one, a kept stage graph, or a new one."""
+        candidates = [self.jacobian.getPythonContext().linearization, *(self._graphs or ())]
+        for lin in candidates:
+            if self.rhs.matches(lin, tau, u):
+                return lin
+        return self.rhs.linearize(tau, u)
 
     def _rhs_jacobian(self, ts, tau, u, jac, pre):
         def run():
-            self.jacobian.getPythonContext().reset(self.rhs.linearize(tau, vec_view(u)))
+            self.jacobian.getPythonContext().reset(self._linearization_at(tau, vec_view(u)))
         self.trap.call(run)
 
     def _param_jacobian(self, ts, tau, u, jac_p):
         def run():
-            ctx = self.param_jacobian.getPythonContext()
-            lin = self.jacobian.getPythonContext().linearization
-            view = vec_view(u)
-            if lin is None or lin.tau != tau or not torch.equal(lin.u_petsc, view):
-                lin = self.rhs.linearize(tau, view)
-            ctx.reset(lin)
+            self.param_jacobian.getPythonContext().reset(self._linearization_at(tau, vec_view(u)))
         self.trap.call(run)
 
     def _param_ijacobian(self, ts, tau, u, udot, shift, jac_p):
@@ -204,16 +231,25 @@ class Solver:
         if self._forced_times is not None:
             return
         self._record.step_times.append(tau)
-        if self._segment_end is not None and tau == self._segment_end:
+        at_output = self._segment_end is not None and tau == self._segment_end
+        if self._store is not None and not at_output:
+            self._store.offer(ts.getStepNumber(), vec_view(ts.getSolution()))
+        if at_output:
             record = self._record
             record.step_of_output.append(ts.getStepNumber())
             record.outputs[len(record.step_of_output) - 1].copy_(vec_view(ts.getSolution()))
+            self._segment_end = None
+            next_output = len(record.step_of_output)
+            if self.config.step_size is None and not self.config.adaptive:
+                # A fixed-step method without step_size steps from output to output (torchdiffeq's grid).
+                if next_output < len(record.taus):
+                    ts.setTimeStep(record.taus[next_output] - tau)
+                return
             next_dt = ts.getTimeStep()
             # Like PETSc's own evaluation-time logic: a cut step that was not too large gives
             # the step size back that the controller (or the fixed step) had chosen.
             if next_dt >= tau - ts.getPrevTime():
                 ts.setTimeStep(max(next_dt, self._uncut_step))
-            self._segment_end = None
 
     # ------------------------------------------------------------------ forward
     def _use(self, rhs: RHS) -> None:
@@ -221,17 +257,20 @@ class Solver:
         if self.param_jacobian is not None:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
-    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor) -> torch.Tensor:
+    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: bool = False) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
         With ``record=True`` the steps are left in the trajectory for :meth:`adjoint_steps`.
+        With ``keep_graphs`` (explicit methods), every evaluation keeps its graph until
+        :meth:`drop_graphs`, so the adjoint of these steps reuses them instead of re-evaluating.
 
         Returns:
             the state at ``times[-1]`` (a copy, PETSc dtype, CPU).
         """
         self._use(rhs)
+        self._graphs = [] if keep_graphs and self.explicit else None
         tensor_into_vec(y_start, self.solution)
         ts = self.ts
         ts.setTime(float(times[0]))
@@ -253,18 +292,21 @@ class Solver:
                               t_reached=self.rhs.direction * ts.getTime(), reason="REPLAY_MISMATCH")
         return vec_view(self.solution).clone()
 
-    def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> ForwardRecord:
+    def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None) -> ForwardRecord:
         """Integrate from ``taus[0]`` through every output time.
 
         Args:
             rhs: the right-hand side for this call.
             taus: strictly increasing PETSc output times, ``(n_times,)`` float64.
             y0: initial state, flat, PETSc dtype, CPU, ``(local_size,)``.
+            store: a :class:`pnode.checkpoint.CheckpointStore` offered the state after every step
+                that is not an output time (checkpointing without a trajectory), or None.
 
         Returns:
             the :class:`ForwardRecord` (outputs ``(n_times, local_size)``).
         """
         self._use(rhs)
+        self._store = store
         record = ForwardRecord(taus=taus, step_of_output=[0], step_times=[float(taus[0])])
         record.outputs = torch.empty((len(taus), y0.numel()), dtype=PETSC_DTYPE)
         record.outputs[0].copy_(y0)
@@ -278,7 +320,10 @@ class Solver:
         ts.setMaxTime(float(taus[-1]))
         ts.setTimeStep(self._first_step(rhs, taus))
         self._nonfinite_at = None
-        self._run(lambda: ts.solve(self.solution), "forward")
+        try:
+            self._run(lambda: ts.solve(self.solution), "forward")
+        finally:
+            self._store = None
         self._check_forward(record)
         return record
 
@@ -360,9 +405,20 @@ class Solver:
 
     def adjoint_steps(self, steps: int) -> None:
         """Run TSAdjoint back over the last ``steps`` recorded steps (accumulating into lambda and mu)."""
-        if steps > 0:
-            self.ts.adjointSetSteps(steps)
+        if steps <= 0:
+            return
+        self.ts.adjointSetSteps(steps)
+        # An implicit adjoint step solves a transposed linear system; a Krylov solve that does not
+        # converge would leave a silently wrong gradient, so make it an error for the adjoint only
+        # (inexact Newton in the forward pass tolerates it).
+        ksp = None if self.explicit else self.ts.getSNES().getKSP()
+        if ksp is not None:
+            ksp.setErrorIfNotConverged(True)
+        try:
             self._run(self.ts.adjointSolve, "adjoint")
+        finally:
+            if ksp is not None:
+                ksp.setErrorIfNotConverged(False)
 
     def add_to_adjoint_state(self, cotangent: torch.Tensor) -> None:
         torch.from_numpy(self.adjoint_state.getArray()).add_(cotangent)
@@ -408,8 +464,12 @@ class Solver:
             tau = self.ts.getTime()
             if "not-a-number" in str(exc):
                 raise self._nonfinite_error(tau) from None
-            raise SolverError(f"PETSc failed in the {phase} solve at t={self.rhs.direction * tau:.6g}: {exc}. "
-                              "Run with -ts_monitor -ts_adapt_monitor -snes_converged_reason to see where.",
+            hint = ("Run with -ts_monitor -ts_adapt_monitor -snes_converged_reason to see where."
+                    if phase != "adjoint" or self.explicit else
+                    "The adjoint's transposed linear solve (GMRES, no preconditioner) did not converge: "
+                    "loosen ksp_rtol, raise ksp_max_it/ksp_gmres_restart, or take smaller steps; "
+                    "-ksp_converged_reason shows each solve.")
+            raise SolverError(f"PETSc failed in the {phase} solve at t={self.rhs.direction * tau:.6g}: {exc}. {hint}",
                               t_reached=self.rhs.direction * tau, reason=f"PETSC_ERROR_{exc.ierr}") from None
         error = self.trap.pop()
         if error is not None:

@@ -136,8 +136,6 @@ def test_ranks_solve_together_after_disagreeing(helpers):
     assert [r["disagree"]["agreeing"]["raised"] for r in helpers] == [None] * RANKS
 
 
-@pytest.mark.xfail(strict=True, reason="core: pnode/adjoint.py pools solvers by the local state size only, so "
-                   "ranks whose sizes change differently deadlock in Solver creation (docs/distributed.md)")
 def test_changing_one_ranks_batch_size(tmp_path_factory):
     run = launch(tmp_path_factory, "resize.py", timeout=40, watchdog=30)
     run.check()

@@ -1,10 +1,9 @@
 """Rank script: one rank's batch size changes while the other rank's stays the same.
 
-Rows per rank go 2 + 2, then 3 + 2 (the last, smaller batch of an epoch split unevenly). pnode
-pools solvers by the local state size only, so rank 1 reuses its pooled solver while rank 0 builds
-a new one: rank 0 enters the collective Vec/TS creation while rank 1 enters the time steps, and
-both wait forever. The watchdog turns the hang into a non-zero exit within a few seconds. The
-pool key needs every rank's local size (see docs/distributed.md, "Known limitation").
+Rows per rank go 2 + 2, then 3 + 2 (the last, smaller batch of an epoch split unevenly). A solver
+pool keyed by the local size alone would let rank 1 reuse its solver while rank 0 builds a new one
+(collective), and both would wait for ever; pnode keys it by every rank's size. The watchdog turns
+a hang into a non-zero exit within a few seconds.
 """
 
 import torch

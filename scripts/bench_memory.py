@@ -1,0 +1,854 @@
+#!/usr/bin/env python
+"""Memory and time of one training step of the ODE-Net block: pnode against torchdiffeq.
+
+Workload: one training step (zero_grad, forward, MSE loss against a fixed random target,
+backward, SGD step with momentum) of the classic ODE-Net block (GroupNorm, ReLU, time-concat
+conv 3x3, GroupNorm, ReLU, time-concat conv 3x3, GroupNorm; ``ODEFunc`` of scripts/bench_core.py)
+integrated over t = [0, 1]; the input y0 requires grad, as it would behind a downsampling layer.
+Default: batch 128, state 64x8x8, float32, on the CPU (and on the GPU when there is one).
+
+Rows (each one configuration, run in a fresh process so that the peak RSS is its own):
+
+* pnode (store all): PETSc's trajectory keeps every step; euler, rk4 (classic) and cn at fixed
+  steps, dopri5 adaptive;
+* pnode (K=4): ``options={'checkpoints': K}``, at most K states held, the rest recomputed in the
+  backward pass (binomial schedule); euler, rk4, dopri5;
+* torchdiffeq odeint (backprop through the solver) and odeint_adjoint (continuous adjoint);
+  euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5.
+
+Fixed-step rows take ``step_size = 1/steps`` (``--steps``, default 4, 16, 64); adaptive rows use
+rtol = atol = ``--tol`` (1e-3). Columns:
+
+* time / step: median over ``--repeats`` training steps after one warm-up step (CUDA synchronised).
+* peak memory: on the CPU, the process's peak RSS during one more training step (VmHWM, reset by
+  writing 5 to /proc/self/clear_refs) minus its RSS just before it (VmRSS). Before that baseline
+  glibc hands the free memory it keeps cached back to the OS (malloc_trim), so that the step's
+  pages count however the allocator reuses them; the timed steps are left alone. On CUDA: ``torch.cuda.max_memory_allocated`` during the
+  step minus ``memory_allocated`` before it; the host RSS increase is shown beside it.
+* held: memory that stays allocated from one training step to the next (pooled PETSc solvers,
+  trajectories, Krylov workspaces): RSS (CUDA: allocated memory) before the measured step minus
+  before the first training step. Before that first baseline, one evaluation of the ODE function
+  (forward, backward, SGD step) has initialised torch's kernels and the optimizer's state.
+* NFE-F: evaluations of the ODE function in the forward pass (pnode: plus JVPs of Newton-Krylov);
+  NFE-B: evaluations with a graph, each followed by VJPs, in the backward pass; "(+r)": r more
+  evaluations without a graph that the backward pass spent recomputing checkpointed steps.
+* grad error: the larger of the relative errors of the y0 gradient and of the parameter gradient
+  against torch autograd through the same steps, in the same dtype: a hand-written Euler or
+  classic RK4 loop; for dopri5 the Dormand-Prince tableau over the step times pnode's forward
+  solve accepted; for cn a hand-written Crank-Nicolson step (fixed-point iterations, VJPs by
+  autograd). torchdiffeq odeint_adjoint rows are compared with backprop through torchdiffeq's own
+  odeint with the same method and steps (its continuous adjoint's error); odeint rows are that
+  reference ("ref").
+
+Then an acceptance table computes the ratios the memory issue asks for from the rows of this run,
+and ``--float64-check`` adds a small float64 run (pnode rk4, 16 steps, store all and K
+checkpoints) against autograd, where round-off is ~1e-15.
+
+Example (full benchmark, hours on a small machine)::
+
+    python scripts/bench_memory.py --markdown BENCHMARKS.md --float64-check \\
+        --plot docs/figures/bench_memory_cpu.png
+
+Smoke run (seconds per configuration)::
+
+    python scripts/bench_memory.py --batch 4 --channels 8 --size 4 --steps 4 --repeats 1
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESULT_TAG = "BENCH_MEMORY_RESULT "
+FAMILIES = ("pnode", "pnode-K", "odeint", "odeint_adjoint")
+FLOAT64_CHECK = "float64-check"
+METHOD_ORDER = ("euler", "rk4", "dopri5", "cn")
+ADAPTIVE = ("dopri5",)
+PNODE_METHODS = ("euler", "rk4", "dopri5", "cn")
+TORCHDIFFEQ_METHODS = ("euler", "rk4", "dopri5")
+EULER = ([0.0], [[]], [1.0])
+# Crank-Nicolson rows: Newton and its Krylov solves well below float32 round-off of the
+# gradient, but not so tight that float32 evaluations of f keep Newton from converging.
+CN_OPTIONS = {"snes_rtol": 1e-7, "snes_atol": 1e-10, "ksp_rtol": 1e-8}
+# Fixed-point tolerance of the Crank-Nicolson reference: a few ulps of the state's dtype.
+CN_REFERENCE_TOL = {torch.float32: 4e-6, torch.float64: 1e-13}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the benchmark, as passed to a worker process (JSON).
+
+    Attributes:
+        family: 'pnode', 'pnode-K', 'odeint', 'odeint_adjoint', or 'float64-check'.
+        method: 'euler', 'rk4', 'dopri5' or 'cn'.
+        steps: fixed steps over [0, 1] (step_size = 1/steps), or None for adaptive steps.
+        device: 'cpu' or 'cuda'.
+        batch, channels, size: the state is (batch, channels, size, size), float32.
+        tol: rtol = atol of adaptive rows.
+        checkpoints: K of 'pnode-K' rows and of the float64 check.
+        repeats: timed training steps (the median is reported).
+        threads: torch intra-op threads.
+        grad_check: whether to compute the gradient error.
+    """
+
+    family: str
+    method: str
+    steps: Optional[int]
+    device: str = "cpu"
+    batch: int = 128
+    channels: int = 64
+    size: int = 8
+    tol: float = 1e-3
+    checkpoints: int = 4
+    repeats: int = 3
+    threads: int = 1
+    grad_check: bool = True
+
+    @property
+    def label(self) -> str:
+        return family_label(self.family, self.checkpoints)
+
+    @property
+    def is_pnode(self) -> bool:
+        return self.family in ("pnode", "pnode-K")
+
+    def describe(self) -> str:
+        steps = f"{self.steps} steps" if self.steps else f"adaptive, tol {self.tol:g}"
+        return f"{self.label} {self.method} ({steps}, {self.device})"
+
+
+def family_label(family: str, checkpoints: int) -> str:
+    return {"pnode": "pnode (store all)", "pnode-K": f"pnode (K={checkpoints})",
+            "odeint": "torchdiffeq odeint", "odeint_adjoint": "torchdiffeq odeint_adjoint",
+            FLOAT64_CHECK: "float64 check"}[family]
+
+
+# ---------------------------------------------------------------------------- worker: the workload
+class CountedFunc(nn.Module):
+    """The ODE function with a count of its calls (torchdiffeq rows' NFE)."""
+
+    def __init__(self, func: nn.Module):
+        super().__init__()
+        self.func = func
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.func(t, y)
+
+
+class Solve:
+    """``y(1)`` from ``y(0)`` by the row's solver over t = [0, 1], with evaluation counts."""
+
+    def __init__(self, config: Config, func: CountedFunc):
+        import pnode
+        import torchdiffeq
+
+        self.config = config
+        self.func = func
+        self.t = torch.tensor([0.0, 1.0], device=config.device)
+        self.counter = pnode.rhs.EvaluationCounter()
+        self._pnode = pnode
+        self._torchdiffeq = torchdiffeq
+
+    def options(self) -> dict:
+        cfg = self.config
+        opts = {} if cfg.steps is None else {"step_size": 1.0 / cfg.steps}
+        if cfg.is_pnode and cfg.method == "cn":
+            opts.update(CN_OPTIONS)
+        if cfg.family == "pnode-K":
+            opts["checkpoints"] = cfg.checkpoints
+        return opts
+
+    def __call__(self, y0: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        kwargs = dict(rtol=cfg.tol, atol=cfg.tol, method=cfg.method, options=self.options())
+        if cfg.is_pnode:
+            ys = self._pnode.odeint_adjoint(self.func, y0, self.t.to(y0.dtype), _counter=self.counter, **kwargs)
+        elif cfg.family == "odeint_adjoint":
+            ys = self._torchdiffeq.odeint_adjoint(self.func, y0, self.t.to(y0.dtype), **kwargs)
+        else:
+            ys = self._torchdiffeq.odeint(self.func, y0, self.t.to(y0.dtype), **kwargs)
+        return ys[-1]
+
+    def snapshot(self) -> Tuple[int, int]:
+        """(evaluations without a graph, evaluations with one) so far; torchdiffeq: all calls twice."""
+        if self.config.is_pnode:
+            return self.counter.nfe_forward, self.counter.backward
+        return self.func.calls, self.func.calls
+
+    def nfe(self, start, after_forward, after_backward) -> Dict[str, int]:
+        recompute = after_backward[0] - after_forward[0] if self.config.is_pnode else 0
+        return {"nfe_f": after_forward[0] - start[0], "nfe_b": after_backward[1] - after_forward[1],
+                "nfe_recompute": recompute}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loss_of(y1: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(y1, target)
+
+
+def training_step(solve: Solve, x: torch.Tensor, target: torch.Tensor,
+                  optimizer: torch.optim.Optimizer) -> Tuple[float, Dict[str, int]]:
+    """One training step; returns its wall time (s) and its evaluation counts."""
+    synchronize(x.device)
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    counts = [solve.snapshot()]
+    y0 = x.detach().requires_grad_(True)
+    loss = loss_of(solve(y0), target)
+    counts.append(solve.snapshot())
+    loss.backward()
+    counts.append(solve.snapshot())
+    optimizer.step()
+    synchronize(x.device)
+    return time.perf_counter() - start, solve.nfe(*counts)
+
+
+def prime(func: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One plain evaluation of f, forward and backward, and an SGD step: torch's lazy set-up, not the block's."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_of(func(torch.tensor(0.0, device=x.device), x.detach().requires_grad_(True)), target).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------- worker: memory
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_mb() -> float:
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM back to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def release_free_memory() -> None:
+    """Hand memory the allocator keeps cached back to the OS, so that RSS is live memory."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: RSS may include freed memory the allocator keeps
+        return
+    # Pinning glibc's mmap threshold instead would make RSS follow live memory exactly, but it
+    # slows torch's CPU kernels down by orders of magnitude (they map and unmap large buffers per call).
+    libc.malloc_trim(0)
+
+
+def block_baseline(device: torch.device) -> Tuple[float, float]:
+    """(host RSS, device memory allocated) in MB, after giving cached memory back."""
+    release_free_memory()
+    allocated = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return rss_mb(), allocated
+
+
+def measure_memory(step: Callable[[], object], device: torch.device,
+                   before_block: Tuple[float, float]) -> Dict[str, object]:
+    """Peak memory of one call of ``step`` over the memory held just before it (MB)."""
+    rss_before, allocated_before = block_baseline(device)
+    hwm_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    step()
+    host_peak = peak_rss_mb() - rss_before
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 - allocated_before
+        held = allocated_before - before_block[1]
+    else:
+        peak, held = host_peak, rss_before - before_block[0]
+    return {"peak_mb": peak, "held_mb": held, "host_peak_mb": host_peak, "hwm_reset": hwm_reset}
+
+
+# ---------------------------------------------------------------------------- worker: gradients
+def gradients(solve: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: torch.Tensor,
+              params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """(dL/dy0, dL/dparams...) of the loss through ``solve``."""
+    y0 = x.detach().requires_grad_(True)
+    return torch.autograd.grad(loss_of(solve(y0), target), (y0, *params))
+
+
+def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    num = sum(float((g - w).double().norm() ** 2) for g, w in zip(got, want)) ** 0.5
+    den = sum(float(w.double().norm() ** 2) for w in want) ** 0.5
+    return num / den
+
+
+def fixed_point(update: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, tol: float,
+                max_iter: int = 500) -> torch.Tensor:
+    """Iterate ``x = update(x)`` until the relative change is below ``tol`` or stalls at round-off."""
+    x, previous_change = start, float("inf")
+    for _ in range(max_iter):
+        new = update(x)
+        change = float((new - x).norm() / new.norm())
+        x = new
+        if change <= tol or (change >= previous_change and change < tol**0.5):
+            return x
+        previous_change = change
+    raise RuntimeError(f"Crank-Nicolson reference: fixed-point iteration did not converge in {max_iter} "
+                       f"iterations (relative change {change:.1e}); the step is too large for it")
+
+
+def cn_reference_gradients(func: nn.Module, x: torch.Tensor, target: torch.Tensor, times: Sequence[float],
+                           params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """Gradients through Crank-Nicolson steps ``z = y + h/2 (f(t0, y) + f(t1, z))``, by hand.
+
+    Each step is solved by fixed-point iteration; its adjoint solves ``(I - h/2 J(z))^T mu = g``
+    the same way with autograd VJPs, then ``dL/dy = mu + h/2 J(y)^T mu`` and
+    ``dL/dp += h/2 (f_p(t0, y) + f_p(t1, z))^T mu``. Backprop through every fixed-point iteration
+    would hold a graph per iteration, far more memory than the rows being checked.
+    """
+    tol = CN_REFERENCE_TOL[x.dtype]
+
+    def at(t: float) -> torch.Tensor:
+        return torch.tensor(t, dtype=x.dtype, device=x.device)
+
+    states = [x.detach()]
+    with torch.no_grad():
+        for t0, t1 in zip(times[:-1], times[1:]):
+            y, half = states[-1], 0.5 * (t1 - t0)
+            explicit = y + half * func(at(t0), y)
+            states.append(fixed_point(lambda z: explicit + half * func(at(t1), z), y, tol))
+    y1 = states[-1].clone().requires_grad_(True)
+    (cotangent,) = torch.autograd.grad(loss_of(y1, target), y1)
+    param_grads = [torch.zeros_like(p) for p in params]
+    for i in range(len(times) - 1, 0, -1):
+        t0, t1, half = times[i - 1], times[i], 0.5 * (times[i] - times[i - 1])
+        z = states[i].clone().requires_grad_(True)
+        fz = func(at(t1), z)
+        mu = fixed_point(lambda m: cotangent + half * torch.autograd.grad(fz, z, m, retain_graph=True)[0],
+                         cotangent, tol)
+        grads_end = torch.autograd.grad(fz, params, mu)
+        y = states[i - 1].clone().requires_grad_(True)
+        grad_y, *grads_start = torch.autograd.grad(func(at(t0), y), (y, *params), mu)
+        cotangent = mu + half * grad_y
+        for total, start, end in zip(param_grads, grads_start, grads_end):
+            total.add_(half * (start + end))
+    return (cotangent, *param_grads)
+
+
+def reference_gradients(config: Config, solve: Solve, x: torch.Tensor, target: torch.Tensor,
+                        params: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Autograd through the row's own steps (None for torchdiffeq odeint: it is that reference)."""
+    import bench_core
+
+    if config.family == "odeint":
+        return None
+    if config.family == "odeint_adjoint":
+        plain = Solve(Config(**{**asdict(config), "family": "odeint"}), solve.func)
+        return gradients(plain, x, target, params)
+    times = pnode_step_times(config, solve, x)
+    if config.method == "cn":
+        return cn_reference_gradients(solve.func, x, target, times, params)
+    tableau = {"euler": EULER, "rk4": bench_core.RK4,
+               "dopri5": (bench_core.DOPRI5_C, bench_core.DOPRI5_A, bench_core.DOPRI5_B)}[config.method]
+    return gradients(lambda y0: bench_core.rk_reference(solve.func, y0, times, tableau), x, target, params)
+
+
+def pnode_step_times(config: Config, solve: Solve, x: torch.Tensor) -> List[float]:
+    """The step times of pnode's forward solve: the fixed grid, or the steps dopri5 accepted."""
+    import bench_core
+
+    if config.steps is not None:
+        return bench_core.grid(config.steps)
+    return bench_core.step_times_of(solve.func, x, config.method, {}, config.tol, config.tol)
+
+
+def gradient_errors(config: Config, solve: Solve, x: torch.Tensor, target: torch.Tensor) -> Dict[str, object]:
+    params = tuple(solve.func.parameters())
+    reference = reference_gradients(config, solve, x, target, params)
+    if reference is None:
+        return {"grad_err": None}
+    got = gradients(solve, x, target, params)
+    err_y0, err_params = relative_error(got[:1], reference[:1]), relative_error(got[1:], reference[1:])
+    return {"grad_err": max(err_y0, err_params), "grad_err_y0": err_y0, "grad_err_params": err_params}
+
+
+# ---------------------------------------------------------------------------- worker: entry points
+def run_config(config: Config) -> Dict[str, object]:
+    """Time, memory, evaluations and gradient error of one row."""
+    import bench_core
+
+    torch.manual_seed(0)
+    device = torch.device(config.device)
+    func = CountedFunc(bench_core.ODEFunc(config.channels)).to(device)
+    x = torch.randn(config.batch, config.channels, config.size, config.size, device=device)
+    target = torch.randn_like(x)
+    optimizer = torch.optim.SGD(func.parameters(), lr=1e-3, momentum=0.9)
+    solve = Solve(config, func)
+    prime(func.func, x, target, optimizer)
+    before_block = block_baseline(device)
+    training_step(solve, x, target, optimizer)
+    timed = [training_step(solve, x, target, optimizer) for _ in range(config.repeats)]
+    result: Dict[str, object] = {"time_s": statistics.median(t for t, _ in timed),
+                                 "times_s": [t for t, _ in timed], **timed[-1][1]}
+    result.update(measure_memory(lambda: training_step(solve, x, target, optimizer), device, before_block))
+    if config.is_pnode and config.steps is None:
+        result["steps_taken"] = len(pnode_step_times(config, solve, x)) - 1
+    elif config.steps is None:
+        # torchdiffeq's dopri5: two evaluations pick the first step, then six per attempted step.
+        result["steps_tried"] = (result["nfe_f"] - 2) // 6
+    if config.grad_check:
+        try:
+            result.update(gradient_errors(config, solve, x, target))
+        except Exception as exc:  # the timing and memory above still stand
+            traceback.print_exc()
+            result["grad_error_message"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def run_float64_check(config: Config) -> Dict[str, object]:
+    """pnode rk4 in float64, store all and K checkpoints, against autograd through classic RK4."""
+    import bench_core
+
+    torch.manual_seed(0)
+    func = bench_core.ODEFunc(config.channels).double()
+    x = torch.randn(config.batch, config.channels, config.size, config.size, dtype=torch.float64)
+    target = torch.randn_like(x)
+    params = tuple(func.parameters())
+    reference = gradients(lambda y0: bench_core.rk_reference(func, y0, bench_core.grid(config.steps), bench_core.RK4),
+                          x, target, params)
+    store_all = gradients(pnode_solver(func, config.steps, None), x, target, params)
+    result: Dict[str, object] = {"err_store_all": relative_error(store_all, reference)}
+    try:
+        checkpointed = gradients(pnode_solver(func, config.steps, config.checkpoints), x, target, params)
+    except Exception as exc:
+        traceback.print_exc()
+        result["checkpoint_error"] = f"{type(exc).__name__}: {exc}"
+        return result
+    result["err_checkpointed"] = relative_error(checkpointed, reference)
+    result["checkpointed_vs_store_all"] = relative_error(checkpointed, store_all)
+    return result
+
+
+def pnode_solver(func: nn.Module, steps: int, checkpoints: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    import pnode
+
+    options = {"step_size": 1.0 / steps, **({"checkpoints": checkpoints} if checkpoints else {})}
+
+    def solve(y0: torch.Tensor) -> torch.Tensor:
+        return pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=y0.dtype), method="rk4",
+                                    options=options)[-1]
+
+    return solve
+
+
+def worker_main(spec: str) -> None:
+    config = Config(**json.loads(spec))
+    # pnode initialises PETSc from sys.argv on import: keep the worker's own flags out of it.
+    sys.argv = sys.argv[:1]
+    torch.set_num_threads(config.threads)
+    try:
+        result = run_float64_check(config) if config.family == FLOAT64_CHECK else run_config(config)
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------- driver
+def configurations(args: argparse.Namespace) -> List[Config]:
+    methods = [m for m in METHOD_ORDER if m in args.methods]
+    common = dict(batch=args.batch, channels=args.channels, size=args.size, tol=args.tol,
+                  checkpoints=args.checkpoints, repeats=args.repeats, threads=args.threads,
+                  grad_check=not args.no_grad_check)
+    configs = []
+    for device in args.devices:
+        for method in methods:
+            for steps in ([None] if method in ADAPTIVE else args.steps):
+                families = []
+                if args.only in (None, "pnode") and method in PNODE_METHODS:
+                    families.append("pnode")
+                    if args.checkpoints and method in args.checkpoint_methods:
+                        families.append("pnode-K")
+                if args.only in (None, "torchdiffeq") and method in TORCHDIFFEQ_METHODS:
+                    families += ["odeint", "odeint_adjoint"]
+                configs += [Config(family, method, steps, device, **common) for family in families]
+    return configs
+
+
+def float64_config(args: argparse.Namespace) -> Config:
+    return Config(FLOAT64_CHECK, "rk4", 16, "cpu", batch=min(args.batch, 8), channels=min(args.channels, 16),
+                  size=min(args.size, 8), checkpoints=args.checkpoints or 4, threads=args.threads)
+
+
+def run_worker(config: Config, timeout: float) -> Dict[str, object]:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(config))]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+            if "error" in result or "grad_error_message" in result:
+                sys.stderr.write(proc.stderr[-3000:])
+            return result
+    sys.stderr.write(proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return {"error": f"worker exited with status {proc.returncode}: {lines[-1] if lines else 'no output'}"}
+
+
+def progress_line(index: int, total: int, config: Config, result: Dict[str, object], seconds: float) -> str:
+    head = f"[{index}/{total}] {config.describe()}"
+    if "error" in result:
+        return f"{head}: FAILED {result['error']} ({seconds:.0f} s)"
+    if config.family == FLOAT64_CHECK:
+        return f"{head}: {json.dumps(result)} ({seconds:.0f} s)"
+    err = result.get("grad_err")
+    return (f"{head}: {result['time_s']:.3f} s/step, peak {result['peak_mb']:.1f} MB, held {result['held_mb']:.1f} MB, "
+            f"NFE {result['nfe_f']}/{result['nfe_b']}, grad err {'-' if err is None else f'{err:.1e}'} "
+            f"({seconds:.0f} s)")
+
+
+def run_all(configs: Sequence[Config], timeout: float) -> List[Tuple[Config, Dict[str, object]]]:
+    rows = []
+    for i, config in enumerate(configs, 1):
+        start = time.perf_counter()
+        result = run_worker(config, timeout)
+        print(progress_line(i, len(configs), config, result, time.perf_counter() - start), file=sys.stderr, flush=True)
+        rows.append((config, result))
+    return rows
+
+
+# ---------------------------------------------------------------------------- tables
+def _cell(text: object) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")[:200]
+
+
+def steps_cell(config: Config, result: Dict[str, object]) -> str:
+    if config.steps is not None:
+        return str(config.steps)
+    if "steps_taken" in result:
+        return f"adaptive ({result['steps_taken']})"
+    if "steps_tried" in result:
+        return f"adaptive (~{result['steps_tried']} tried)"
+    return "adaptive"
+
+
+def grad_cell(config: Config, result: Dict[str, object]) -> str:
+    if "grad_error_message" in result:
+        return f"failed: {_cell(result['grad_error_message'])}"
+    if not config.grad_check:
+        return "-"
+    if config.family == "odeint":
+        return "ref"
+    return f"{result['grad_err']:.1e}"
+
+
+def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
+    config = row[0]
+    return (config.device, METHOD_ORDER.index(config.method), config.steps or 10**9, FAMILIES.index(config.family))
+
+
+def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
+    cuda = any(config.device == "cuda" for config, _ in rows)
+    header = ["solver", "method", "steps", "time / step (s)", "peak memory (MB)", "held (MB)", "NFE-F",
+              "NFE-B (+recompute)", "grad rel. error"]
+    if cuda:
+        header[1:1] = ["device"]
+        header.insert(header.index("held (MB)") + 1, "host peak RSS (MB)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config, result in sorted(rows, key=sort_key):
+        cells = [config.label, config.method, steps_cell(config, result)]
+        if "error" in result:
+            cells += ["failed", "-", "-", "-", "-", f"failed: {_cell(result['error'])}"]
+        else:
+            nfe_b = str(result["nfe_b"]) + (f" (+{result['nfe_recompute']})" if result["nfe_recompute"] else "")
+            peak = f"{result['peak_mb']:.1f}" + ("" if result["hwm_reset"] else " (HWM not reset)")
+            cells += [f"{result['time_s']:.3f}", peak, f"{result['held_mb']:.1f}", str(result["nfe_f"]), nfe_b,
+                      grad_cell(config, result)]
+        if cuda:
+            cells[1:1] = [config.device]
+            cells.insert(header.index("host peak RSS (MB)"),
+                         "-" if "error" in result else f"{result['host_peak_mb']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class Rows:
+    """Look-up of finished rows by (family, method, steps, device)."""
+
+    def __init__(self, rows: Sequence[Tuple[Config, Dict[str, object]]]):
+        self.by_key = {(c.family, c.method, c.steps, c.device): r for c, r in rows if "error" not in r}
+        self.rows = rows
+
+    def get(self, family: str, method: str, steps: Optional[int], device: str) -> Optional[Dict[str, object]]:
+        return self.by_key.get((family, method, steps, device))
+
+
+def ratio_check(name: str, num: Optional[dict], den: Optional[dict], key: str, bound: float,
+                extra: str = "") -> Tuple[str, str, str]:
+    if num is None or den is None or not den[key]:
+        return name, "not measured", ""
+    value = num[key] / den[key]
+    return name, f"{value:.2f}{extra}", "✓" if value <= bound else "✗"
+
+
+def acceptance_rows(rows: Sequence[Tuple[Config, Dict[str, object]]], args: argparse.Namespace,
+                    float64: Optional[Dict[str, object]]) -> List[Tuple[str, str, str]]:
+    look = Rows(rows)
+    k, tol = args.checkpoints, f"{args.tol:g}"
+    checks = []
+    for device in args.devices:
+        on = "" if len(args.devices) == 1 else f" [{device}]"
+        store, ckpt = "pnode (store all)", f"pnode (K={k})"
+        checks.append(ratio_check(f"rk4, 16 steps: time {store} / torchdiffeq odeint_adjoint ≤ 1.05{on}",
+                                  look.get("pnode", "rk4", 16, device), look.get("odeint_adjoint", "rk4", 16, device),
+                                  "time_s", 1.05))
+        checks.append(ratio_check(f"rk4, 16 steps: peak memory {store} / torchdiffeq odeint ≤ 0.35{on}",
+                                  look.get("pnode", "rk4", 16, device), look.get("odeint", "rk4", 16, device),
+                                  "peak_mb", 0.35))
+        checks.append(ratio_check(f"rk4, 16 steps: peak memory {ckpt} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
+                                  look.get("pnode-K", "rk4", 16, device),
+                                  look.get("odeint_adjoint", "rk4", 16, device), "peak_mb", 1.5))
+        checks.append(dopri5_check(look, device, tol, on))
+        for method in [m for m in METHOD_ORDER if m in args.checkpoint_methods and m not in ADAPTIVE]:
+            checks.append(ratio_check(f"{method}, {ckpt}: peak memory at 64 steps / at 4 steps ≤ 1.10{on}",
+                                      look.get("pnode-K", method, 64, device), look.get("pnode-K", method, 4, device),
+                                      "peak_mb", 1.10))
+            for steps in args.steps:
+                checks.append(ratio_check(f"{method}, {steps} steps: time {ckpt} / {store} ≤ 1.5{on}",
+                                          look.get("pnode-K", method, steps, device),
+                                          look.get("pnode", method, steps, device), "time_s", 1.5))
+        if "dopri5" in args.checkpoint_methods:
+            checks.append(ratio_check(f"dopri5 rtol=atol={tol}: time {ckpt} / {store} ≤ 1.5{on}",
+                                      look.get("pnode-K", "dopri5", None, device),
+                                      look.get("pnode", "dopri5", None, device), "time_s", 1.5))
+    checks += gradient_checks(rows)
+    checks += float64_checks(float64)
+    return checks
+
+
+def dopri5_check(look: Rows, device: str, tol: str, on: str) -> Tuple[str, str, str]:
+    ours, theirs = look.get("pnode", "dopri5", None, device), look.get("odeint_adjoint", "dopri5", None, device)
+    extra = ""
+    if ours and theirs:
+        extra = (f" (NFE-F/NFE-B: pnode {ours['nfe_f']}/{ours['nfe_b']}, "
+                 f"torchdiffeq {theirs['nfe_f']}/{theirs['nfe_b']})")
+    return ratio_check(f"dopri5 rtol=atol={tol}: time pnode (store all) / torchdiffeq odeint_adjoint ≤ 0.7{on}",
+                       ours, theirs, "time_s", 0.7, extra)
+
+
+def worst_gradient_error(rows, families) -> Optional[Tuple[float, Config]]:
+    errors = [(r["grad_err"], c) for c, r in rows
+              if c.family in families and "error" not in r and r.get("grad_err") is not None]
+    return max(errors, key=lambda e: e[0]) if errors else None
+
+
+def gradient_checks(rows) -> List[Tuple[str, str, str]]:
+    checks = []
+    worst = worst_gradient_error(rows, ("pnode", "pnode-K"))
+    failed = [c for c, r in rows if c.is_pnode and ("error" in r or "grad_error_message" in r)]
+    if worst is None:
+        checks.append(("gradient error of every pnode row (float32) ≤ 1e-5", "not measured", ""))
+    else:
+        err, config = worst
+        note = f" ({len(failed)} pnode rows failed)" if failed else ""
+        checks.append(("gradient error of every pnode row (float32) ≤ 1e-5",
+                       f"max {err:.1e}: {config.describe()}{note}", "✓" if err <= 1e-5 and not failed else "✗"))
+    theirs = worst_gradient_error(rows, ("odeint_adjoint",))
+    if theirs is not None:
+        checks.append(("gradient error of torchdiffeq odeint_adjoint (for comparison)",
+                       f"max {theirs[0]:.1e}: {theirs[1].describe()}", ""))
+    return checks
+
+
+def float64_checks(result: Optional[Dict[str, object]]) -> List[Tuple[str, str, str]]:
+    if result is None:
+        return []
+    if "error" in result:
+        return [("float64 check", f"failed: {_cell(result['error'])}", "✗")]
+    checks = [("float64 rk4 16 steps: pnode (store all) gradient error ≤ 1e-12", f"{result['err_store_all']:.1e}",
+               "✓" if result["err_store_all"] <= 1e-12 else "✗")]
+    if "checkpoint_error" in result:
+        checks.append(("float64 rk4 16 steps: pnode (K) gradient error ≤ 1e-12",
+                       f"failed: {_cell(result['checkpoint_error'])}", "✗"))
+        return checks
+    for name, key in (("pnode (K) gradient error", "err_checkpointed"),
+                      ("pnode (K) vs store all", "checkpointed_vs_store_all")):
+        checks.append((f"float64 rk4 16 steps: {name} ≤ 1e-12", f"{result[key]:.1e}",
+                       "✓" if result[key] <= 1e-12 else "✗"))
+    return checks
+
+
+def acceptance_table(checks: Sequence[Tuple[str, str, str]]) -> str:
+    lines = ["| target | this run | |", "|---|---|---|"]
+    lines += [f"| {_cell(name)} | {_cell(value)} | {mark} |" for name, value, mark in checks]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- report
+def machine_line(args: argparse.Namespace) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = []
+    for package in ("torch", "petsc4py", "torchdiffeq"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if "cuda" in args.devices else ""
+    return (f"{os.cpu_count()} CPUs ({cpu}){gpu}; {', '.join(versions)}; torch threads {args.threads}; "
+            f"Python {platform.python_version()}")
+
+
+def workload_line(args: argparse.Namespace) -> str:
+    return (f"Training step of the ODE-Net block, batch {args.batch}, state {args.channels}x{args.size}x{args.size}, "
+            f"float32, t = [0, 1], fixed steps step_size = 1/steps, adaptive rtol = atol = {args.tol:g}; "
+            f"time: median of {args.repeats} steps after a warm-up; peak memory: peak over the memory held just "
+            "before the step (CPU: RSS; CUDA: allocated); held: kept between steps. "
+            "Grad error: relative, against autograd through the same steps.")
+
+
+def report(rows, checks, args, float64, command: str) -> str:
+    parts = [workload_line(args), "", results_table(rows), "", acceptance_table(checks)]
+    if float64 is not None and "error" not in float64:
+        parts += ["", f"float64 check (pnode rk4, 16 steps, batch {min(args.batch, 8)}, "
+                      f"state {min(args.channels, 16)}x{min(args.size, 8)}x{min(args.size, 8)}): "
+                      f"{json.dumps(float64)}"]
+    return "\n".join(parts)
+
+
+def write_markdown(path: str, body: str, args: argparse.Namespace, command: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(f"\n## Memory and time of a training step ({time.strftime('%Y-%m-%d')})\n\n"
+                 f"`{command}`\n\nMachine: {machine_line(args)}\n\n{body}\n")
+
+
+def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
+    """Peak memory and time per step against the number of steps, one line per solver and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"pnode": "tab:blue", "pnode-K": "tab:green", "odeint": "tab:red", "odeint_adjoint": "tab:orange"}
+    markers = {"euler": "o", "rk4": "s", "dopri5": "*", "cn": "^"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    groups: Dict[tuple, List[Tuple[float, Dict[str, object]]]] = {}
+    for config, result in rows:
+        steps = config.steps or result.get("steps_taken") or result.get("steps_tried")
+        if "error" not in result and steps:
+            groups.setdefault((config.device, config.family, config.method, config.label), []).append((steps, result))
+    for (device, family, method, label), points in sorted(groups.items()):
+        points.sort(key=lambda p: p[0])
+        adaptive = method in ADAPTIVE
+        name = f"{label} {method}" + (" (adaptive)" if adaptive else "") + (f" [{device}]" if device != "cpu" else "")
+        for ax, key in zip(axes, ("peak_mb", "time_s")):
+            ax.plot([p[0] for p in points], [max(p[1][key], 1e-3) for p in points], color=colors[family],
+                    marker=markers[method], linestyle="none" if adaptive else ("--" if device != "cpu" else "-"),
+                    markersize=10 if adaptive else 6, label=name)
+    for ax, ylabel in zip(axes, ("peak memory of the training step (MB)", "time per training step (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("steps over [0, 1] (adaptive: steps taken, torchdiffeq: tried)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 3) // 4), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+def _list(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    default_devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", type=_list(str), default=list(METHOD_ORDER),
+                        help="comma-separated, from euler,rk4,dopri5,cn (default: all)")
+    parser.add_argument("--checkpoint-methods", type=_list(str), default=["euler", "rk4", "dopri5"],
+                        help="methods that also get a pnode (K checkpoints) row (default: euler,rk4,dopri5)")
+    parser.add_argument("--steps", type=_list(int), default=[4, 16, 64], help="fixed step counts (default: 4,16,64)")
+    parser.add_argument("--only", choices=["pnode", "torchdiffeq"], help="run only these rows")
+    parser.add_argument("--checkpoints", type=int, default=4, help="K of the pnode (K) rows; 0: no such rows")
+    parser.add_argument("--tol", type=float, default=1e-3, help="rtol = atol of the adaptive rows (default 1e-3)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--size", type=int, default=8, help="spatial size of the state (default 8: 8x8)")
+    parser.add_argument("--devices", type=_list(str), default=default_devices.split(","),
+                        help=f"comma-separated (default here: {default_devices})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
+    parser.add_argument("--no-grad-check", action="store_true", help="skip the gradient-error column")
+    parser.add_argument("--float64-check", action="store_true",
+                        help="also run pnode rk4 (16 steps) in float64, store all and K, against autograd")
+    parser.add_argument("--markdown", metavar="FILE", help="append the report to FILE (e.g. BENCHMARKS.md)")
+    parser.add_argument("--plot", metavar="FILE.png", help="write the memory and time plot to FILE.png")
+    parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods + args.checkpoint_methods) - set(METHOD_ORDER))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {','.join(METHOD_ORDER)}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker)
+        return
+    command = "python " + shlex.join([os.path.relpath(os.path.abspath(__file__)), *argv])
+    configs = configurations(args)
+    if args.float64_check:
+        configs.append(float64_config(args))
+    results = run_all(configs, args.timeout)
+    float64 = next((r for c, r in results if c.family == FLOAT64_CHECK), None)
+    rows = [(c, r) for c, r in results if c.family != FLOAT64_CHECK]
+    body = report(rows, acceptance_rows(rows, args, float64), args, float64, command)
+    print(body)
+    if args.markdown:
+        write_markdown(args.markdown, body, args, command)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""pnode's own checkpointing (``options={'checkpoints': K}``): same gradients, bounded memory.
+
+A checkpointed run re-takes the forward steps with the recorded step sizes, so it must give the
+store-everything gradients to round-off (1e-12 relative) for explicit, implicit and adaptive
+methods; the schedule is checked against a brute-force optimum and the memory bound by counting
+the states held.
+"""
+
+from functools import lru_cache
+
+import pytest
+import torch
+from conftest import rel_err, skip_if_zero_weight_broken
+from problems import ConvField, MLPField
+from references import TABLEAUS, rk_solve
+
+import pnode
+from pnode import checkpoint
+from pnode._compat import PETSc
+
+T3 = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
+
+CASES = [  # method, options; fixed, adaptive and implicit, with steps that do not divide the outputs
+    ("euler", {"step_size": 0.05}),
+    ("rk4", {"step_size": 0.04}),
+    ("dopri5", {}),
+    ("bosh3", {}),
+    ("cn", {"step_size": 0.05, "ksp_rtol": 1e-14, "snes_rtol": 1e-14}),
+    ("beuler", {"step_size": 0.05, "ksp_rtol": 1e-14, "snes_rtol": 1e-14}),
+]
+
+
+def gradients(method, options, t=T3, seed=1):
+    torch.manual_seed(seed)
+    func = MLPField().double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint_adjoint(func, y0, t, method=method, options=options, rtol=1e-6, atol=1e-8)
+    weights = torch.randn(ys.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((ys * weights).sum(), (y0, *func.parameters()))
+    return ys.detach(), grads
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 4])
+@pytest.mark.parametrize("method,options", CASES, ids=[c[0] for c in CASES])
+def test_checkpointed_gradients_equal_store_everything(method, options, checkpoints):
+    skip_if_zero_weight_broken(method)
+    ys, want = gradients(method, options)
+    ys_ck, got = gradients(method, {**options, "checkpoints": checkpoints})
+    assert torch.equal(ys, ys_ck)  # the forward pass is the same solve
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_checkpointed_rk4_matches_backprop_through_the_same_steps():
+    torch.manual_seed(3)
+    func = ConvField().double()
+    x0 = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    ys = pnode.odeint_adjoint(func, x0, t, method="rk4", options={"step_size": 1 / 16, "checkpoints": 3})
+    ref = rk_solve(func, x0, t.tolist(), 1 / 16, TABLEAUS["rk4"])
+    got = torch.autograd.grad(ys[-1].square().sum(), (x0, *func.parameters()))
+    want = torch.autograd.grad(ref[-1].square().sum(), (x0, *func.parameters()))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_decreasing_times_and_time_gradients_with_checkpoints():
+    t = torch.tensor([1.0, 0.6, 0.0], dtype=torch.float64, requires_grad=True)
+    results = []
+    for opts in ({"step_size": 0.05}, {"step_size": 0.05, "checkpoints": 2}):
+        torch.manual_seed(2)
+        func = MLPField().double()
+        y0 = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+        ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options=opts)
+        results.append(torch.autograd.grad(ys.sum(), (y0, t, *func.parameters())))
+    for g, w in zip(*results):
+        assert rel_err(g, w) < 1e-12
+
+
+@lru_cache(maxsize=None)
+def brute_force_cost(m: int, slots: int) -> int:
+    """Fewest advanced steps to reverse m steps with the start state and `slots` more, by exhaustive DP."""
+    if m <= 1:
+        return 0
+    if slots == 0:
+        return m * (m - 1) // 2
+    return min(j + brute_force_cost(m - j, slots - 1) + brute_force_cost(j, slots) for j in range(1, m))
+
+
+@pytest.mark.parametrize("slots", [0, 1, 2, 3, 5])
+def test_binomial_closed_form_is_the_optimum(slots):
+    for m in range(1, 60):
+        assert checkpoint.recomputed_steps(m, slots) == brute_force_cost(m, slots), (m, slots)
+
+
+def test_store_keeps_at_most_capacity_states_evenly_spread():
+    for capacity in (1, 3, 7):
+        for steps in (5, 16, 63, 200):
+            store = checkpoint.CheckpointStore(capacity)
+            for step in range(1, steps):
+                store.offer(step, torch.full((2,), float(step)))
+                assert len(store.states) <= capacity
+            kept = sorted(store.states)
+            assert all(float(store.states[k][0]) == k for k in kept)
+            assert all(k % store.stride == 0 for k in kept)
+            # evenly spread: no gap between kept states (or the ends) longer than twice the stride
+            gaps = [b - a for a, b in zip([0] + kept, kept + [steps])]
+            assert max(gaps) <= 2 * store.stride
+
+
+class Spy:
+    """Records the CheckpointedAdjoint objects pnode creates, to read their counters."""
+
+    def __init__(self, monkeypatch):
+        self.runs = []
+        original = checkpoint.CheckpointedAdjoint.run
+        spy = self
+
+        def run(adjoint, *args):
+            spy.runs.append(adjoint)
+            return original(adjoint, *args)
+
+        monkeypatch.setattr(checkpoint.CheckpointedAdjoint, "run", run)
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 4, 8])
+def test_memory_stays_within_the_budget_and_each_step_is_reversed_once(monkeypatch, checkpoints):
+    spy = Spy(monkeypatch)
+    steps = 64
+    func = MLPField().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                              options={"step_size": 1 / steps, "checkpoints": checkpoints})
+    ys[-1].sum().backward()
+    (adjoint,) = spy.runs
+    assert adjoint.peak_stored <= checkpoints
+    assert adjoint.recorded_steps == steps
+    # far fewer recomputations than the quadratic cost of keeping nothing
+    assert adjoint.advanced_steps <= (steps * (steps - 1)) // 2
+    if checkpoints >= 4:
+        assert adjoint.advanced_steps <= 3 * steps
+
+
+def test_checkpointed_rk4_re_evaluates_nothing_beyond_store_everything():
+    counts = []
+    for opts in ({"step_size": 0.125}, {"step_size": 0.125, "checkpoints": 8}):
+        block = pnode.ODEBlock(MLPField().double(), method="rk4", options=opts)
+        block(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+        counts.append((block.nfe_forward, block.counter.backward, block.counter.vjp))
+    store_all, checkpointed = counts
+    # 8 slots for 8 steps: nothing to recompute; the re-taken steps' graphs serve the adjoint
+    assert checkpointed == store_all
+
+
+def set_option(name, value):
+    PETSc.Options().setValue(name, value)
+
+
+def test_command_line_sets_checkpoints_and_prefix_overrides(monkeypatch):
+    spy = Spy(monkeypatch)
+    func = MLPField().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    db = PETSc.Options()
+    try:
+        set_option("pnode_checkpoints", "3")
+        pnode.odeint_adjoint(func, y0, t, method="rk4", options={"step_size": 0.1})[-1].sum().backward()
+        assert spy.runs[-1].checkpoints == 3
+        set_option("blk_ck_pnode_checkpoints", "2")
+        block = pnode.ODEBlock(func, method="rk4", options={"step_size": 0.1, "checkpoints": 5}, prefix="blk_ck_")
+        block(y0).sum().backward()
+        assert spy.runs[-1].checkpoints == 2
+        set_option("blk_ck_pnode_checkpoints", "0")  # 0: store every step
+        n_runs = len(spy.runs)
+        block(y0).sum().backward()
+        assert len(spy.runs) == n_runs
+    finally:
+        for name in ("pnode_checkpoints", "blk_ck_pnode_checkpoints"):
+            db.delValue(name)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "many"])
+def test_bad_checkpoint_budget_is_reported(value):
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(pnode.InputError, match="checkpoints"):
+        pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                             method="rk4", options={"checkpoints": value})
+
+
+def test_disk_trajectory_gives_the_same_gradients(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # PETSc's 'basic' trajectory writes its files under the working directory
+    _, want = gradients("rk4", {"step_size": 0.1})
+    _, got = gradients("rk4", {"step_size": 0.1, "ts_trajectory_type": "basic"})
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-13
