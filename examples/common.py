@@ -143,9 +143,8 @@ def insert_petsc_options(argv=None) -> Dict[str, str]:
     """Copy the PETSc options in ``argv`` (default ``sys.argv[1:]``) into PETSc's options database.
 
     ``-ts_type cn -ts_monitor -ksp_rtol 1e-10``: a one-dash name, optionally followed by a value.
-    pnode (0.1.0) initialises PETSc without the command line, and a ``main(argv)`` called from
-    Python passes its own list, so the examples insert the options themselves; call this before
-    the first solve. Options already in the database are left as they are. Returns what was added.
+    pnode initialises PETSc with ``sys.argv``, but a ``main(argv)`` called from Python passes its
+    own list, so the examples insert the options themselves; call this before the first solve. Options already in the database are left as they are. Returns what was added.
     """
     from petsc4py import PETSc
 

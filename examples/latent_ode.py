@@ -37,8 +37,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import (add_common_args, append_jsonl, insert_petsc_options, load_checkpoint, parse_args,  # noqa: E402
-                    progress, rng_state, save_checkpoint, set_rng_state, setup_run)
+from common import (  # noqa: E402
+    add_common_args,
+    append_jsonl,
+    insert_petsc_options,
+    load_checkpoint,
+    parse_args,
+    progress,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    setup_run,
+)
 from torch import nn  # noqa: E402
 
 import pnode  # noqa: E402

@@ -38,8 +38,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import (add_common_args, append_jsonl, insert_petsc_options, load_checkpoint, parse_args,  # noqa: E402
-                    progress, rng_state, save_checkpoint, set_rng_state, setup_run)
+from common import (  # noqa: E402
+    add_common_args,
+    append_jsonl,
+    insert_petsc_options,
+    load_checkpoint,
+    parse_args,
+    progress,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    setup_run,
+)
 from torch import nn  # noqa: E402
 
 import pnode  # noqa: E402
@@ -174,7 +184,7 @@ class Integrator:
     (1e-5) the adjoint's transposed solves leave the gradient within ~2 % of finite differences
     (enough for L-BFGS to reach the same constants); ``-ksp_rtol 1e-6`` gives ~0.5 %. Much tighter
     values ask more than unpreconditioned GMRES delivers on such systems: it breaks down, and
-    pnode 0.1.0 does not notice a failed adjoint solve (see docs/examples_science.md).
+    pnode raises a SolverError for the failed adjoint solve (see docs/examples_science.md).
     """
 
     def __init__(self, args: argparse.Namespace, times: torch.Tensor):

@@ -16,7 +16,7 @@ from typing import List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from ._compat import PETSc, converged_reason_name
+from ._compat import PETSc, converged_reason_name, has_revolve
 from .bridge import PETSC_DTYPE, tensor_into_vec, vec_view
 from .errors import CallbackErrorTrap, InputError, SolverError
 from .methods import Method
@@ -142,6 +142,8 @@ class Solver:
             ts.setOptionsPrefix(cfg.prefix)
         user = dict(cfg.petsc_options)
         with scoped_options(cfg.prefix, user, cfg.derived_options()) as user_names:
+            if self.record:
+                _check_revolve(cfg.prefix)
             ts.setFromOptions()
             _check_used(user_names)
         if self.param_jacobian is not None:
@@ -487,3 +489,14 @@ def _check_used(names) -> None:
                          "(step_size, first_step, min_step, max_step, max_num_steps, theta, checkpoints) "
                          "nor PETSc options this solver reads; check the spelling (PETSc names are "
                          "e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
+
+
+def _check_revolve(prefix: str) -> None:
+    """Refuse PETSc's limited-memory trajectory up front on a build without Revolve (it fails mid-solve)."""
+    db = PETSc.Options()
+    asked = [prefix + name for name in ("ts_trajectory_max_cps_ram", "ts_trajectory_max_cps_disk")
+             if db.hasName(prefix + name)]
+    if asked and not has_revolve():
+        raise InputError(f"-{asked[0]} needs PETSc configured with Revolve, which this PETSc lacks; use pnode's "
+                         "own checkpointing instead: options={'checkpoints': K} or -pnode_checkpoints K "
+                         "(at most K states held, binomial schedule, same gradients)")

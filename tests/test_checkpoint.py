@@ -193,3 +193,14 @@ def test_disk_trajectory_gives_the_same_gradients(tmp_path, monkeypatch):
     _, got = gradients("rk4", {"step_size": 0.1, "ts_trajectory_type": "basic"})
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-13
+
+
+def test_petsc_limited_memory_trajectory_needs_revolve_or_says_what_to_use():
+    from pnode._compat import has_revolve
+
+    if has_revolve():
+        pytest.skip("this PETSc has Revolve: -ts_trajectory_max_cps_ram works as PETSc documents")
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(pnode.InputError, match="Revolve.*checkpoints"):
+        pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                             options={"step_size": 0.1, "ts_trajectory_max_cps_ram": 3})

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import rel_err
-from problems import ConvField, MLPField
+from problems import MLPField
 
 import pnode
 from pnode import adjoint as pnode_adjoint
@@ -19,15 +19,16 @@ from pnode.rhs import Linearization
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("method", ["dopri5", "rk4"])
-def test_torchdiffeq_style_script_runs_unchanged_and_learns(method):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "torchdiffeq_spiral.py"),
-                          "--method", method, "--niters", "30", "--lr", "0.01"],
-                         capture_output=True, text=True, timeout=300)
+def test_torchdiffeq_style_script_runs_unchanged_and_learns():
+    # Trains with rk4 and evaluates the whole trajectory with the default dopri5 every iteration;
+    # seeded, so the loss curve is reproducible (0.99 -> 0.41 here).
+    out = subprocess.run([sys.executable, os.path.join(HERE, "scripts", "torchdiffeq_spiral.py"), "--method", "rk4",
+                          "--niters", "100", "--lr", "0.003", "--data_size", "60"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     first = float(re.search(r"loss_first=([0-9.]+)", out.stdout).group(1))
     last = float(re.search(r"loss_last=([0-9.]+)", out.stdout).group(1))
-    assert last < 0.8 * first
+    assert last < 0.7 * first
 
 
 def test_dopri5_gradients_agree_with_torchdiffeq_backprop_at_tight_tolerances():
@@ -43,6 +44,18 @@ def test_dopri5_gradients_agree_with_torchdiffeq_backprop_at_tight_tolerances():
     assert rel_err(ours, theirs) < 1e-8
     for g, r in zip(got, want):  # two discretisations of the same exact gradient
         assert rel_err(g, r) < 1e-7
+
+
+class ElementwiseField(torch.nn.Module):
+    """dy/dt = tanh(a * y) - b * y with per-entry parameters: a large state at a small cost per evaluation."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(shape))
+        self.b = torch.nn.Parameter(torch.rand(shape))
+
+    def forward(self, t, y):
+        return torch.tanh(self.a * y) - self.b * y
 
 
 def rss_mb() -> float:
@@ -61,7 +74,7 @@ def pooled_solvers() -> int:
                          ids=["rk4", "rk4-checkpoints", "dopri5"])
 def test_repeated_training_steps_do_not_grow_memory(options):
     torch.manual_seed(0)
-    block = pnode.ODEBlock(ConvField(8), method="rk4" if options else "dopri5", options=options,
+    block = pnode.ODEBlock(ElementwiseField((8, 16, 16)), method="rk4" if options else "dopri5", options=options,
                            rtol=1e-4, atol=1e-4)
     optimizer = torch.optim.SGD(block.parameters(), lr=1e-3)
     x = torch.randn(32, 8, 16, 16)  # 512 KiB per float64 state: leaking one state per step would show
