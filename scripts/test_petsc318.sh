@@ -27,4 +27,5 @@ if [ ! -f "$VENV/.pnode-setup-done" ]; then
     touch "$VENV/.pnode-setup-done"
 fi
 "$VENV/bin/python" -c 'import petsc4py; print("petsc4py", petsc4py.__version__)'
-exec "$VENV/bin/python" -m pytest -q tests/test_gradients.py tests/test_errors.py tests/test_options.py "$@"
+exec "$VENV/bin/python" -m pytest -q tests/test_gradients.py tests/test_errors.py tests/test_options.py \
+    tests/test_checkpoint.py "$@"

@@ -6,9 +6,8 @@ of one distributed system (comm=COMM_WORLD). Outputs and y0 gradients are gather
 parameter gradients (each rank's local contribution) summed over the ranks, and their relative
 errors against the reference written to JSON.
 
-The splits give every rank a different number of rows in each case: pnode pools solvers by the
-local state size, so a rank whose size repeats while another rank's changes would reuse a solver
-whose global layout is stale (see test_mpi.py::test_changing_one_ranks_batch_size).
+The "+ck" variants run pnode's checkpointing (``options['checkpoints']``): the checkpoint store
+and the recomputations must stay in step across the ranks, one global step sequence.
 """
 
 import torch
@@ -27,6 +26,9 @@ METHODS = {
     "cn": {"method": "cn", "options": {"step_size": 0.5, "ksp_rtol": 1e-13, "ksp_atol": 1e-15,
                                        "snes_rtol": 1e-13, "snes_atol": 1e-15, "snes_stol": 0}},
 }
+for _name in ("rk4", "dopri5", "cn"):
+    _kwargs = METHODS[_name]
+    METHODS[_name + "+ck"] = {**_kwargs, "options": {**_kwargs.get("options", {}), "checkpoints": 2}}
 SPLITS = {"even": 4, "uneven": 7}  # rows in the whole batch: 2 + 2 and 4 + 3
 
 
