@@ -17,7 +17,7 @@ from .bridge import StateLayout, layout_of
 from .distributed import resolve_comm
 from .errors import InputError
 from .methods import resolve_method
-from .options import get_global_option
+from .options import get_global_option, option_value
 from .rhs import EvaluationCounter
 from .solver import SolverConfig
 
@@ -192,7 +192,7 @@ def _make_config(method, rtol, atol, options, prefix) -> SolverConfig:
     return SolverConfig(method=method, rtol=rtol, atol=atol, step_size=step_size, first_step=first_step,
                         min_step=min_step, max_step=max_step,
                         max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
-                        petsc_options=tuple(sorted((k, str(v)) for k, v in petsc.items())),
+                        petsc_options=tuple(sorted((k, option_value(v)) for k, v in petsc.items())),
                         prefix=prefix or "")
 
 

@@ -110,3 +110,12 @@ def test_trajectory_options_keep_gradients(traj):
     want = torch.autograd.grad(ref[-1].sum(), (y0, W))
     for g, r in zip(got, want):
         assert rel_err(g, r) < 1e-10
+
+
+def test_flag_options_take_none_or_true(capfd):
+    # {'ts_monitor': None} is PETSc's bare flag -ts_monitor; True is 'true'
+    y0 = torch.ones(2, dtype=torch.float64)
+    pnode.odeint(lambda t, y: -y, y0, T, method="cn", options={"step_size": 0.5, "ts_monitor": None,
+                                                              "snes_monitor": None, "ts_adapt_monitor": True})
+    out = capfd.readouterr().out
+    assert "TS dt 0.5 time 0.5" in out and "SNES Function norm" in out
