@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adam (default, as in the thesis) or sgd (momentum 0.9)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (digits 3e-3, cifar10 1e-3, mnist 1e-3)")
     train.add_argument("--milestones", type=int, nargs="*", default=None,
-                       help="epochs after which the lr is multiplied by --lr-decay (digits: 8 12; cifar10: none; mnist: 6 8)")
+                       help="epochs after which the lr is multiplied by --lr-decay "
+                            "(digits: 8 12; cifar10: none; mnist: 6 8)")
     train.add_argument("--lr-decay", type=float, default=0.1)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--epochs", type=int, default=None, help="digits 15, cifar10 50, mnist 10")

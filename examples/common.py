@@ -144,7 +144,8 @@ def insert_petsc_options(argv=None) -> Dict[str, str]:
 
     ``-ts_type cn -ts_monitor -ksp_rtol 1e-10``: a one-dash name, optionally followed by a value.
     pnode initialises PETSc with ``sys.argv``, but a ``main(argv)`` called from Python passes its
-    own list, so the examples insert the options themselves; call this before the first solve. Options already in the database are left as they are. Returns what was added.
+    own list, so the examples insert the options themselves; call this before the first solve.
+    Options already in the database are left as they are. Returns what was added.
     """
     from petsc4py import PETSc
 

@@ -40,7 +40,8 @@ class Method:
 
 _TABLE: Tuple[Method, ...] = (
     Method("euler", "rk", rk_type="1fe", order=1, description="forward Euler (PETSc RK 1fe)"),
-    Method("midpoint", "rk", rk_type="2b", order=2, zero_weight_stage=True, description="explicit midpoint (PETSc RK 2b)"),
+    Method("midpoint", "rk", rk_type="2b", order=2, zero_weight_stage=True,
+           description="explicit midpoint (PETSc RK 2b)"),
     Method("rk4", "rk", rk_type="4", order=4,
            description="classic RK4 (PETSc RK 4); torchdiffeq's rk4 is the 3/8 rule"),
     Method("bosh3", "rk", rk_type="3bs", adaptive=True, order=3,

@@ -194,7 +194,7 @@ class Solver:
         for lin in candidates:
             if self.rhs.matches(lin, tau, u):
                 return lin
-        return self.rhs.linearize(tau, u)
+        return self.rhs.linearize(tau, u, single_vjp=self.explicit)
 
     def _rhs_jacobian(self, ts, tau, u, jac, pre):
         def run():

@@ -147,7 +147,8 @@ def table(args, rows) -> str:
     caption = (f"ODE-Net block training step (forward + backward + gradient averaging + SGD), "
                f"{args.channels}x{args.size}x{args.size} float32, batch {args.batch} per rank, one torch thread per "
                f"rank; median of {args.repeats} steps x {args.rounds} interleaved round(s) (each step the slowest "
-               f"rank's time), after {args.warmup} warm-up step(s) per run. rk4 and cn: {args.steps} steps (cn: snes_rtol 1e-4); dopri5: rtol = atol = {args.tol:g}.")
+               f"rank's time), after {args.warmup} warm-up step(s) per run. rk4 and cn: {args.steps} steps "
+               f"(cn: snes_rtol 1e-4); dopri5: rtol = atol = {args.tol:g}.")
     header = ("| method | mode | ranks | per-rank batch | global batch | median time / step (s) "
               "| weak-scaling efficiency t1/tN | NFE-F / NFE-B per step | CPU share (lowest rank) |")
     lines = [caption, "", header, "|---|---|---|---|---|---|---|---|---|"]
@@ -186,7 +187,8 @@ def main(argv=None) -> None:
                   file=sys.stderr, flush=True)
             runs[config].append(row)
     rows = [_merge(runs[config]) for config in configs]
-    text = table(args, rows) + f"\n\n1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}."
+    load_after = os.getloadavg()[0]
+    text = table(args, rows) + f"\n\n1-minute load average before / after: {load_before:.2f} / {load_after:.2f}."
     print(text)
     if args.markdown:
         with open(args.markdown, "a") as fh:

@@ -61,7 +61,8 @@ class Config:
 
 def configurations(lrs: list[float], archs: list[str], quick: bool) -> list[Config]:
     if quick:
-        configs = [Config("resnet", 1, None, lrs[0]), Config("odenet", 1, 0.5, lrs[0]), Config("hybrid", 1, 0.5, lrs[0])]
+        configs = [Config("resnet", 1, None, lrs[0]), Config("odenet", 1, 0.5, lrs[0]),
+                   Config("hybrid", 1, 0.5, lrs[0])]
     else:
         configs = []
         for lr in lrs:
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", nargs="+", choices=["resnet", "odenet", "hybrid"],
                         default=["resnet", "odenet", "hybrid"], help="architectures to compare (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: ResNet 1 block, ODE-Net and hybrid at step 0.5, first lr, 1 epoch of 2 batches")
+                        help="smoke run: ResNet 1 block, ODE-Net and hybrid at step 0.5, first lr, "
+                             "1 epoch of 2 batches")
     parser.add_argument("--limit-batches", type=int, default=None, help="batches per epoch (smoke runs)")
     parser.add_argument("--force", action="store_true", help="retrain configurations that already finished")
     args = parser.parse_args(argv)

@@ -266,8 +266,8 @@ def test_two_mpi_ranks_take_the_single_process_step(tmp_path):
     common = ["--dataset", "digits", "--arch", "odenet", "--epochs", "1", "--limit-batches", "2",
               "--batch-size", "33", "--optimizer", "sgd", "--lr", "0.1", "--threads", "1", "--no-progress"]
     mpi = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, CIFAR,
-                          *common, "--out", str(tmp_path / "mpi")], check=False, capture_output=True, text=True, timeout=120,
-                         env=ENV)
+                          *common, "--out", str(tmp_path / "mpi")], check=False, capture_output=True, text=True,
+                         timeout=120, env=ENV)
     assert mpi.returncode == 0, mpi.stdout[-3000:] + mpi.stderr[-3000:]
     assert mpi.stdout.count("epoch   1/1") == 1 and mpi.stdout.count("command:") == 1  # rank 0 logs alone
     assert "ranks: 2" in mpi.stdout

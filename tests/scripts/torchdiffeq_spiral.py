@@ -63,7 +63,7 @@ if __name__ == "__main__":
     func = ODEFunc()
     optimizer = torch.optim.RMSprop(func.parameters(), lr=args.lr)
     losses = []
-    for itr in range(1, args.niters + 1):
+    for _ in range(args.niters):
         optimizer.zero_grad()
         batch_y0, batch_t, batch_y = get_batch()
         pred_y = odeint(func, batch_y0, batch_t, method=args.method).to("cpu")
