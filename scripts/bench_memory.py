@@ -767,8 +767,8 @@ def machine_line(args: argparse.Namespace) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if "cuda" in args.devices else ""
-    return (f"{os.cpu_count()} CPUs ({cpu}){gpu}; {', '.join(versions)}; torch threads {args.threads}, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}; "
-            f"Python {platform.python_version()}")
+    return (f"{os.cpu_count()} CPUs ({cpu}){gpu}; {', '.join(versions)}; torch threads {args.threads}, "
+            f"OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}; Python {platform.python_version()}")
 
 
 def workload_line(args: argparse.Namespace) -> str:
@@ -853,10 +853,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
-    parser.add_argument("--omp-wait-policy", choices=["active", "passive", ""], default="active",
-                        help="OMP_WAIT_POLICY of every worker (default: active; '' leaves the environment as "
-                             "it is). pnode interleaves PETSc's single-threaded vector work with torch's parallel "
-                             "regions; with passive OpenMP threads every region pays a wake-up")
+    parser.add_argument("--omp-wait-policy", choices=["active", "passive", ""], default="",
+                        help="OMP_WAIT_POLICY of every worker (default '': the environment as it is)")
     parser.add_argument("--no-grad-check", action="store_true",
                         help="skip the gradient-error column (its references backprop through every step, "
                         "which takes as much memory as torchdiffeq odeint)")
