@@ -19,6 +19,7 @@ loss; for ``ddp_independent`` with the adaptive ``dopri5`` it solves each rank's
 as the ranks do, since each rank's steps are its own.
 """
 
+import gc
 import os
 
 import torch
@@ -177,6 +178,10 @@ def main():
     for name in METHODS:
         results[name] = run_method(name)
     write_results(results)
+    # DDP models hold the process group through reference cycles (reducer hooks). Left to
+    # interpreter shutdown, a gloo worker thread can still run and abort the rank while taking the GIL.
+    gc.collect()
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
