@@ -28,6 +28,11 @@ from .rhs import RHS
 # itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0).
 _SLIVER = 1e-8
 
+# Every TS pnode creates stays referenced until the process ends: PETSc 3.26 crashes destroying a
+# TS that ran repeated one-step solve/adjoint cycles (the checkpoint recorder), while petsc4py
+# skips destroys once PETSc has finalised (at exit). Known issue; costs one TS per solver built.
+_TS_KEPT_UNTIL_EXIT: list = []
+
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly.
 _RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
 
@@ -113,6 +118,7 @@ class Solver:
             self.param_gradient = PETSc.Vec().createMPI((param_size, PETSc.DECIDE), comm=comm)
             self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
         self.ts = self._create_ts()
+        _TS_KEPT_UNTIL_EXIT.append(self.ts)
         self._record: Optional[ForwardRecord] = None
         self._segment_end: Optional[float] = None
         self._uncut_step: Optional[float] = None
