@@ -86,22 +86,24 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise InputError(f"{name} must be a positive finite number, got {value!r}")
-    options = dict(options) if isinstance(options, dict) else options
-    checkpoints = _checkpoints(options.pop("checkpoints", None) if isinstance(options, dict) else None, prefix)
-    config = _make_config(resolve_method(method), float(rtol), float(atol), options, prefix)
+    if not isinstance(options, (dict, type(None))):
+        raise InputError(f"options must be a dict, got {type(options).__name__}")
+    opts = dict(options or {})  # the caller's dict is left alone; keys are consumed from this copy
+    prefix = "" if not prefix else prefix if prefix.endswith("_") else prefix + "_"
+    checkpoints = _checkpoints(opts.pop("checkpoints", None), prefix)
+    config = _make_config(resolve_method(method), float(rtol), float(atol), opts, prefix)
     return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
                    counter if counter is not None else EvaluationCounter(), checkpoints)
 
 
-def _checkpoints(value, prefix: Optional[str]) -> Optional[int]:
+def _checkpoints(value, prefix: str) -> Optional[int]:
     """The checkpoint budget: ``-<prefix>pnode_checkpoints``, else ``-pnode_checkpoints``, else ``value``.
 
     The command line wins over ``options`` as for every PETSc option; 0 on the command line turns
     pnode's checkpointing off (store every step).
     """
     source = "options['checkpoints']"
-    prefix = prefix if not prefix or prefix.endswith("_") else prefix + "_"
-    for name in ((prefix or "") + "pnode_checkpoints", "pnode_checkpoints"):
+    for name in dict.fromkeys((prefix + "pnode_checkpoints", "pnode_checkpoints")):
         text = get_global_option(name)
         if text is not None:
             value, source = text, f"-{name}"
@@ -161,10 +163,8 @@ def _check_t(t, layout: StateLayout) -> torch.Tensor:
     return t
 
 
-def _make_config(method, rtol, atol, options, prefix) -> SolverConfig:
-    opts: Dict[str, object] = dict(options or {})
-    if not isinstance(options, (dict, type(None))):
-        raise InputError(f"options must be a dict, got {type(options).__name__}")
+def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str) -> SolverConfig:
+    """The solver configuration; consumes the keys of ``opts`` (a copy) and takes a normalised prefix."""
     step_size = _positive(opts.pop("step_size", None), "step_size")
     first_step = _positive(opts.pop("first_step", None), "first_step")
     min_step = _positive(opts.pop("min_step", None), "min_step", allow_zero=True)
@@ -187,13 +187,11 @@ def _make_config(method, rtol, atol, options, prefix) -> SolverConfig:
             raise InputError(f"options[{key!r}] is a torchdiffeq option pnode cannot honour: "
                              f"{_UNSUPPORTED_OPTIONS[key]}")
         petsc[key.lstrip("-")] = opts.pop(key)
-    if prefix and not prefix.endswith("_"):
-        prefix = prefix + "_"
     return SolverConfig(method=method, rtol=rtol, atol=atol, step_size=step_size, first_step=first_step,
                         min_step=min_step, max_step=max_step,
                         max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
                         petsc_options=tuple(sorted((k, option_value(v)) for k, v in petsc.items())),
-                        prefix=prefix or "")
+                        prefix=prefix)
 
 
 def _positive(value, name, allow_zero=False):

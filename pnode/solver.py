@@ -28,11 +28,6 @@ from .rhs import RHS
 # itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0).
 _SLIVER = 1e-8
 
-# Every TS pnode creates stays referenced until the process ends: PETSc 3.26 crashes destroying a
-# TS that ran repeated one-step solve/adjoint cycles (the checkpoint recorder), while petsc4py
-# skips destroys once PETSc has finalised (at exit). Known issue; costs one TS per solver built.
-_TS_KEPT_UNTIL_EXIT: list = []
-
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly.
 _RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
 
@@ -118,7 +113,6 @@ class Solver:
             self.param_gradient = PETSc.Vec().createMPI((param_size, PETSc.DECIDE), comm=comm)
             self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
         self.ts = self._create_ts()
-        _TS_KEPT_UNTIL_EXIT.append(self.ts)
         self._record: Optional[ForwardRecord] = None
         self._segment_end: Optional[float] = None
         self._uncut_step: Optional[float] = None
@@ -161,6 +155,21 @@ class Solver:
             else:
                 ts.setIJacobianP(self._param_ijacobian, self.param_jacobian)
         return ts
+
+    def _renew_trajectory(self) -> None:
+        """Give the TS a new trajectory, set up by the solve that follows.
+
+        PETSc's memory trajectory sizes itself once, for the first solve it records (with fixed
+        steps: from that solve's span and first step). A later, longer solve on the same pooled TS
+        (a longer time span, or a checkpoint recorder's one-step TS reused for a whole solve)
+        overran it and crashed PETSc. Re-reading the options restores the trajectory type and
+        settings; it costs ~0.03 ms.
+        """
+        cfg = self.config
+        self.ts.removeTrajectory()
+        self.ts.setSaveTrajectory()
+        with scoped_options(cfg.prefix, dict(cfg.petsc_options), cfg.derived_options()):
+            self.ts.setFromOptions()
 
     @property
     def ts_type(self) -> str:
@@ -218,7 +227,7 @@ class Solver:
 
     def _pre_step(self, ts):
         if self._forced_times is not None:
-            ts.setTimeStep(self._forced_times[ts.getStepNumber() + 1] - ts.getTime())
+            self.trap.call(self._force_next_step, ts)
             return
         tau, dt = ts.getTime(), ts.getTimeStep()
         target = self._record.taus[len(self._record.step_of_output)]
@@ -229,6 +238,19 @@ class Solver:
             self._uncut_step = dt
         else:
             self._segment_end = None
+
+    def _force_next_step(self, ts) -> None:
+        """Replay: make the next step end at the next recorded time (or stop: it took more steps)."""
+        following = ts.getStepNumber() + 1
+        if following >= len(self._forced_times):
+            raise self._replay_mismatch(following)
+        ts.setTimeStep(self._forced_times[following] - ts.getTime())
+
+    def _replay_mismatch(self, steps_taken: int) -> SolverError:
+        return SolverError(f"recomputing {len(self._forced_times) - 1} recorded steps took {steps_taken} "
+                           f"({converged_reason_name(self.ts.getConvergedReason())}): the right-hand side is "
+                           "not deterministic, so checkpointing cannot reproduce the forward pass",
+                           t_reached=self.rhs.direction * self.ts.getTime(), reason="REPLAY_MISMATCH")
 
     def _post_step(self, ts):
         tau = ts.getTime()
@@ -279,25 +301,15 @@ class Solver:
         """
         self._use(rhs)
         self._graphs = [] if keep_graphs and self.explicit else None
-        tensor_into_vec(y_start, self.solution)
-        ts = self.ts
-        ts.setTime(float(times[0]))
-        ts.setStepNumber(0)
-        ts.setMaxTime(float(times[-1]))
-        ts.setTimeStep(float(times[1] - times[0]))
-        self._nonfinite_at = None
         self._forced_times = times
         try:
-            self._run(lambda: ts.solve(self.solution), "recomputation")
+            self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation")
+            if self._nonfinite_at is not None:
+                raise self._nonfinite_error(self._nonfinite_at)
+            if self.ts.getStepNumber() != len(times) - 1:
+                raise self._replay_mismatch(self.ts.getStepNumber())
         finally:
             self._forced_times = None
-        if self._nonfinite_at is not None:
-            raise self._nonfinite_error(self._nonfinite_at)
-        if ts.getStepNumber() != len(times) - 1:
-            raise SolverError(f"recomputing {len(times) - 1} recorded steps took {ts.getStepNumber()} "
-                              f"({converged_reason_name(ts.getConvergedReason())}): the right-hand side is "
-                              "not deterministic, so checkpointing cannot reproduce the forward pass",
-                              t_reached=self.rhs.direction * ts.getTime(), reason="REPLAY_MISMATCH")
         return vec_view(self.solution).clone()
 
     def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None) -> ForwardRecord:
@@ -314,28 +326,35 @@ class Solver:
             the :class:`ForwardRecord` (outputs ``(n_times, local_size)``).
         """
         self._use(rhs)
-        self._store = store
         record = ForwardRecord(taus=taus, step_of_output=[0], step_times=[float(taus[0])])
         record.outputs = torch.empty((len(taus), y0.numel()), dtype=PETSC_DTYPE)
         record.outputs[0].copy_(y0)
         self._record = record
         if len(taus) == 1:
             return record
-        tensor_into_vec(y0, self.solution)
-        ts = self.ts
-        ts.setTime(float(taus[0]))
-        ts.setStepNumber(0)
-        ts.setMaxTime(float(taus[-1]))
-        ts.setTimeStep(self._first_step(rhs, taus))
-        self._nonfinite_at = None
+        self._store = store
         try:
-            self._run(lambda: ts.solve(self.solution), "forward")
+            self._solve(y0, float(taus[0]), float(taus[-1]), self._first_step(rhs, taus, y0), "forward")
         finally:
             self._store = None
         self._check_forward(record)
         return record
 
-    def _first_step(self, rhs: RHS, taus: np.ndarray) -> float:
+    def _solve(self, y_start: torch.Tensor, t_start: float, t_end: float, first_step: float, phase: str) -> None:
+        """Integrate from ``y_start`` at ``t_start`` to ``t_end`` (PETSc time); a recording solve
+        gets a fresh trajectory (see :meth:`_renew_trajectory`)."""
+        if self.record:
+            self._renew_trajectory()
+        tensor_into_vec(y_start, self.solution)
+        ts = self.ts
+        ts.setTime(t_start)
+        ts.setStepNumber(0)
+        ts.setMaxTime(t_end)
+        ts.setTimeStep(first_step)
+        self._nonfinite_at = None
+        self._run(lambda: ts.solve(self.solution), phase)
+
+    def _first_step(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> float:
         cfg = self.config
         if cfg.step_size is not None:
             return cfg.step_size
@@ -343,13 +362,15 @@ class Solver:
             return float(taus[1] - taus[0])
         if cfg.first_step is not None:
             return cfg.first_step
-        return self._select_initial_step(rhs, taus)
+        return self._select_initial_step(rhs, taus, y0)
 
-    def _select_initial_step(self, rhs: RHS, taus: np.ndarray) -> float:
-        """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), in PETSc's weighted RMS norm."""
+    def _select_initial_step(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> float:
+        """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), in PETSc's weighted RMS norm.
+
+        ``y0``: the initial state, flat, PETSc dtype, CPU.
+        """
         cfg = self.config
         tau0 = float(taus[0])
-        y0 = vec_view(self.solution).clone()
         scale = cfg.atol + cfg.rtol * y0.abs()
         f0 = rhs.evaluate(tau0, y0).to(PETSC_DTYPE).cpu()
         d0, d1 = self._rms(y0 / scale), self._rms(f0 / scale)

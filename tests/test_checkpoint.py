@@ -206,3 +206,20 @@ def test_petsc_limited_memory_trajectory_needs_revolve_or_says_what_to_use():
     with pytest.raises(pnode.InputError, match="Revolve.*checkpoints"):
         pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
                              options={"step_size": 0.1, "ts_trajectory_max_cps_ram": 3})
+
+
+def test_store_everything_after_checkpointing_reuses_the_recorder_safely():
+    # The checkpoint recorder (one-step solves) and store-everything solves share pooled solvers;
+    # a store-everything solve on a TS first set up for one step used to crash PETSc.
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)  # binary-exact step times, as in the reference
+    h = 1 / 16
+    for options in ({"step_size": h, "checkpoints": 2}, {"step_size": h}, {"step_size": h, "checkpoints": 4}):
+        func = MLPField().double()
+        y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options=options)
+        ref = rk_solve(func, y0, t.tolist(), h, TABLEAUS["rk4"])
+        w = torch.randn_like(ref)
+        got = torch.autograd.grad((ys * w).sum(), (y0, *func.parameters()))
+        want = torch.autograd.grad((ref * w).sum(), (y0, *func.parameters()))
+        for g, r in zip(got, want):
+            assert rel_err(g, r) < 1e-10

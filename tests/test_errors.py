@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from problems import MLPField
+from problems import LinearField, MLPField, stable_matrix
 
 import pnode
 from pnode._compat import PETSc
@@ -159,3 +159,46 @@ def test_missing_petsc4py_says_how_to_install():
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr
     assert "pip install --no-build-isolation petsc==3.26.1 petsc4py==3.26.1" in proc.stderr
+
+
+def test_options_must_be_a_dict():
+    with pytest.raises(pnode.InputError, match="options must be a dict, got list"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, options=[("step_size", 0.1)])
+
+
+def test_failed_implicit_adjoint_solve_raises_instead_of_a_wrong_gradient():
+    # From y0 = 0 the forward Newton solves of a linear field converge at once; the adjoint's
+    # transposed solves get a nonzero right-hand side and cannot converge in 2 GMRES iterations.
+    func = LinearField(stable_matrix(30) * 20)
+    y0 = torch.zeros(2, 30, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint_adjoint(func, y0, T01, method="cn", options={"step_size": 0.25, "ksp_max_it": 2,
+                                                                    "ksp_rtol": 1e-13})
+    with pytest.raises(pnode.SolverError, match="DIVERGED_ITS.*adjoint's transposed linear solve") as info:
+        (ys[-1] * torch.randn(2, 30, dtype=torch.float64)).sum().backward()
+    assert info.value.reason.startswith("PETSC_ERROR")
+
+
+def test_checkpointing_a_nondeterministic_function_is_reported():
+    noisy = [False]
+    W = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        out = torch.tanh(y @ W) - y
+        return out + 50.0 * torch.randn_like(y) if noisy[0] else out
+
+    ys = pnode.odeint_adjoint(f, _y0(2, 3), T01, method="dopri5", rtol=1e-6, atol=1e-8,
+                              options={"checkpoints": 2}, adjoint_params=(W,))
+    noisy[0] = True  # the recomputation in the backward pass no longer reproduces the forward pass
+    with pytest.raises(pnode.SolverError, match="not deterministic") as info:
+        ys[-1].sum().backward()
+    assert info.value.reason == "REPLAY_MISMATCH"
+
+
+def test_bad_checkpoint_budget_on_the_command_line_names_the_option():
+    db = PETSc.Options()
+    db.setValue("pnode_checkpoints", "two")
+    try:
+        with pytest.raises(pnode.InputError, match="-pnode_checkpoints must be a whole number"):
+            pnode.odeint_adjoint(lambda t, y: -y, _y0(2).requires_grad_(True), T01, method="rk4")
+    finally:
+        db.delValue("pnode_checkpoints")

@@ -226,3 +226,18 @@ def test_zero_weight_stage_refused_where_petsc_drops_its_parameter_gradient():
     else:
         with pytest.raises(pnode.InputError, match="zero-weight RK stage"):
             pnode.odeint_adjoint(lambda t, y: y @ W, y0, t, method="midpoint", adjoint_params=(W,))
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_pooled_solver_takes_longer_spans_than_its_first_solve(method):
+    # A pooled fixed-step solver first records a one-step solve, then solves 40 and 100 steps:
+    # PETSc's memory trajectory, sized for the first solve, used to overrun and crash here.
+    func = MLPField().double()
+    for t_end in (0.05, 2.0, 0.05, 5.0):
+        y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, t_end], dtype=torch.float64)
+        ys = pnode.odeint_adjoint(func, y0, t, method=method, options={"step_size": 0.05})
+        ref = rk_solve(func, y0, t.tolist(), 0.05, TABLEAUS[method])
+        w = torch.randn_like(ref)
+        for g, r in zip(_grads(ys, w, (y0, *func.parameters())), _grads(ref, w, (y0, *func.parameters()))):
+            assert rel_err(g, r) < 1e-10
