@@ -43,8 +43,8 @@ def _single_thread_petsc_blas() -> None:
 
     PETSc's vector kernels (AXPY, norms) call BLAS between the network's evaluations. A pthreads
     OpenBLAS (Debian's) then wakes its own thread pool on every call, competing with torch's
-    OpenMP threads for the same cores: a training step of the conv ODE block (rk4, 16 steps,
-    batch 128, 2 cores) took 1.94 s that way and 1.55 s with one BLAS thread. Only libraries named
+    OpenMP threads for the same cores (in one ad-hoc timing of the conv ODE block's training step,
+    rk4, 16 steps, batch 128, 2 cores: 1.94 s that way, 1.55 s with one BLAS thread). Only libraries named
     ``libopenblas`` are touched: numpy's bundled OpenBLAS exports other symbol names.
     """
     if "OPENBLAS_NUM_THREADS" in os.environ:

@@ -543,12 +543,10 @@ def float64_config(args: argparse.Namespace) -> Config:
                   size=min(args.size, 8), checkpoints=args.checkpoints or 4, threads=args.threads)
 
 
-def run_worker(config: Config, timeout: float, omp_wait_policy: str) -> Dict[str, object]:
+def run_worker(config: Config, timeout: float) -> Dict[str, object]:
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(config))]
-    # The same OpenMP environment for every row (read by the OpenMP runtime when torch loads).
-    env = dict(os.environ, OMP_WAIT_POLICY=omp_wait_policy) if omp_wait_policy else None
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -574,12 +572,11 @@ def progress_line(index: int, total: int, config: Config, result: Dict[str, obje
             f"({seconds:.0f} s)")
 
 
-def run_all(configs: Sequence[Config], timeout: float,
-            omp_wait_policy: str) -> List[Tuple[Config, Dict[str, object]]]:
+def run_all(configs: Sequence[Config], timeout: float) -> List[Tuple[Config, Dict[str, object]]]:
     rows = []
     for i, config in enumerate(configs, 1):
         start = time.perf_counter()
-        result = run_worker(config, timeout, omp_wait_policy)
+        result = run_worker(config, timeout)
         print(progress_line(i, len(configs), config, result, time.perf_counter() - start), file=sys.stderr, flush=True)
         rows.append((config, result))
     return rows
@@ -767,8 +764,8 @@ def machine_line(args: argparse.Namespace) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if "cuda" in args.devices else ""
-    return (f"{os.cpu_count()} CPUs ({cpu}){gpu}; {', '.join(versions)}; torch threads {args.threads}, "
-            f"OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}; Python {platform.python_version()}")
+    return (f"{os.cpu_count()} CPUs ({cpu}){gpu}; {', '.join(versions)}; torch threads {args.threads}; "
+            f"Python {platform.python_version()}")
 
 
 def workload_line(args: argparse.Namespace) -> str:
@@ -853,8 +850,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
-    parser.add_argument("--omp-wait-policy", choices=["active", "passive", ""], default="",
-                        help="OMP_WAIT_POLICY of every worker (default '': the environment as it is)")
     parser.add_argument("--no-grad-check", action="store_true",
                         help="skip the gradient-error column (its references backprop through every step, "
                         "which takes as much memory as torchdiffeq odeint)")
@@ -885,7 +880,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     configs = configurations(args)
     if args.float64_check:
         configs.append(float64_config(args))
-    results = run_all(configs, args.timeout, args.omp_wait_policy)
+    results = run_all(configs, args.timeout)
     float64 = next((r for c, r in results if c.family == FLOAT64_CHECK), None)
     rows = [(c, r) for c, r in results if c.family != FLOAT64_CHECK]
     body = report(rows, acceptance_rows(rows, args, float64), args)
