@@ -28,7 +28,7 @@ from classification import (
     load_data,
     make_optimizer,
 )
-from common import add_common_args, insert_petsc_options, parse_args, setup_run
+from common import add_common_args, parse_args, setup_run
 
 from pnode import distributed
 
@@ -92,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(build_parser(), argv)
-    insert_petsc_options(argv)  # -ts_type cn, -ode64_ts_rk_type 4, ... reach the ODE blocks
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -39,7 +39,6 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     append_jsonl,
-    insert_petsc_options,
     load_checkpoint,
     parse_args,
     progress,
@@ -250,7 +249,6 @@ def save_figure(model: CNF, args: argparse.Namespace, path: str) -> None:
 # ---------------------------------------------------------------------------------------------- training
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(build_parser(), argv)
-    insert_petsc_options(argv)
     logger = setup_run(args, f"cnf_{args.data}")
 
     x_test = sample_data(args.data, args.test_size, np.random.RandomState(args.seed + 1))

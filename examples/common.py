@@ -42,11 +42,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse known arguments; leave ``-ts_*``-style PETSc options to PETSc, reject other unknowns."""
+    """Parse known arguments, reject unknown ``--`` ones, and hand ``-ts_*``-style options to PETSc.
+
+    The PETSc options of ``argv`` (default ``sys.argv[1:]``) go into PETSc's options database
+    (:func:`insert_petsc_options`), so that ``-ts_type cn`` reaches the ODE blocks also when
+    ``main(argv)`` is called from Python.
+    """
     args, unknown = parser.parse_known_args(argv)
     stray = [a for a in unknown if a.startswith("--")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)} (PETSc options take one dash: -ts_type cn)")
+    insert_petsc_options(argv)
     return args
 
 

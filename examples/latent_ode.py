@@ -40,7 +40,6 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     append_jsonl,
-    insert_petsc_options,
     load_checkpoint,
     parse_args,
     progress,
@@ -269,7 +268,6 @@ def save_figure(model: LatentODE, data: Spirals, t_obs: float, path: str) -> Non
 # ---------------------------------------------------------------------------------------------- training
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(build_parser(), argv)
-    insert_petsc_options(argv)
     logger = setup_run(args, "latent_ode")
 
     data_rng = np.random.RandomState(args.seed + 1)  # the data set depends on the seed only

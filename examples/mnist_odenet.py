@@ -25,7 +25,7 @@ from classification import (
     load_data,
     make_optimizer,
 )
-from common import add_common_args, insert_petsc_options, parse_args, setup_run
+from common import add_common_args, parse_args, setup_run
 
 from pnode import distributed
 
@@ -73,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     started = time.perf_counter()
     args = parse_args(build_parser(), argv)
-    insert_petsc_options(argv)  # -ts_type rk -ts_rk_type 4, -ode_ts_adapt_monitor, ... reach the ODE block
     args.epochs = args.nepochs
     logger = setup_run(args, f"mnist_odenet_{args.dataset}_{args.network}")
     try:

@@ -41,7 +41,6 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     add_common_args,
     append_jsonl,
-    insert_petsc_options,
     load_checkpoint,
     parse_args,
     progress,
@@ -273,7 +272,6 @@ def make_optimizer(name: str, params, lr: Optional[float]) -> torch.optim.Optimi
 
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(build_parser(), argv)
-    insert_petsc_options(argv)
     logger = setup_run(args, "robertson")
 
     times = output_times(args.t_end, args.n_times)
