@@ -61,8 +61,43 @@ def _single_thread_petsc_blas() -> None:
             pass
 
 
+# glibc mallopt parameters (malloc.h) and pnode's values for them.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 64 << 20, "MALLOC_TRIM_THRESHOLD_": 128 << 20}
+
+
+def _keep_freed_memory_for_reuse() -> bool:
+    """Let glibc's malloc reuse the memory of one training step in the next (Linux/glibc only).
+
+    Every evaluation of the network allocates and frees activations of a few MB. glibc serves a
+    block over its mmap threshold (128 KiB, raised only when such a block is freed) with a fresh
+    mapping, and gives freed memory at the top of the heap back to the OS past its trim threshold
+    (128 KiB): either way the next step faults the same pages in again. pnode's pooled solvers
+    hold their vectors between steps, which keeps the threshold low, so this cost more than 10 %
+    of a training step of the conv ODE block (~200k page faults a step; scripts/bench_memory.py).
+    pnode therefore fixes the thresholds at 64 MiB (mmap) and 128 MiB (trim). Not done when the
+    user chose them (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``GLIBC_TUNABLES``)
+    or set ``PNODE_MALLOC_TUNING=0``.
+
+    Returns whether the thresholds were set.
+    """
+    if os.environ.get("PNODE_MALLOC_TUNING", "1") == "0":
+        return False
+    if any(name in os.environ for name in MALLOC_SETTINGS) or "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not glibc
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"])
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_SETTINGS["MALLOC_TRIM_THRESHOLD_"]))
+
+
 PETSc = import_petsc()
 _single_thread_petsc_blas()
+MALLOC_TUNED = _keep_freed_memory_for_reuse()
 
 PETSC_VERSION = PETSc.Sys.getVersion()  # e.g. (3, 26, 1)
 

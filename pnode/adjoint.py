@@ -13,12 +13,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .bridge import PETSC_DTYPE, tensor_to_petsc_cpu
-from .checkpoint import CheckpointedAdjoint, CheckpointStore
+from .checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints
 from .distributed import check_consistent, comm_key, local_sizes
 from .options import database_fingerprint
 from .problem import Problem
 from .rhs import RHS
-from .solver import Solver
+from .solver import Solver, expected_steps
 
 _free_solvers: Dict[tuple, List[Solver]] = defaultdict(list)
 
@@ -60,7 +60,7 @@ class AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, t: torch.Tensor, y0_flat: torch.Tensor, *params):
         # With a checkpoint budget the forward TS records no trajectory; the store keeps K - 1 states.
-        store = CheckpointStore(problem.checkpoints - 1) if problem.checkpoints else None
+        store = _checkpoint_store(problem)
         key, solver, result = solve_forward(problem, params, record=store is None, store=store)
         ctx.pooled = (key, solver)
         ctx.problem = problem
@@ -89,6 +89,17 @@ class AdjointSolve(torch.autograd.Function):
         grad_t = _time_gradient(ctx, grad64, before_first) if ctx.needs_input_grad[1] else None
         return (None, grad_t, grad_y0.to(device=layout.device, dtype=layout.dtype),
                 *_split_params(grad_params, ctx.params))
+
+
+def _checkpoint_store(problem: Problem) -> Optional[CheckpointStore]:
+    """The store of a checkpointed forward pass: the binomial schedule's states when the step count
+    is known (fixed steps), else up to K - 1 states spread evenly; None without a budget."""
+    if not problem.checkpoints:
+        return None
+    steps = expected_steps(problem.config, problem.taus)
+    if steps is None:
+        return CheckpointStore(problem.checkpoints - 1)
+    return CheckpointStore(problem.checkpoints, planned=planned_checkpoints(steps, problem.checkpoints))
 
 
 def _checkpointed_adjoint(ctx, plain: Solver, grad64: torch.Tensor):

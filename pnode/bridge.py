@@ -87,10 +87,30 @@ def vec_to_tensor(vec, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return view.to(device=device, dtype=dtype, non_blocking=False)
 
 
+def vec_key(vec) -> Tuple[int, int]:
+    """``(address, state)`` of a Vec: equal keys mean the same Vec with unchanged contents.
+
+    PETSc raises an object's state on every change made through its API; pnode's own writes go
+    through :func:`writable_view`, which raises it too. Comparing keys replaces comparing (or
+    copying) whole vectors when pnode checks that PETSc asks about a point it has seen before.
+    """
+    return vec.handle, vec.stateGet()
+
+
+def writable_view(vec) -> torch.Tensor:
+    """A CPU tensor sharing memory with the local part of ``vec``, for writing.
+
+    petsc4py's writable ``getArray`` does not raise the Vec's state; this does, so that PETSc's
+    cached norms and :func:`vec_key` see the write. Write right away, before PETSc touches ``vec``.
+    """
+    array = vec.getArray()
+    vec.stateIncrease()
+    return torch.from_numpy(array)
+
+
 def tensor_into_vec(tensor: torch.Tensor, vec) -> None:
-    """Write a 1-D tensor (any dtype, any device) into the local part of ``vec``."""
-    target = torch.from_numpy(vec.getArray())
-    target.copy_(tensor.detach().reshape(-1))
+    """Write a 1-D tensor (any dtype, any device) into the local part of ``vec`` (cast on the way)."""
+    writable_view(vec).copy_(tensor.detach().reshape(-1))
 
 
 def tensor_to_petsc_cpu(tensor: torch.Tensor) -> torch.Tensor:

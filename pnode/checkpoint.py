@@ -4,9 +4,11 @@ PETSc's own limited-memory checkpointing (``-ts_trajectory_max_cps_ram``) needs 
 common builds lack. With ``options={'checkpoints': K}`` pnode instead holds at most K states of
 the trajectory at any time (besides the output states, which the caller gets anyway):
 
-* the forward pass runs a TS without a trajectory; a :class:`CheckpointStore` keeps up to K - 1
-  of its states, spread evenly over the steps taken (when it is full, every other one is
-  dropped and the spacing doubles, so it needs no step count in advance: adaptive steps work);
+* the forward pass runs a TS without a trajectory; a :class:`CheckpointStore` keeps some of its
+  states. With fixed steps the count is known, and it keeps the up to K states of the binomial
+  schedule's first sweep (:func:`planned_checkpoints`). With adaptive steps it keeps up to K - 1,
+  spread evenly over the steps taken (when it is full, every other one is dropped and the
+  spacing doubles, so it needs no step count in advance);
 * the backward pass walks the intervals between stored states from the last to the first; each
   interval is reversed with the binomial schedule of Griewank & Walther (Revolve) on the slots
   still free: advance from a stored state to the split point that minimises the recomputed steps,
@@ -22,7 +24,7 @@ reproduce the forward pass and the gradients equal the store-everything run to r
 
 from functools import lru_cache
 from math import comb
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,33 +55,79 @@ def best_split(m: int, slots: int) -> int:
     return min(range(1, m), key=lambda j: (j + recomputed_steps(m - j, slots - 1) + recomputed_steps(j, slots), -j))
 
 
+def planned_checkpoints(steps: int, slots: int) -> List[int]:
+    """Step numbers at which the binomial schedule stores states during its first forward sweep.
+
+    The chain that :meth:`CheckpointedAdjoint._reverse` would build on ``steps`` steps with
+    ``slots`` free slots: the first split, then the split of the part to its right with one slot
+    fewer, and so on. When the step count is known in advance (fixed steps), the forward pass
+    stores exactly these states, and the backward pass recomputes the fewest steps possible.
+    """
+    chain, start = [], 0
+    while slots > 0 and steps - start > 1:
+        start += best_split(steps - start, slots)
+        chain.append(start)
+        slots -= 1
+    return chain
+
+
 class CheckpointStore:
     """States a forward pass keeps for its adjoint: at most ``capacity``, evenly spread over the steps.
 
-    States are kept at the step numbers that are multiples of ``stride``; when a new one would
-    exceed the capacity, the stride doubles and the states off the new grid are dropped.
+    With ``planned`` step numbers (fixed steps: :func:`planned_checkpoints`), exactly those states
+    are kept. Otherwise (adaptive steps, count unknown) states are kept at the step numbers that are
+    multiples of ``stride``; when a new one would exceed the capacity, the stride doubles and the
+    states off the new grid are dropped.
+
+    The store also hands out buffers for the states the backward pass holds (:meth:`take`,
+    :meth:`give`): a dropped state's buffer is reused rather than freed, so checkpointing does not
+    churn (and fragment) the heap with state-sized allocations.
 
     Attributes:
-        capacity: the most states held at once.
+        capacity: the most states held at once by the forward pass.
         stride: the current spacing of kept steps.
         states: step number -> state (flat, PETSc dtype, CPU; copies).
     """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    def __init__(self, capacity: int, planned: Optional[Sequence[int]] = None):
+        self.planned = None if planned is None else frozenset(planned)
+        self.capacity = capacity if planned is None else len(self.planned)
         self.stride = 1
         self.states: Dict[int, torch.Tensor] = {}
+        self._free: List[torch.Tensor] = []
 
     def offer(self, step: int, state: torch.Tensor) -> None:
-        """Keep a copy of ``state`` (the solution after step ``step``) if it falls on the grid."""
+        """Keep a copy of ``state`` (the solution after step ``step``) if it is planned or on the grid."""
+        if self.planned is not None:
+            if step in self.planned:
+                self.states[step] = self.take(state)
+            return
         if self.capacity <= 0 or step % self.stride:
             return
         while len(self.states) >= self.capacity:
             self.stride *= 2
-            self.states = {k: v for k, v in self.states.items() if k % self.stride == 0}
+            for k in [k for k in self.states if k % self.stride]:
+                self.give(self.states.pop(k))
             if step % self.stride:
                 return
-        self.states[step] = state.clone()
+        self.states[step] = self.take(state)
+
+    def take(self, state: torch.Tensor) -> torch.Tensor:
+        """A copy of ``state`` in a recycled buffer when one is free (give it back with :meth:`give`)."""
+        if self._free and self._free[-1].shape == state.shape:
+            return self._free.pop().copy_(state)
+        return state.clone()
+
+    def give(self, buffer: torch.Tensor) -> None:
+        """Return a buffer from :meth:`take` (or a stored state) for reuse."""
+        self._free.append(buffer)
+
+    def release(self, step: int) -> bool:
+        """Drop the stored state of ``step`` (its buffer is recycled); whether there was one."""
+        state = self.states.pop(step, None)
+        if state is not None:
+            self.give(state)
+        return state is not None
 
 
 class CheckpointedAdjoint:
@@ -114,14 +162,14 @@ class CheckpointedAdjoint:
         output_at = {step: i for i, step in enumerate(record.step_of_output)}
         anchors = {step: record.outputs[i] for step, i in output_at.items()}
         anchors.update(store.states)
+        self._store = store
         self._held = len(store.states)
         self.peak_stored = self._held
         order = sorted(anchors)
         self.recorder.begin_adjoint(grad_outputs[-1])
         for lo, hi in zip(reversed(order[:-1]), reversed(order[1:])):
-            self._reverse(times[lo:hi + 1], anchors[lo], self.checkpoints - self._held)
-            if lo in store.states:
-                del store.states[lo]
+            self._reverse(times[lo:hi + 1], anchors.pop(lo), self.checkpoints - self._held)
+            if store.release(lo):  # its buffer is free now: one more slot
                 self._held -= 1
             if output_at.get(lo, 0) > 0:
                 self.recorder.add_to_adjoint_state(grad_outputs[output_at[lo]])
@@ -135,21 +183,24 @@ class CheckpointedAdjoint:
             self._reverse_one_step(times, start_state)
         elif slots <= 0:
             for k in range(m - 1, -1, -1):
-                state = start_state if k == 0 else self._advance(times[:k + 1], start_state)
+                # the recorder copies the state in at once: a view of the plain solver's is enough
+                state = start_state if k == 0 else self._advance(times[:k + 1], start_state, keep=False)
                 self._reverse_one_step(times[k:k + 2], state)
         else:
             j = best_split(m, slots)
-            mid_state = self._advance(times[:j + 1], start_state)
+            mid_state = self._store.take(self._advance(times[:j + 1], start_state, keep=False))
             self._held += 1
             self.peak_stored = max(self.peak_stored, self._held)
             self._reverse(times[j:], mid_state, slots - 1)
-            del mid_state
+            self._store.give(mid_state)
             self._held -= 1
             self._reverse(times[:j + 1], start_state, slots)
 
-    def _advance(self, times: np.ndarray, state: torch.Tensor) -> torch.Tensor:
+    def _advance(self, times: np.ndarray, state: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """The state at ``times[-1]`` from ``state`` at ``times[0]``; ``keep=False``: a view, valid
+        until the next advance."""
         self.advanced_steps += len(times) - 1
-        return self.plain.replay(self.rhs, times, state)
+        return self.plain.replay(self.rhs, times, state, copy=keep)
 
     def _reverse_one_step(self, times: np.ndarray, state: torch.Tensor) -> None:
         self.recorded_steps += 1

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._compat import PETSc
-from .bridge import tensor_into_vec, vec_view
+from .bridge import tensor_into_vec, vec_key, vec_view, writable_view
 from .errors import CallbackErrorTrap
 from .rhs import Linearization
 
@@ -54,7 +54,7 @@ class RHSJacobianShell(_ScaledShell):
         self.trap.call(lambda: self._store(self.linearization.jvp(vec_view(x)), x, y))
 
     def multTranspose(self, mat, x, y) -> None:
-        self.trap.call(lambda: self._store(self.linearization.vjp(vec_view(x))[0], x, y))
+        self.trap.call(lambda: self._store(self.linearization.vjp(vec_view(x), vec_key(x))[0], x, y))
 
 
 class ParamJacobianShell(_ScaledShell):
@@ -72,8 +72,8 @@ class ParamJacobianShell(_ScaledShell):
         self.trap.call(self._param_vjp, x, y)
 
     def _param_vjp(self, x, y) -> None:
-        _, param_grads = self.linearization.vjp(vec_view(x))
-        target = torch.from_numpy(y.getArray())
+        _, param_grads = self.linearization.vjp(vec_view(x), vec_key(x))
+        target = writable_view(y)
         offset = 0
         for grad, numel in zip(param_grads, self.param_numels):
             chunk = target[offset:offset + numel]

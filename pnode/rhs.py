@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .bridge import PETSC_DTYPE, StateLayout
+from .bridge import StateLayout
 from .errors import InputError
 
 # Relative difference below which two PETSc times denote the same stage time (a few ulps).
@@ -77,40 +77,52 @@ class RHS:
         return flat if self.direction > 0 else -flat
 
     def evaluate(self, tau: float, u: torch.Tensor) -> torch.Tensor:
-        """Forward evaluation without a graph: returns a flat tensor of PETSc's dtype on the CPU."""
+        """Forward evaluation without a graph at a flat PETSc-dtype CPU state ``u``.
+
+        Returns a flat tensor of the user's dtype and device: the caller casts it once, on its way
+        into a PETSc Vec (:func:`pnode.bridge.tensor_into_vec`).
+        """
         self.counter.forward += 1
         with torch.no_grad():
-            out = self.call(tau, self.to_user(u))
-        return out.to(device="cpu", dtype=PETSC_DTYPE)
+            return self.call(tau, self.to_user(u))
 
-    def linearize(self, tau: float, u: torch.Tensor, single_vjp: bool = False) -> "Linearization":
-        """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype CPU view that is copied.
+    def linearize(self, tau: float, u: torch.Tensor, key: Optional[Tuple[int, int]] = None,
+                  single_vjp: bool = False) -> "Linearization":
+        """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype CPU view, copied into the user's dtype.
 
+        ``key``: the :func:`pnode.bridge.vec_key` of the Vec that ``u`` views, if any.
         ``single_vjp``: the caller expects one cotangent only (explicit RK adjoints), so the graph
         may be freed during that VJP (see :class:`Linearization`).
         """
-        return Linearization(self, tau, u.clone(), single_vjp)
+        user = u.to(device=self.layout.device, dtype=self.layout.dtype, copy=True)
+        return Linearization(self, tau, user, key, single_vjp)
 
-    def evaluate_linearized(self, tau: float, u: torch.Tensor) -> Tuple[torch.Tensor, "Linearization"]:
+    def evaluate_linearized(self, tau: float, u: torch.Tensor,
+                            key: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, "Linearization"]:
         """Evaluate ``f(tau, u)`` with its graph kept, for VJPs at this point later.
 
-        Returns the value (flat, PETSc dtype, CPU) and the :class:`Linearization` that holds the
-        graph. Used when a step is re-taken just before its adjoint: the stage evaluations then
-        serve the adjoint's Jacobian products, instead of being evaluated a second time.
+        Returns the value (flat, the user's dtype and device) and the :class:`Linearization` that
+        holds the graph. Used when a step is re-taken just before its adjoint: the stage
+        evaluations then serve the adjoint's Jacobian products, instead of being evaluated again.
         """
-        lin = self.linearize(tau, u, single_vjp=True)
+        lin = self.linearize(tau, u, key, single_vjp=True)
         _, out = lin._build_graph()
-        return out.detach().to(device="cpu", dtype=PETSC_DTYPE), lin
+        return out.detach(), lin
 
-    def matches(self, lin: Optional["Linearization"], tau: float, u: torch.Tensor) -> bool:
-        """Whether ``lin`` linearises ``f`` at ``(tau, u)``.
+    def matches(self, lin: Optional["Linearization"], tau: float, u: torch.Tensor,
+                key: Optional[Tuple[int, int]] = None) -> bool:
+        """Whether ``lin`` linearises ``f`` at ``(tau, u)`` (``u``: flat PETSc-dtype CPU view).
 
-        The state must be equal bit for bit. The time may differ by round-off: PETSc's RK adjoint
-        recomputes a stage time as ``t_end - (1 - c_i) h`` where the forward step used ``t + c_i h``.
+        The time may differ by round-off: PETSc's RK adjoint recomputes a stage time as
+        ``t_end - (1 - c_i) h`` where the forward step used ``t + c_i h``. The state matches when
+        it is the same unchanged Vec (``key``), or else when it equals ``lin``'s bit for bit in the
+        user's dtype, which is all that ``func`` sees.
         """
         if lin is None or abs(lin.tau - tau) > _TIME_MATCH * max(1.0, abs(tau)):
             return False
-        return torch.equal(lin.u_petsc, u)
+        if key is not None and key == lin.key:
+            return True
+        return torch.equal(lin.u, self.to_user(u))
 
     def _check_output(self, out) -> None:
         layout = self.layout
@@ -139,14 +151,15 @@ class Linearization:
     pass, which is ~20 % faster than retaining it; a second cotangent would rebuild it.
     """
 
-    def __init__(self, rhs: RHS, tau: float, u_petsc: torch.Tensor, single_vjp: bool = False):
+    def __init__(self, rhs: RHS, tau: float, u: torch.Tensor, key: Optional[Tuple[int, int]] = None,
+                 single_vjp: bool = False):
         self.rhs = rhs
         self.tau = tau
-        self.u_petsc = u_petsc
-        self.u = rhs.to_user(u_petsc)
+        self.u = u
+        self.key = key
         self.single_vjp = single_vjp
         self._graph: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._cached_x: Optional[torch.Tensor] = None
+        self._cached_key: Optional[Tuple[int, int]] = None
         self._cached_vjp: Optional[Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]] = None
 
     def _build_graph(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -158,13 +171,17 @@ class Linearization:
             self._graph = (y, out)
         return self._graph
 
-    def vjp(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
+    def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
         """``(x^T df/du, x^T df/dp)`` for a flat cotangent ``x`` (PETSc dtype, CPU).
+
+        ``key``: the :func:`pnode.bridge.vec_key` of the Vec that ``x`` views; PETSc asks for the
+        state and the parameter part with the same unchanged Vec, and the second ask is served
+        from the first's result.
 
         Returns the state part as a flat tensor of the user's dtype and device, and one gradient
         (or ``None``) per parameter.
         """
-        if self._cached_x is not None and torch.equal(self._cached_x, x):
+        if key == self._cached_key:
             return self._cached_vjp
         y, out = self._build_graph()
         self.rhs.counter.vjp += 1
@@ -174,7 +191,7 @@ class Linearization:
         if self.single_vjp:
             self._graph = None
         state_grad = grads[0] if grads[0] is not None else torch.zeros_like(y)
-        self._cached_x = x.clone()
+        self._cached_key = key
         self._cached_vjp = (state_grad, tuple(grads[1:]))
         return self._cached_vjp
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._compat import PETSc, converged_reason_name, has_revolve
-from .bridge import PETSC_DTYPE, tensor_into_vec, vec_view
+from .bridge import PETSC_DTYPE, tensor_into_vec, vec_key, vec_view, writable_view
 from .errors import CallbackErrorTrap, InputError, SolverError
 from .methods import Method
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
@@ -66,6 +66,21 @@ class SolverConfig:
         # Newton-Krylov on shell Jacobians: no matrix entries, so no preconditioner by default.
         opts.update({"ksp_type": "gmres", "pc_type": "none", "snes_type": "newtonls"})
         return opts
+
+
+def expected_steps(config: SolverConfig, taus: np.ndarray) -> Optional[int]:
+    """Steps a fixed-step forward solve over the PETSc output times ``taus`` takes (None if adaptive).
+
+    Mirrors :meth:`Solver._pre_step`: each output interval of length ``L`` takes full steps of
+    ``step_size`` and one final step cut (or, within a sliver, stretched) to the output time;
+    without ``step_size`` a fixed-step method steps from output time to output time.
+    """
+    if config.adaptive:
+        return None
+    if config.step_size is None:
+        return len(taus) - 1
+    lengths = np.diff(np.asarray(taus, dtype=np.float64))
+    return int(sum(np.floor(length / config.step_size - _SLIVER) + 1 for length in lengths))
 
 
 @dataclass
@@ -120,6 +135,8 @@ class Solver:
         self._forced_times: Optional[np.ndarray] = None
         self._store = None
         self._graphs: Optional[List] = None
+        self._trajectory_key: Optional[tuple] = None
+        self._unconsumed_steps = 0
 
     # ------------------------------------------------------------------ set-up
     def _create_ts(self):
@@ -156,15 +173,24 @@ class Solver:
                 ts.setIJacobianP(self._param_ijacobian, self.param_jacobian)
         return ts
 
-    def _renew_trajectory(self) -> None:
-        """Give the TS a new trajectory, set up by the solve that follows.
+    def _prepare_trajectory(self, layout_key: tuple) -> None:
+        """Make the trajectory ready for a recording solve whose set-up is described by ``layout_key``.
 
         PETSc's memory trajectory sizes itself once, for the first solve it records (with fixed
         steps: from that solve's span and first step). A later, longer solve on the same pooled TS
         (a longer time span, or a checkpoint recorder's one-step TS reused for a whole solve)
-        overran it and crashed PETSc. Re-reading the options restores the trajectory type and
-        settings; it costs ~0.03 ms.
+        overran it and crashed PETSc. So a solve that would set the trajectory up differently gets
+        a new one. A repeat of the last kind of solve (every training step) keeps it, once the
+        adjoint has consumed what the last solve stored: its stored vectors are then reused
+        instead of allocated, and first touched, again.
         """
+        if layout_key != self._trajectory_key or self._unconsumed_steps:
+            self._renew_trajectory()
+            self._trajectory_key = layout_key
+
+    def _renew_trajectory(self) -> None:
+        """Give the TS a new trajectory, set up by the solve that follows (re-reading the options
+        restores the trajectory type and settings)."""
         cfg = self.config
         self.ts.removeTrajectory()
         self.ts.setSaveTrajectory()
@@ -198,27 +224,28 @@ class Solver:
             if self._graphs is None:
                 tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)), f)
             else:
-                value, lin = self.rhs.evaluate_linearized(tau, vec_view(u))
+                value, lin = self.rhs.evaluate_linearized(tau, vec_view(u), vec_key(u))
                 self._graphs.append(lin)
                 tensor_into_vec(value, f)
         self.trap.call(run)
 
-    def _linearization_at(self, tau: float, u: torch.Tensor):
-        """A linearization of f at ``(tau, u)``: the current one, a kept stage graph, or a new one."""
+    def _linearization_at(self, tau: float, u):
+        """A linearization of f at ``(tau, u)`` (``u`` a Vec): the current one, a kept stage graph, or a new one."""
         candidates = [self.jacobian.getPythonContext().linearization, *(self._graphs or ())]
+        key, view = vec_key(u), vec_view(u)
         for lin in candidates:
-            if self.rhs.matches(lin, tau, u):
+            if self.rhs.matches(lin, tau, view, key):
                 return lin
-        return self.rhs.linearize(tau, u, single_vjp=self.explicit)
+        return self.rhs.linearize(tau, view, key, single_vjp=self.explicit)
 
     def _rhs_jacobian(self, ts, tau, u, jac, pre):
         def run():
-            self.jacobian.getPythonContext().reset(self._linearization_at(tau, vec_view(u)))
+            self.jacobian.getPythonContext().reset(self._linearization_at(tau, u))
         self.trap.call(run)
 
     def _param_jacobian(self, ts, tau, u, jac_p):
         def run():
-            self.param_jacobian.getPythonContext().reset(self._linearization_at(tau, vec_view(u)))
+            self.param_jacobian.getPythonContext().reset(self._linearization_at(tau, u))
         self.trap.call(run)
 
     def _param_ijacobian(self, ts, tau, u, udot, shift, jac_p):
@@ -287,7 +314,8 @@ class Solver:
         if self.param_jacobian is not None:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
-    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: bool = False) -> torch.Tensor:
+    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: bool = False,
+               copy: bool = True) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
@@ -297,7 +325,8 @@ class Solver:
         :meth:`drop_graphs`, so the adjoint of these steps reuses them instead of re-evaluating.
 
         Returns:
-            the state at ``times[-1]`` (a copy, PETSc dtype, CPU).
+            the state at ``times[-1]`` (PETSc dtype, CPU): a copy, or with ``copy=False`` a view
+            of this solver's solution Vec, valid until its next solve.
         """
         self._use(rhs)
         self._graphs = [] if keep_graphs and self.explicit else None
@@ -310,7 +339,7 @@ class Solver:
                 raise self._replay_mismatch(self.ts.getStepNumber())
         finally:
             self._forced_times = None
-        return vec_view(self.solution).clone()
+        return vec_view(self.solution).clone() if copy else vec_view(self.solution)
 
     def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None) -> ForwardRecord:
         """Integrate from ``taus[0]`` through every output time.
@@ -342,9 +371,10 @@ class Solver:
 
     def _solve(self, y_start: torch.Tensor, t_start: float, t_end: float, first_step: float, phase: str) -> None:
         """Integrate from ``y_start`` at ``t_start`` to ``t_end`` (PETSc time); a recording solve
-        gets a fresh trajectory (see :meth:`_renew_trajectory`)."""
+        first readies the trajectory (see :meth:`_prepare_trajectory`)."""
         if self.record:
-            self._renew_trajectory()
+            fixed_steps = None if self.config.adaptive else int(np.ceil((t_end - t_start) / first_step))
+            self._prepare_trajectory((phase, fixed_steps))
         tensor_into_vec(y_start, self.solution)
         ts = self.ts
         ts.setTime(t_start)
@@ -353,6 +383,8 @@ class Solver:
         ts.setTimeStep(first_step)
         self._nonfinite_at = None
         self._run(lambda: ts.solve(self.solution), phase)
+        if self.record:
+            self._unconsumed_steps = ts.getStepNumber()
 
     def _first_step(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> float:
         cfg = self.config
@@ -448,9 +480,10 @@ class Solver:
         finally:
             if ksp is not None:
                 ksp.setErrorIfNotConverged(False)
+        self._unconsumed_steps -= steps
 
     def add_to_adjoint_state(self, cotangent: torch.Tensor) -> None:
-        torch.from_numpy(self.adjoint_state.getArray()).add_(cotangent)
+        writable_view(self.adjoint_state).add_(cotangent)
 
     def adjoint_state_tensor(self) -> torch.Tensor:
         return vec_view(self.adjoint_state).clone()

@@ -1,0 +1,157 @@
+"""What pnode reuses from one call to the next, and that reusing it never changes a result.
+
+Trajectories of pooled solvers, linearizations and VJPs recognised by their Vec's (address, state),
+checkpoint buffers, the binomial plan of a fixed-step checkpointed solve, and glibc's freed memory.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+from problems import MLPField
+from references import TABLEAUS, rk_solve
+
+import pnode
+from pnode import checkpoint
+from pnode._compat import PETSc
+from pnode.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
+from pnode.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
+from pnode.methods import resolve_method
+from pnode.rhs import RHS, EvaluationCounter
+from pnode.solver import Solver, SolverConfig, expected_steps
+
+
+def _grads(ys, w, wrt):
+    return torch.autograd.grad((ys * w).sum(), wrt)
+
+
+def test_every_write_changes_the_vec_key_and_reads_do_not():
+    vec = PETSc.Vec().createSeq(6)
+    key = vec_key(vec)
+    vec_view(vec).sum()
+    assert vec_key(vec) == key
+    tensor_into_vec(torch.arange(6.0), vec)
+    assert vec_key(vec) != key
+    key = vec_key(vec)
+    writable_view(vec)[0] = 5.0
+    assert vec_key(vec) != key
+    key = vec_key(vec)
+    vec.scale(2.0)
+    assert vec_key(vec) != key
+    assert vec_key(vec.duplicate())[0] != key[0]
+    # PETSc caches norms by state: a write through the bridge must not leave a stale one
+    assert float(vec.norm()) == pytest.approx(float(torch.from_numpy(vec.getArray().copy()).norm()))
+    tensor_into_vec(torch.zeros(6), vec)
+    assert float(vec.norm()) == 0.0
+
+
+def test_vjp_is_reused_only_for_the_same_unchanged_cotangent_vec():
+    func = MLPField().double()
+    y = torch.randn(2, 3, dtype=torch.float64)
+    counter = EvaluationCounter()
+    rhs = RHS(func, layout_of(y), tuple(func.parameters()), 1.0, counter)
+    lin = rhs.linearize(0.3, y.reshape(-1))
+    x = PETSc.Vec().createSeq(6)
+    tensor_into_vec(torch.randn(6, dtype=torch.float64), x)
+    first = lin.vjp(vec_view(x), vec_key(x))
+    again = lin.vjp(vec_view(x), vec_key(x))
+    assert again is first and counter.vjp == 1
+    tensor_into_vec(torch.randn(6, dtype=torch.float64), x)  # same Vec, new contents
+    changed = lin.vjp(vec_view(x), vec_key(x))
+    assert counter.vjp == 2
+    yy = y.reshape(-1).clone().requires_grad_(True)
+    out = func(torch.tensor(0.3, dtype=torch.float64), yy.reshape(2, 3)).reshape(-1)
+    (want,) = torch.autograd.grad(out, yy, vec_view(x))
+    assert rel_err(changed[0], want) < 1e-15
+
+
+def test_identical_solves_keep_the_trajectory_and_new_spans_renew_it(monkeypatch):
+    renewals = []
+    original = Solver._renew_trajectory
+    monkeypatch.setattr(Solver, "_renew_trajectory", lambda self: (renewals.append(1), original(self)))
+    func = MLPField(dim=5).double()
+    for t_end, expect_new in ((1.0, None), (1.0, 0), (1.0, 0), (2.0, 1), (1.0, 1), (1.0, 0)):
+        before = len(renewals)
+        y0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0.0, 0.5, t_end], dtype=torch.float64)
+        ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options={"step_size": 0.125})
+        ref = rk_solve(func, y0, t.tolist(), 0.125, TABLEAUS["rk4"])
+        w = torch.randn_like(ref)
+        for g, r in zip(_grads(ys, w, (y0, *func.parameters())), _grads(ref, w, (y0, *func.parameters()))):
+            assert rel_err(g, r) < 1e-12
+        if expect_new is not None:
+            assert len(renewals) - before == expect_new
+
+
+def test_checkpoint_store_recycles_its_buffers():
+    store = CheckpointStore(3)
+    buffers = set()
+    for step in range(1, 100):
+        store.offer(step, torch.full((4,), float(step)))
+        buffers.update(s.data_ptr() for s in store.states.values())
+    assert len(buffers) <= 3  # dropped states' buffers were reused, never freed and reallocated
+    assert all(float(v[0]) == k for k, v in store.states.items())
+    assert store.release(max(store.states)) and not store.release(10**6)
+    taken = store.take(torch.ones(4))
+    assert taken.data_ptr() in buffers and float(taken.sum()) == 4.0
+
+
+@pytest.mark.parametrize("t,step", [([0.0, 1.0], 1 / 64), ([0.0, 0.35, 1.0], 0.05), ([0.0, 0.3, 0.6, 1.0], 0.1),
+                                    ([0.0, 1.0], 0.3)])
+def test_expected_steps_is_what_the_solver_takes(t, step):
+    config = SolverConfig(method=resolve_method("rk4"), rtol=1e-6, atol=1e-8, step_size=step)
+    taus = torch.tensor(t, dtype=torch.float64).numpy()
+    func = MLPField().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    solver = Solver(config, 6, 0, PETSc.COMM_SELF, record=False)
+    record = solver.forward(RHS(func, layout_of(y0), (), 1.0), taus, y0.reshape(-1))
+    assert expected_steps(config, taus) == len(record.step_times) - 1
+
+
+class Spy:
+    def __init__(self, monkeypatch):
+        self.runs = []
+        original = checkpoint.CheckpointedAdjoint.run
+
+        def run(adjoint, record, store, grad):
+            self.runs.append((adjoint, sorted(store.states)))
+            return original(adjoint, record, store, grad)
+
+        monkeypatch.setattr(checkpoint.CheckpointedAdjoint, "run", run)
+
+
+@pytest.mark.parametrize("steps", [16, 64, 100])
+@pytest.mark.parametrize("checkpoints", [2, 4, 8])
+def test_fixed_steps_store_the_binomial_plan_and_recompute_near_the_bound(monkeypatch, steps, checkpoints):
+    spy = Spy(monkeypatch)
+    func = MLPField().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="euler",
+                              options={"step_size": 1 / steps, "checkpoints": checkpoints})
+    ys[-1].sum().backward()
+    ((adjoint, stored),) = spy.runs
+    assert stored == planned_checkpoints(steps, checkpoints)
+    assert adjoint.peak_stored <= checkpoints
+    # Griewank & Walther's minimum, less the forward pass itself: pnode's forward pass ends at the
+    # last step, not one before it as Revolve's does, so it may need a few more
+    bound = recomputed_steps(steps, checkpoints) - (steps - 1)
+    assert bound <= adjoint.advanced_steps <= 1.03 * bound + 2
+
+
+def _malloc_tuned(**env) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PNODE_MALLOC", "GLIBC_TUNABLES"))}
+    out = subprocess.run([sys.executable, "-c", "import pnode._compat as c; print(c.MALLOC_TUNED)"],
+                         capture_output=True, text=True, env={**clean, **env}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc's mallopt only")
+def test_malloc_thresholds_are_set_unless_the_user_chose_them():
+    assert _malloc_tuned() == "True"
+    assert _malloc_tuned(PNODE_MALLOC_TUNING="0") == "False"
+    assert _malloc_tuned(MALLOC_MMAP_THRESHOLD_="1048576") == "False"
+    assert _malloc_tuned(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576") == "False"
