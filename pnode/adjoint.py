@@ -45,12 +45,17 @@ def release_solver(key: tuple, solver: Solver) -> None:
 
 
 def solve_forward(problem: Problem, params, record: bool, store: Optional[CheckpointStore] = None):
-    """Run the forward solve; returns ``(key, solver, ForwardRecord)`` with the solver still checked out."""
+    """Run the forward solve; returns ``(key, solver, ForwardRecord)`` with the solver still checked out.
+
+    ``record``: the solver can run adjoints; it records the trajectory unless a checkpoint ``store``
+    is given (checkpointing later recomputes steps on this same solver, recording one at a time).
+    """
     param_size = sum(p.numel() for p in params) if record else 0
     key, solver = acquire_solver(problem, param_size, record)
     rhs = RHS(problem.func, problem.layout, params, problem.direction, problem.counter)
     y0 = tensor_to_petsc_cpu(problem.y0_flat)
-    result = solver.forward(rhs, problem.taus, y0, store)  # on error the solver is dropped, not pooled
+    # on error the solver is dropped, not pooled
+    result = solver.forward(rhs, problem.taus, y0, store, trajectory=record and store is None)
     return key, solver, result
 
 
@@ -59,9 +64,9 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, problem: Problem, t: torch.Tensor, y0_flat: torch.Tensor, *params):
-        # With a checkpoint budget the forward TS records no trajectory; the store keeps K - 1 states.
+        # With a checkpoint budget the forward TS records no trajectory; the store keeps some states.
         store = _checkpoint_store(problem)
-        key, solver, result = solve_forward(problem, params, record=store is None, store=store)
+        key, solver, result = solve_forward(problem, params, record=True, store=store)
         ctx.pooled = (key, solver)
         ctx.problem = problem
         ctx.params = params
@@ -102,14 +107,13 @@ def _checkpoint_store(problem: Problem) -> Optional[CheckpointStore]:
     return CheckpointStore(problem.checkpoints, planned=planned_checkpoints(steps, problem.checkpoints))
 
 
-def _checkpointed_adjoint(ctx, plain: Solver, grad64: torch.Tensor):
-    """The adjoint of a forward solve that kept only a :class:`CheckpointStore` (see pnode.checkpoint)."""
-    problem: Problem = ctx.problem
-    param_size = sum(p.numel() for p in ctx.params)
-    key, recorder = acquire_solver(problem, param_size, record=True)
-    adjoint = CheckpointedAdjoint(plain, recorder, plain.rhs, problem.checkpoints)
-    result = adjoint.run(ctx.record, ctx.store, grad64)  # on error the recorder is dropped, not pooled
-    release_solver(key, recorder)
+def _checkpointed_adjoint(ctx, solver: Solver, grad64: torch.Tensor):
+    """The adjoint of a forward solve that kept only a :class:`CheckpointStore` (see pnode.checkpoint).
+
+    The forward pass's solver also recomputes and reverses the steps: one TS, one set of vectors.
+    """
+    adjoint = CheckpointedAdjoint(solver, solver.rhs, ctx.problem.checkpoints)
+    result = adjoint.run(ctx.record, ctx.store, grad64)  # on error the solver is dropped, not pooled
     ctx.store = ctx.record = None
     return result
 

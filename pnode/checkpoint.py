@@ -13,8 +13,9 @@ the trajectory at any time (besides the output states, which the caller gets any
   interval is reversed with the binomial schedule of Griewank & Walther (Revolve) on the slots
   still free: advance from a stored state to the split point that minimises the recomputed steps,
   store it, reverse the right part with one slot fewer, free it, reverse the left part;
-* reversing one step re-takes it on a TS that records its trajectory and runs TSAdjoint over that
-  single step, accumulating into the same adjoint and parameter vectors. For explicit methods the
+* reversing one step re-takes it with the trajectory switched on and runs TSAdjoint over that
+  single step, accumulating into the same adjoint and parameter vectors. One TS (the forward
+  pass's) does all of it, so checkpointing holds one set of PETSc vectors. For explicit methods the
   re-taken step keeps the graphs of its stage evaluations, which the adjoint's vector-Jacobian
   products then reuse, so the re-step costs no evaluation beyond those of plain store-all.
 
@@ -134,8 +135,8 @@ class CheckpointedAdjoint:
     """Runs the adjoint of a forward solve that kept only its outputs and a :class:`CheckpointStore`.
 
     Args:
-        plain: a solver without a trajectory, used to advance between checkpoints.
-        recorder: a solver that records its trajectory, used to re-take and reverse one step.
+        solver: the forward pass's solver (built with ``record=True``); it advances between
+            checkpoints without a trajectory, and re-takes and reverses one step with one.
         rhs: the right-hand side of the forward solve.
         checkpoints: K, the most trajectory states held at once (output states not counted), K >= 1.
 
@@ -145,9 +146,8 @@ class CheckpointedAdjoint:
         peak_stored: the most trajectory states held at once during the adjoint.
     """
 
-    def __init__(self, plain: Solver, recorder: Solver, rhs: RHS, checkpoints: int):
-        self.plain = plain
-        self.recorder = recorder
+    def __init__(self, solver: Solver, rhs: RHS, checkpoints: int):
+        self.solver = solver
         self.rhs = rhs
         self.checkpoints = checkpoints
         self.advanced_steps = 0
@@ -157,7 +157,7 @@ class CheckpointedAdjoint:
 
     def run(self, record: ForwardRecord, store: CheckpointStore, grad_outputs: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Same contract as :meth:`Solver.adjoint`, for a forward record of ``plain``."""
+        """Same contract as :meth:`Solver.adjoint`, for a forward record of ``solver``."""
         times = np.asarray(record.step_times, dtype=np.float64)
         output_at = {step: i for i, step in enumerate(record.step_of_output)}
         anchors = {step: record.outputs[i] for step, i in output_at.items()}
@@ -166,15 +166,15 @@ class CheckpointedAdjoint:
         self._held = len(store.states)
         self.peak_stored = self._held
         order = sorted(anchors)
-        self.recorder.begin_adjoint(grad_outputs[-1])
+        self.solver.begin_adjoint(grad_outputs[-1])
         for lo, hi in zip(reversed(order[:-1]), reversed(order[1:])):
             self._reverse(times[lo:hi + 1], anchors.pop(lo), self.checkpoints - self._held)
             if store.release(lo):  # its buffer is free now: one more slot
                 self._held -= 1
             if output_at.get(lo, 0) > 0:
-                self.recorder.add_to_adjoint_state(grad_outputs[output_at[lo]])
-        before_first = self.recorder.adjoint_state_tensor()
-        return before_first + grad_outputs[0], before_first, self.recorder.param_gradient_tensor()
+                self.solver.add_to_adjoint_state(grad_outputs[output_at[lo]])
+        before_first = self.solver.adjoint_state_tensor()
+        return before_first + grad_outputs[0], before_first, self.solver.param_gradient_tensor()
 
     def _reverse(self, times: np.ndarray, start_state: torch.Tensor, slots: int) -> None:
         """Reverse the steps ``times[0] -> ... -> times[-1]`` given the state at ``times[0]``."""
@@ -183,7 +183,7 @@ class CheckpointedAdjoint:
             self._reverse_one_step(times, start_state)
         elif slots <= 0:
             for k in range(m - 1, -1, -1):
-                # the recorder copies the state in at once: a view of the plain solver's is enough
+                # the re-take copies the state in first thing: a view of the solution Vec is enough
                 state = start_state if k == 0 else self._advance(times[:k + 1], start_state, keep=False)
                 self._reverse_one_step(times[k:k + 2], state)
         else:
@@ -200,12 +200,12 @@ class CheckpointedAdjoint:
         """The state at ``times[-1]`` from ``state`` at ``times[0]``; ``keep=False``: a view, valid
         until the next advance."""
         self.advanced_steps += len(times) - 1
-        return self.plain.replay(self.rhs, times, state, copy=keep)
+        return self.solver.replay(self.rhs, times, state, copy=keep, trajectory=False)
 
     def _reverse_one_step(self, times: np.ndarray, state: torch.Tensor) -> None:
         self.recorded_steps += 1
         try:
-            self.recorder.replay(self.rhs, times, state, keep_graphs=True)
-            self.recorder.adjoint_steps(1)
+            self.solver.replay(self.rhs, times, state, keep_graphs=True, trajectory=True)
+            self.solver.adjoint_steps(1)
         finally:
-            self.recorder.drop_graphs()
+            self.solver.drop_graphs()

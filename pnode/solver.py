@@ -135,8 +135,7 @@ class Solver:
         self._forced_times: Optional[np.ndarray] = None
         self._store = None
         self._graphs: Optional[List] = None
-        self._trajectory_key: Optional[tuple] = None
-        self._unconsumed_steps = 0
+        self._has_trajectory = record
 
     # ------------------------------------------------------------------ set-up
     def _create_ts(self):
@@ -173,29 +172,24 @@ class Solver:
                 ts.setIJacobianP(self._param_ijacobian, self.param_jacobian)
         return ts
 
-    def _prepare_trajectory(self, layout_key: tuple) -> None:
-        """Make the trajectory ready for a recording solve whose set-up is described by ``layout_key``.
-
-        PETSc's memory trajectory sizes itself once, for the first solve it records (with fixed
-        steps: from that solve's span and first step). A later, longer solve on the same pooled TS
-        (a longer time span, or a checkpoint recorder's one-step TS reused for a whole solve)
-        overran it and crashed PETSc. So a solve that would set the trajectory up differently gets
-        a new one. A repeat of the last kind of solve (every training step) keeps it, once the
-        adjoint has consumed what the last solve stored: its stored vectors are then reused
-        instead of allocated, and first touched, again.
-        """
-        if layout_key != self._trajectory_key or self._unconsumed_steps:
-            self._renew_trajectory()
-            self._trajectory_key = layout_key
-
     def _renew_trajectory(self) -> None:
-        """Give the TS a new trajectory, set up by the solve that follows (re-reading the options
-        restores the trajectory type and settings)."""
+        """Give the TS a new trajectory, set up by the recording solve that follows.
+
+        PETSc's memory trajectory sizes itself for the first solve it records (with fixed steps:
+        from that solve's span and first step) and keeps its stack from one solve to the next. A
+        later, longer solve on the same pooled TS (a longer span, or a checkpointing TS that
+        recorded one step before) overran it, and reusing it after an adjoint run output interval
+        by output interval left its stack inconsistent: PETSc crashed, at the latest when the TS was
+        destroyed. A new trajectory costs ~0.03 ms (re-reading the options restores its type and
+        settings), and with pnode's malloc thresholds (:mod:`pnode._compat`) its vectors reuse
+        memory the process already has instead of faulting in fresh pages.
+        """
         cfg = self.config
         self.ts.removeTrajectory()
         self.ts.setSaveTrajectory()
         with scoped_options(cfg.prefix, dict(cfg.petsc_options), cfg.derived_options()):
             self.ts.setFromOptions()
+        self._has_trajectory = True
 
     @property
     def ts_type(self) -> str:
@@ -315,12 +309,13 @@ class Solver:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
     def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: bool = False,
-               copy: bool = True) -> torch.Tensor:
+               copy: bool = True, trajectory: Optional[bool] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
-        With ``record=True`` the steps are left in the trajectory for :meth:`adjoint_steps`.
+        With a trajectory (``trajectory``, default: ``record``) the steps are left in it for
+        :meth:`adjoint_steps`.
         With ``keep_graphs`` (explicit methods), every evaluation keeps its graph until
         :meth:`drop_graphs`, so the adjoint of these steps reuses them instead of re-evaluating.
 
@@ -332,7 +327,8 @@ class Solver:
         self._graphs = [] if keep_graphs and self.explicit else None
         self._forced_times = times
         try:
-            self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation")
+            self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation",
+                        self.record if trajectory is None else trajectory)
             if self._nonfinite_at is not None:
                 raise self._nonfinite_error(self._nonfinite_at)
             if self.ts.getStepNumber() != len(times) - 1:
@@ -341,7 +337,8 @@ class Solver:
             self._forced_times = None
         return vec_view(self.solution).clone() if copy else vec_view(self.solution)
 
-    def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None) -> ForwardRecord:
+    def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None,
+                trajectory: Optional[bool] = None) -> ForwardRecord:
         """Integrate from ``taus[0]`` through every output time.
 
         Args:
@@ -350,6 +347,8 @@ class Solver:
             y0: initial state, flat, PETSc dtype, CPU, ``(local_size,)``.
             store: a :class:`pnode.checkpoint.CheckpointStore` offered the state after every step
                 that is not an output time (checkpointing without a trajectory), or None.
+            trajectory: whether to record the trajectory (default: ``record``); a checkpointed
+                solve runs its forward pass without one on a solver that can record.
 
         Returns:
             the :class:`ForwardRecord` (outputs ``(n_times, local_size)``).
@@ -363,18 +362,24 @@ class Solver:
             return record
         self._store = store
         try:
-            self._solve(y0, float(taus[0]), float(taus[-1]), self._first_step(rhs, taus, y0), "forward")
+            self._solve(y0, float(taus[0]), float(taus[-1]), self._first_step(rhs, taus, y0), "forward",
+                        self.record if trajectory is None else trajectory)
         finally:
             self._store = None
         self._check_forward(record)
         return record
 
-    def _solve(self, y_start: torch.Tensor, t_start: float, t_end: float, first_step: float, phase: str) -> None:
-        """Integrate from ``y_start`` at ``t_start`` to ``t_end`` (PETSc time); a recording solve
-        first readies the trajectory (see :meth:`_prepare_trajectory`)."""
-        if self.record:
-            fixed_steps = None if self.config.adaptive else int(np.ceil((t_end - t_start) / first_step))
-            self._prepare_trajectory((phase, fixed_steps))
+    def _solve(self, y_start: torch.Tensor, t_start: float, t_end: float, first_step: float, phase: str,
+               trajectory: bool) -> None:
+        """Integrate from ``y_start`` at ``t_start`` to ``t_end`` (PETSc time), recording the
+        trajectory or not (a recording solve gets a new one, see :meth:`_renew_trajectory`)."""
+        if trajectory and not self.record:
+            raise ValueError("this solver was built without adjoint vectors (record=False): it cannot record")
+        if trajectory:
+            self._renew_trajectory()
+        elif self._has_trajectory:
+            self.ts.removeTrajectory()  # a solve that checkpointing reverses keeps no trajectory
+            self._has_trajectory = False
         tensor_into_vec(y_start, self.solution)
         ts = self.ts
         ts.setTime(t_start)
@@ -383,8 +388,6 @@ class Solver:
         ts.setTimeStep(first_step)
         self._nonfinite_at = None
         self._run(lambda: ts.solve(self.solution), phase)
-        if self.record:
-            self._unconsumed_steps = ts.getStepNumber()
 
     def _first_step(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor) -> float:
         cfg = self.config
@@ -480,7 +483,6 @@ class Solver:
         finally:
             if ksp is not None:
                 ksp.setErrorIfNotConverged(False)
-        self._unconsumed_steps -= steps
 
     def add_to_adjoint_state(self, cotangent: torch.Tensor) -> None:
         writable_view(self.adjoint_state).add_(cotangent)
