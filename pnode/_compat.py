@@ -69,15 +69,15 @@ MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 64 << 20, "MALLOC_TRIM_THRESHOLD_":
 def _keep_freed_memory_for_reuse() -> bool:
     """Let glibc's malloc reuse the memory of one training step in the next (Linux/glibc only).
 
-    Every evaluation of the network allocates and frees activations of a few MB. glibc serves a
-    block over its mmap threshold (128 KiB, raised only when such a block is freed) with a fresh
-    mapping, and gives freed memory at the top of the heap back to the OS past its trim threshold
-    (128 KiB): either way the next step faults the same pages in again. pnode's pooled solvers
-    hold their vectors between steps, which keeps the threshold low, so this cost more than 10 %
-    of a training step of the conv ODE block (~200k page faults a step; scripts/bench_memory.py).
-    pnode therefore fixes the thresholds at 64 MiB (mmap) and 128 MiB (trim). Not done when the
-    user chose them (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``GLIBC_TUNABLES``)
-    or set ``PNODE_MALLOC_TUNING=0``.
+    Every evaluation of the network allocates and frees activations of a few MB, and every
+    recording solve a trajectory of state-sized vectors. glibc serves a block over its mmap
+    threshold (128 KiB at first, raised up to 32 MiB as such blocks are freed) with a fresh
+    mapping, and hands free memory at the top of the heap back to the OS past its trim threshold,
+    so a training step can fault the same pages in over and over (scripts/bench_memory.py measures
+    a training step both ways). pnode therefore fixes the thresholds at 64 MiB (mmap) and 128 MiB
+    (trim). Not done when the user chose them (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, a malloc entry of ``GLIBC_TUNABLES``) or set
+    ``PNODE_MALLOC_TUNING=0``.
 
     Returns whether the thresholds were set.
     """
