@@ -61,43 +61,8 @@ def _single_thread_petsc_blas() -> None:
             pass
 
 
-# glibc mallopt parameters (malloc.h) and pnode's values for them.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": 64 << 20, "MALLOC_TRIM_THRESHOLD_": 128 << 20}
-
-
-def _keep_freed_memory_for_reuse() -> bool:
-    """Let glibc's malloc reuse the memory of one training step in the next (Linux/glibc only).
-
-    Every evaluation of the network allocates and frees activations of a few MB, and every
-    recording solve a trajectory of state-sized vectors. glibc serves a block over its mmap
-    threshold (128 KiB at first, raised up to 32 MiB as such blocks are freed) with a fresh
-    mapping, and hands free memory at the top of the heap back to the OS past its trim threshold,
-    so a training step can fault the same pages in over and over (scripts/bench_memory.py measures
-    a training step both ways). pnode therefore fixes the thresholds at 64 MiB (mmap) and 128 MiB
-    (trim). Not done when the user chose them (``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_``, a malloc entry of ``GLIBC_TUNABLES``) or set
-    ``PNODE_MALLOC_TUNING=0``.
-
-    Returns whether the thresholds were set.
-    """
-    if os.environ.get("PNODE_MALLOC_TUNING", "1") == "0":
-        return False
-    if any(name in os.environ for name in MALLOC_SETTINGS) or "malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, ValueError):  # pragma: no cover - not glibc
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"])
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_SETTINGS["MALLOC_TRIM_THRESHOLD_"]))
-
-
 PETSc = import_petsc()
 _single_thread_petsc_blas()
-MALLOC_TUNED = _keep_freed_memory_for_reuse()
 
 PETSC_VERSION = PETSc.Sys.getVersion()  # e.g. (3, 26, 1)
 

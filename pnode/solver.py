@@ -181,8 +181,8 @@ class Solver:
         recorded one step before) overran it, and reusing it after an adjoint run output interval
         by output interval left its stack inconsistent: PETSc crashed, at the latest when the TS was
         destroyed. A new trajectory costs ~0.03 ms (re-reading the options restores its type and
-        settings), and with pnode's malloc thresholds (:mod:`pnode._compat`) its vectors reuse
-        memory the process already has instead of faulting in fresh pages.
+        settings) plus the allocation of its vectors, a small part of a training step
+        (scripts/bench_memory.py).
         """
         cfg = self.config
         self.ts.removeTrajectory()

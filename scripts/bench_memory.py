@@ -13,10 +13,7 @@ Rows (each one configuration, run in a fresh process so that the peak RSS is its
 * pnode (K=4): ``options={'checkpoints': K}``, at most K states held, the rest recomputed in the
   backward pass (binomial schedule); euler, rk4, dopri5;
 * torchdiffeq odeint (backprop through the solver) and odeint_adjoint (continuous adjoint);
-  euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5;
-* every row imports pnode, which fixes glibc's malloc thresholds (see ``pnode._compat``), so all
-  rows run with the same allocator settings; two more rows (rk4, 16 steps: pnode store all and
-  torchdiffeq odeint_adjoint) run with glibc's defaults instead (``--no-malloc-rows``: not).
+  euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5.
 
 Fixed-step rows take ``step_size = 1/steps`` (``--steps``, default 4, 16, 64); adaptive rows use
 rtol = atol = ``--tol`` (1e-3). Columns:
@@ -119,8 +116,6 @@ class Config:
         repeats: timed training steps (the median is reported).
         threads: torch intra-op threads.
         grad_check: whether to compute the gradient error.
-        glibc_malloc: run with glibc's default malloc thresholds (``PNODE_MALLOC_TUNING=0``) instead
-            of the ones pnode sets on import (every row imports pnode, so the others all get them).
     """
 
     family: str
@@ -135,11 +130,10 @@ class Config:
     repeats: int = 3
     threads: int = 1
     grad_check: bool = True
-    glibc_malloc: bool = False
 
     @property
     def label(self) -> str:
-        return family_label(self.family, self.checkpoints) + (", glibc malloc defaults" if self.glibc_malloc else "")
+        return family_label(self.family, self.checkpoints)
 
     @property
     def is_pnode(self) -> bool:
@@ -541,10 +535,6 @@ def configurations(args: argparse.Namespace) -> List[Config]:
                 if args.only in (None, "torchdiffeq") and method in TORCHDIFFEQ_METHODS:
                     families += ["odeint", "odeint_adjoint"]
                 configs += [Config(family, method, steps, device, **common) for family in families]
-    if args.malloc_rows and "rk4" in methods and 16 in args.steps and args.only is None:
-        # what pnode's malloc thresholds do: the rk4/16 comparison again with glibc's defaults
-        configs += [Config(family, "rk4", 16, "cpu", glibc_malloc=True, **common)
-                    for family in ("pnode", "odeint_adjoint")]
     return configs
 
 
@@ -555,9 +545,8 @@ def float64_config(args: argparse.Namespace) -> Config:
 
 def run_worker(config: Config, timeout: float) -> Dict[str, object]:
     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(config))]
-    env = dict(os.environ, PNODE_MALLOC_TUNING="0") if config.glibc_malloc else None
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -620,8 +609,7 @@ def grad_cell(config: Config, result: Dict[str, object]) -> str:
 
 def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
     config = row[0]
-    return (config.device, METHOD_ORDER.index(config.method), config.steps or 10**9, config.glibc_malloc,
-            FAMILIES.index(config.family))
+    return (config.device, METHOD_ORDER.index(config.method), config.steps or 10**9, FAMILIES.index(config.family))
 
 
 def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
@@ -650,14 +638,13 @@ def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
 
 
 class Rows:
-    """Look-up of finished rows by (family, method, steps, device, glibc_malloc)."""
+    """Look-up of finished rows by (family, method, steps, device)."""
 
     def __init__(self, rows: Sequence[Tuple[Config, Dict[str, object]]]):
-        self.by_key = {(c.family, c.method, c.steps, c.device, c.glibc_malloc): r for c, r in rows if "error" not in r}
+        self.by_key = {(c.family, c.method, c.steps, c.device): r for c, r in rows if "error" not in r}
 
-    def get(self, family: str, method: str, steps: Optional[int], device: str,
-            glibc_malloc: bool = False) -> Optional[Dict[str, object]]:
-        return self.by_key.get((family, method, steps, device, glibc_malloc))
+    def get(self, family: str, method: str, steps: Optional[int], device: str) -> Optional[Dict[str, object]]:
+        return self.by_key.get((family, method, steps, device))
 
 
 def ratio_check(name: str, num: Optional[dict], den: Optional[dict], key: str, bound: float,
@@ -679,12 +666,6 @@ def acceptance_rows(rows: Sequence[Tuple[Config, Dict[str, object]]], args: argp
         checks.append(ratio_check(f"rk4, 16 steps: time {store} / torchdiffeq odeint_adjoint ≤ 1.05{on}",
                                   look.get("pnode", "rk4", 16, device), look.get("odeint_adjoint", "rk4", 16, device),
                                   "time_s", 1.05))
-        if device == "cpu":
-            _, value, _ = ratio_check("", look.get("pnode", "rk4", 16, "cpu", True),
-                                      look.get("odeint_adjoint", "rk4", 16, "cpu", True), "time_s", 1.05)
-            if value != "not measured":
-                checks.append((f"(no target) the same ratio with glibc's default malloc thresholds in both rows{on}",
-                               value, ""))
         checks.append(ratio_check(f"rk4, 16 steps: peak memory {store} / torchdiffeq odeint ≤ 0.35{on}",
                                   look.get("pnode", "rk4", 16, device), look.get("odeint", "rk4", 16, device),
                                   "peak_mb", 0.35))
@@ -819,7 +800,7 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     groups: Dict[tuple, List[Tuple[float, Dict[str, object]]]] = {}
     for config, result in rows:
         steps = config.steps or result.get("steps_taken") or result.get("steps_tried")
-        if "error" not in result and steps and not config.glibc_malloc:
+        if "error" not in result and steps:
             groups.setdefault((config.device, config.family, config.method, config.label), []).append((steps, result))
     order = {key: (key[0], FAMILIES.index(key[1]), METHOD_ORDER.index(key[2])) for key in groups}
     for (device, family, method, label), points in sorted(groups.items(), key=lambda item: order[item[0]]):
@@ -874,8 +855,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "which takes as much memory as torchdiffeq odeint)")
     parser.add_argument("--float64-check", action="store_true",
                         help="also run pnode rk4 (16 steps) in float64, store all and K, against autograd")
-    parser.add_argument("--no-malloc-rows", dest="malloc_rows", action="store_false",
-                        help="leave out the two rk4/16-step rows run with glibc's malloc defaults")
     parser.add_argument("--markdown", metavar="FILE", help="append the report to FILE (e.g. BENCHMARKS.md)")
     parser.add_argument("--plot", metavar="FILE.png", help="write the memory and time plot to FILE.png")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)

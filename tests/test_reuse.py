@@ -1,13 +1,9 @@
 """What pnode reuses from one call to the next (and what it must not), without changing a result.
 
 Linearizations and VJPs recognised by their Vec's (address, state), pooled solvers (but not their
-PETSc trajectories), checkpoint buffers, the binomial plan of a fixed-step checkpointed solve, and
-glibc's freed memory.
+PETSc trajectories), checkpoint buffers, and the binomial plan of a fixed-step checkpointed solve.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -140,19 +136,3 @@ def test_fixed_steps_store_the_binomial_plan_and_recompute_near_the_bound(monkey
     # last step, not one before it as Revolve's does, so it may need a few more
     bound = recomputed_steps(steps, checkpoints) - (steps - 1)
     assert bound <= adjoint.advanced_steps <= 1.03 * bound + 2
-
-
-def _malloc_tuned(**env) -> str:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PNODE_MALLOC", "GLIBC_TUNABLES"))}
-    out = subprocess.run([sys.executable, "-c", "import pnode._compat as c; print(c.MALLOC_TUNED)"],
-                         capture_output=True, text=True, env={**clean, **env}, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip()
-
-
-@pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc's mallopt only")
-def test_malloc_thresholds_are_set_unless_the_user_chose_them():
-    assert _malloc_tuned() == "True"
-    assert _malloc_tuned(PNODE_MALLOC_TUNING="0") == "False"
-    assert _malloc_tuned(MALLOC_MMAP_THRESHOLD_="1048576") == "False"
-    assert _malloc_tuned(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576") == "False"
