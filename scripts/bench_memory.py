@@ -572,13 +572,28 @@ def progress_line(index: int, total: int, config: Config, result: Dict[str, obje
             f"({seconds:.0f} s)")
 
 
-def run_all(configs: Sequence[Config], timeout: float) -> List[Tuple[Config, Dict[str, object]]]:
+def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1) -> List[Tuple[Config, Dict[str, object]]]:
+    """Run every configuration once per round, round after round (so that a slow spell of the
+    machine hits every row alike); a row's time is the median of its rounds' medians. Later
+    rounds skip the gradient check."""
     rows = []
     for i, config in enumerate(configs, 1):
         start = time.perf_counter()
         result = run_worker(config, timeout)
         print(progress_line(i, len(configs), config, result, time.perf_counter() - start), file=sys.stderr, flush=True)
         rows.append((config, result))
+    for round_number in range(2, rounds + 1):
+        for i, (config, result) in enumerate(rows, 1):
+            if "error" in result or config.family == FLOAT64_CHECK:
+                continue
+            again = run_worker(Config(**{**asdict(config), "grad_check": False}), timeout)
+            print(f"round {round_number}: " + progress_line(i, len(rows), config, again, 0.0), file=sys.stderr,
+                  flush=True)
+            if "error" not in again:
+                result.setdefault("round_times", [result["time_s"]]).append(again["time_s"])
+    for _, result in rows:
+        if "round_times" in result:
+            result["time_s"] = statistics.median(result["round_times"])
     return rows
 
 
@@ -769,11 +784,12 @@ def machine_line(args: argparse.Namespace) -> str:
 
 
 def workload_line(args: argparse.Namespace) -> str:
+    rounds = f" (per round; the median over {args.rounds} interleaved rounds)" if args.rounds > 1 else ""
     return (f"Training step of the ODE-Net block, batch {args.batch}, state {args.channels}x{args.size}x{args.size}, "
             f"float32, t = [0, 1], fixed steps step_size = 1/steps, adaptive rtol = atol = {args.tol:g}; "
-            f"time: median of {args.repeats} steps after a warm-up; peak memory: peak during a step over the memory "
-            "held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between steps. "
-            "Grad error: relative, against autograd through the same steps.")
+            f"time: median of {args.repeats} steps after a warm-up{rounds}; peak memory: peak during a step over "
+            "the memory held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between "
+            "steps. Grad error: relative, against autograd through the same steps.")
 
 
 def report(rows, checks, args: argparse.Namespace) -> str:
@@ -848,6 +864,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--devices", type=_list(str), default=default_devices.split(","),
                         help=f"comma-separated (default here: {default_devices})")
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run all rows this many times, interleaved; time: median over rounds (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per configuration")
     parser.add_argument("--no-grad-check", action="store_true",
@@ -880,7 +898,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     configs = configurations(args)
     if args.float64_check:
         configs.append(float64_config(args))
-    results = run_all(configs, args.timeout)
+    results = run_all(configs, args.timeout, args.rounds)
     float64 = next((r for c, r in results if c.family == FLOAT64_CHECK), None)
     rows = [(c, r) for c, r in results if c.family != FLOAT64_CHECK]
     body = report(rows, acceptance_rows(rows, args, float64), args)
