@@ -139,6 +139,8 @@ class CheckpointedAdjoint:
             checkpoints without a trajectory, and re-takes and reverses one step with one.
         rhs: the right-hand side of the forward solve.
         checkpoints: K, the most trajectory states held at once (output states not counted), K >= 1.
+        keep_graphs: whether a re-taken step keeps its stage graphs for the adjoint's VJPs
+            (explicit methods; otherwise the adjoint evaluates each stage again, with less memory).
 
     Attributes:
         advanced_steps: steps recomputed to reach checkpoints (excluding the one re-take per step).
@@ -146,8 +148,9 @@ class CheckpointedAdjoint:
         peak_stored: the most trajectory states held at once during the adjoint.
     """
 
-    def __init__(self, solver: Solver, rhs: RHS, checkpoints: int):
+    def __init__(self, solver: Solver, rhs: RHS, checkpoints: int, keep_graphs: bool = True):
         self.solver = solver
+        self.keep_graphs = keep_graphs
         self.rhs = rhs
         self.checkpoints = checkpoints
         self.advanced_steps = 0
@@ -205,7 +208,7 @@ class CheckpointedAdjoint:
     def _reverse_one_step(self, times: np.ndarray, state: torch.Tensor) -> None:
         self.recorded_steps += 1
         try:
-            self.solver.replay(self.rhs, times, state, keep_graphs=True, trajectory=True)
+            self.solver.replay(self.rhs, times, state, keep_graphs=self.keep_graphs, trajectory=True)
             self.solver.adjoint_steps(1)
         finally:
             self.solver.drop_graphs()

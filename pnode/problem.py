@@ -53,6 +53,9 @@ class Problem:
         counter: where evaluations are counted.
         checkpoints: pnode's checkpoint budget K (at most K trajectory states held at once, see
             :mod:`pnode.checkpoint`), or ``None``: PETSc's trajectory stores every step.
+        checkpoint_graphs: with checkpoints and an explicit method, whether a re-taken step keeps
+            its stage graphs for the adjoint (no stage evaluated twice) or drops them (the adjoint
+            evaluates each stage again; less memory: no step's graphs are held together).
     """
 
     func: Callable
@@ -66,6 +69,7 @@ class Problem:
     params: Tuple[torch.Tensor, ...]
     counter: EvaluationCounter
     checkpoints: Optional[int] = None
+    checkpoint_graphs: bool = True
 
 
 def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), prefix=None,
@@ -91,9 +95,28 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
     opts = dict(options or {})  # the caller's dict is left alone; keys are consumed from this copy
     prefix = "" if not prefix else prefix if prefix.endswith("_") else prefix + "_"
     checkpoints = _checkpoints(opts.pop("checkpoints", None), prefix)
+    graphs = _checkpoint_graphs(opts.pop("checkpoint_graphs", True), prefix)
     config = _make_config(resolve_method(method), float(rtol), float(atol), opts, prefix)
     return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
-                   counter if counter is not None else EvaluationCounter(), checkpoints)
+                   counter if counter is not None else EvaluationCounter(), checkpoints, graphs)
+
+
+def _checkpoint_graphs(value, prefix: str) -> bool:
+    """``-<prefix>pnode_checkpoint_graphs``, else ``-pnode_checkpoint_graphs``, else ``value`` (a bool)."""
+    source = "options['checkpoint_graphs']"
+    for name in dict.fromkeys((prefix + "pnode_checkpoint_graphs", "pnode_checkpoint_graphs")):
+        text = get_global_option(name)
+        if text is not None:
+            value, source = text, f"-{name}"
+            break
+    if isinstance(value, bool):
+        return value
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InputError(f"{source} must be true or false (1 or 0), got {value!r}")
 
 
 def _checkpoints(value, prefix: str) -> Optional[int]:

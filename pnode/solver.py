@@ -548,8 +548,8 @@ def _check_used(names) -> None:
     unused = [n for n in names if not used(n)]
     if unused:
         raise InputError(f"options {unused} were not used by PETSc: they are neither pnode options "
-                         "(step_size, first_step, min_step, max_step, max_num_steps, theta, checkpoints) "
-                         "nor PETSc options this solver reads; check the spelling (PETSc names are "
+                         "(step_size, first_step, min_step, max_step, max_num_steps, theta, checkpoints, "
+                         "checkpoint_graphs) nor PETSc options this solver reads; check the spelling (PETSc names are "
                          "e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
 
 

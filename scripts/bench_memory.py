@@ -12,6 +12,9 @@ Rows (each one configuration, run in a fresh process so that the peak RSS is its
   steps, dopri5 adaptive;
 * pnode (K=4): ``options={'checkpoints': K}``, at most K states held, the rest recomputed in the
   backward pass (binomial schedule); euler, rk4, dopri5;
+* pnode (K=4, stages re-evaluated): the same with ``options['checkpoint_graphs'] = False``: a
+  re-taken step drops its stage graphs and the adjoint evaluates each stage again (less memory,
+  one more evaluation per stage); euler and rk4 at 16 steps (``--no-lean-rows``: not);
 * torchdiffeq odeint (backprop through the solver) and odeint_adjoint (continuous adjoint);
   euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5.
 
@@ -86,7 +89,7 @@ from torch import nn
 # functions only: pnode initialises PETSc from sys.argv on import, and the worker clears its own
 # flags from sys.argv first.
 RESULT_TAG = "BENCH_MEMORY_RESULT "
-FAMILIES = ("pnode", "pnode-K", "odeint", "odeint_adjoint")
+FAMILIES = ("pnode", "pnode-K", "pnode-K-lean", "odeint", "odeint_adjoint")
 FLOAT64_CHECK = "float64-check"
 METHOD_ORDER = ("euler", "rk4", "dopri5", "cn")
 ADAPTIVE = ("dopri5",)
@@ -106,7 +109,8 @@ class Config:
     """One row of the benchmark, as passed to a worker process (JSON).
 
     Attributes:
-        family: 'pnode', 'pnode-K', 'odeint', 'odeint_adjoint', or 'float64-check'.
+        family: 'pnode', 'pnode-K', 'pnode-K-lean' (checkpoints, stage graphs not kept),
+            'odeint', 'odeint_adjoint', or 'float64-check'.
         method: 'euler', 'rk4', 'dopri5' or 'cn'.
         steps: fixed steps over [0, 1] (step_size = 1/steps), or None for adaptive steps.
         device: 'cpu' or 'cuda'.
@@ -137,7 +141,7 @@ class Config:
 
     @property
     def is_pnode(self) -> bool:
-        return self.family in ("pnode", "pnode-K")
+        return self.family in ("pnode", "pnode-K", "pnode-K-lean")
 
     def describe(self) -> str:
         steps = f"{self.steps} steps" if self.steps else f"adaptive, tol {self.tol:g}"
@@ -146,6 +150,7 @@ class Config:
 
 def family_label(family: str, checkpoints: int) -> str:
     return {"pnode": "pnode (store all)", "pnode-K": f"pnode (K={checkpoints})",
+            "pnode-K-lean": f"pnode (K={checkpoints}, stages re-evaluated)",
             "odeint": "torchdiffeq odeint", "odeint_adjoint": "torchdiffeq odeint_adjoint",
             FLOAT64_CHECK: "float64 check"}[family]
 
@@ -185,8 +190,10 @@ class Solve:
         opts = {} if cfg.steps is None else {"step_size": 1.0 / cfg.steps}
         if cfg.is_pnode and cfg.method == "cn":
             opts.update(CN_OPTIONS)
-        if cfg.family == "pnode-K":
+        if cfg.family in ("pnode-K", "pnode-K-lean"):
             opts["checkpoints"] = cfg.checkpoints
+        if cfg.family == "pnode-K-lean":
+            opts["checkpoint_graphs"] = False
         return opts
 
     def __call__(self, y0: torch.Tensor) -> torch.Tensor:
@@ -532,6 +539,8 @@ def configurations(args: argparse.Namespace) -> List[Config]:
                     families.append("pnode")
                     if args.checkpoints and method in args.checkpoint_methods:
                         families.append("pnode-K")
+                        if args.lean_rows and method in ("euler", "rk4") and steps == 16:
+                            families.append("pnode-K-lean")
                 if args.only in (None, "torchdiffeq") and method in TORCHDIFFEQ_METHODS:
                     families += ["odeint", "odeint_adjoint"]
                 configs += [Config(family, method, steps, device, **common) for family in families]
@@ -687,6 +696,14 @@ def acceptance_rows(rows: Sequence[Tuple[Config, Dict[str, object]]], args: argp
         checks.append(ratio_check(f"rk4, 16 steps: peak memory {ckpt} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
                                   look.get("pnode-K", "rk4", 16, device),
                                   look.get("odeint_adjoint", "rk4", 16, device), "peak_mb", 1.5))
+        lean = f"pnode (K={k}, stages re-evaluated)"
+        if look.get("pnode-K-lean", "rk4", 16, device):
+            checks.append(ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
+                                      look.get("pnode-K-lean", "rk4", 16, device),
+                                      look.get("odeint_adjoint", "rk4", 16, device), "peak_mb", 1.5))
+            checks.append(ratio_check(f"rk4, 16 steps: time {lean} / {store} ≤ 1.5{on}",
+                                      look.get("pnode-K-lean", "rk4", 16, device),
+                                      look.get("pnode", "rk4", 16, device), "time_s", 1.5))
         checks.append(dopri5_check(look, device, tol, on))
         for method in [m for m in METHOD_ORDER if m in args.checkpoint_methods and m not in ADAPTIVE]:
             checks.append(ratio_check(f"{method}, {ckpt}: peak memory at 64 steps / at 4 steps ≤ 1.10{on}",
@@ -723,7 +740,7 @@ def worst_gradient_error(rows, families) -> Optional[Tuple[float, Config]]:
 
 def gradient_checks(rows) -> List[Tuple[str, str, str]]:
     checks = []
-    worst = worst_gradient_error(rows, ("pnode", "pnode-K"))
+    worst = worst_gradient_error(rows, ("pnode", "pnode-K", "pnode-K-lean"))
     failed = [c for c, r in rows if c.is_pnode and ("error" in r or "grad_error_message" in r)]
     if worst is None:
         checks.append(("gradient error of every pnode row (float32) ≤ 1e-5",
@@ -809,7 +826,8 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"pnode": "tab:blue", "pnode-K": "tab:green", "odeint": "tab:red", "odeint_adjoint": "tab:orange"}
+    colors = {"pnode": "tab:blue", "pnode-K": "tab:green", "pnode-K-lean": "tab:olive", "odeint": "tab:red",
+              "odeint_adjoint": "tab:orange"}
     markers = {"euler": "o", "rk4": "s", "dopri5": "*", "cn": "^"}
     lines = {"euler": ":", "rk4": "-", "dopri5": "none", "cn": "-."}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -864,6 +882,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--devices", type=_list(str), default=default_devices.split(","),
                         help=f"comma-separated (default here: {default_devices})")
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
+    parser.add_argument("--no-lean-rows", dest="lean_rows", action="store_false",
+                        help="leave out the K rows whose re-taken steps drop their stage graphs "
+                             "(options['checkpoint_graphs'] = False; euler and rk4, 16 steps)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run all rows this many times, interleaved; time: median over rounds (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")

@@ -152,6 +152,40 @@ def test_checkpointed_rk4_re_evaluates_nothing_beyond_store_everything():
     assert checkpointed == store_all
 
 
+@pytest.mark.parametrize("via", ["options", "command line"])
+def test_dropping_stage_graphs_costs_one_evaluation_per_stage_and_keeps_the_gradients(via):
+    torch.manual_seed(3)
+    func = MLPField().double()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    results = []
+    for opts in ({"step_size": 0.125}, {"step_size": 0.125, "checkpoints": 8}, {"step_size": 0.125, "checkpoints": 8}):
+        if len(results) == 2:
+            if via == "options":
+                opts["checkpoint_graphs"] = False
+            else:
+                set_option("pnode_checkpoint_graphs", "0")
+        counter = pnode.rhs.EvaluationCounter()
+        try:
+            ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options=opts, _counter=counter)
+            grads = torch.autograd.grad(ys.sum(), (y0, *func.parameters()))
+        finally:
+            PETSc.Options().delValue("pnode_checkpoint_graphs")
+        results.append((counter.forward, counter.backward, grads))
+    (f_all, b_all, g_all), (f_keep, b_keep, g_keep), (f_drop, b_drop, g_drop) = results
+    assert (f_keep, b_keep) == (f_all, b_all)  # kept graphs: no evaluation beyond store-all
+    assert (f_drop, b_drop) == (f_all + 32, b_all)  # dropped: 8 steps x 4 stages evaluated again
+    for a, b in zip(g_drop, g_all):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_bad_checkpoint_graphs_value_is_reported():
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(pnode.InputError, match="checkpoint_graphs.*true or false"):
+        pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                             options={"checkpoints": 2, "checkpoint_graphs": "sometimes"})
+
+
 def set_option(name, value):
     PETSc.Options().setValue(name, value)
 
