@@ -101,14 +101,22 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
                    counter if counter is not None else EvaluationCounter(), checkpoints, graphs)
 
 
-def _checkpoint_graphs(value, prefix: str) -> bool:
-    """``-<prefix>pnode_checkpoint_graphs``, else ``-pnode_checkpoint_graphs``, else ``value`` (a bool)."""
-    source = "options['checkpoint_graphs']"
-    for name in dict.fromkeys((prefix + "pnode_checkpoint_graphs", "pnode_checkpoint_graphs")):
+def _pnode_option(key: str, value, prefix: str) -> Tuple[object, str]:
+    """``-<prefix>pnode_<key>``, else ``-pnode_<key>``, else ``options[key]`` (``value``).
+
+    The command line wins over ``options`` as for every PETSc option. Returns the value (the
+    option's text when it came from the command line) and where it came from, for error messages.
+    """
+    for name in dict.fromkeys((f"{prefix}pnode_{key}", f"pnode_{key}")):
         text = get_global_option(name)
         if text is not None:
-            value, source = text, f"-{name}"
-            break
+            return text, f"-{name}"
+    return value, f"options[{key!r}]"
+
+
+def _checkpoint_graphs(value, prefix: str) -> bool:
+    """``-<prefix>pnode_checkpoint_graphs``, else ``-pnode_checkpoint_graphs``, else ``value`` (a bool)."""
+    value, source = _pnode_option("checkpoint_graphs", value, prefix)
     if isinstance(value, bool):
         return value
     words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -125,12 +133,7 @@ def _checkpoints(value, prefix: str) -> Optional[int]:
     The command line wins over ``options`` as for every PETSc option; 0 on the command line turns
     pnode's checkpointing off (store every step).
     """
-    source = "options['checkpoints']"
-    for name in dict.fromkeys((prefix + "pnode_checkpoints", "pnode_checkpoints")):
-        text = get_global_option(name)
-        if text is not None:
-            value, source = text, f"-{name}"
-            break
+    value, source = _pnode_option("checkpoints", value, prefix)
     if value is None:
         return None
     try:
