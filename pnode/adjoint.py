@@ -112,7 +112,7 @@ def _checkpointed_adjoint(ctx, solver: Solver, grad64: torch.Tensor):
 
     The forward pass's solver also recomputes and reverses the steps: one TS, one set of vectors.
     """
-    adjoint = CheckpointedAdjoint(solver, solver.rhs, ctx.problem.checkpoints, ctx.problem.checkpoint_graphs)
+    adjoint = CheckpointedAdjoint(solver, ctx.problem.checkpoints, ctx.problem.checkpoint_graphs)
     result = adjoint.run(ctx.record, ctx.store, grad64)  # on error the solver is dropped, not pooled
     ctx.store = ctx.record = None
     return result

@@ -30,7 +30,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .rhs import RHS
 from .solver import ForwardRecord, Solver
 
 
@@ -135,9 +134,9 @@ class CheckpointedAdjoint:
     """Runs the adjoint of a forward solve that kept only its outputs and a :class:`CheckpointStore`.
 
     Args:
-        solver: the forward pass's solver (built with ``record=True``); it advances between
-            checkpoints without a trajectory, and re-takes and reverses one step with one.
-        rhs: the right-hand side of the forward solve.
+        solver: the forward pass's solver (built with ``record=True``), still holding that pass's
+            right-hand side; it advances between checkpoints without a trajectory, and re-takes
+            and reverses one step with one.
         checkpoints: K, the most trajectory states held at once (output states not counted), K >= 1.
         keep_graphs: whether a re-taken step keeps its stage graphs for the adjoint's VJPs
             (explicit methods; otherwise the adjoint evaluates each stage again, with less memory).
@@ -148,10 +147,10 @@ class CheckpointedAdjoint:
         peak_stored: the most trajectory states held at once during the adjoint.
     """
 
-    def __init__(self, solver: Solver, rhs: RHS, checkpoints: int, keep_graphs: bool = True):
+    def __init__(self, solver: Solver, checkpoints: int, keep_graphs: bool = True):
         self.solver = solver
         self.keep_graphs = keep_graphs
-        self.rhs = rhs
+        self.rhs = solver.rhs
         self.checkpoints = checkpoints
         self.advanced_steps = 0
         self.recorded_steps = 0
