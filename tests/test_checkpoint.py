@@ -51,6 +51,15 @@ def test_checkpointed_gradients_equal_store_everything(method, options, checkpoi
         assert rel_err(g, w) < 1e-12
 
 
+@pytest.mark.parametrize("method,options", CASES, ids=[c[0] for c in CASES])
+def test_checkpointed_gradients_without_kept_stage_graphs_equal_store_everything(method, options):
+    skip_if_zero_weight_broken(method)
+    _, want = gradients(method, options)
+    _, got = gradients(method, {**options, "checkpoints": 2, "checkpoint_graphs": False})
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
 def test_checkpointed_rk4_matches_backprop_through_the_same_steps():
     torch.manual_seed(3)
     func = ConvField().double()

@@ -136,3 +136,12 @@ def test_fixed_steps_store_the_binomial_plan_and_recompute_near_the_bound(monkey
     # last step, not one before it as Revolve's does, so it may need a few more
     bound = recomputed_steps(steps, checkpoints) - (steps - 1)
     assert bound <= adjoint.advanced_steps <= 1.03 * bound + 2
+
+
+def test_a_solver_without_adjoint_vectors_refuses_to_record():
+    config = SolverConfig(method=resolve_method("rk4"), rtol=1e-6, atol=1e-8, step_size=0.25)
+    y0 = torch.randn(6, dtype=torch.float64)
+    solver = Solver(config, 6, 0, PETSc.COMM_SELF, record=False)
+    rhs = RHS(MLPField().double(), layout_of(y0.reshape(2, 3)), (), 1.0)
+    with pytest.raises(ValueError, match="record=False.*cannot record"):
+        solver.replay(rhs, torch.tensor([0.0, 0.25]).numpy().astype("float64"), y0, trajectory=True)
