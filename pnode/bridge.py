@@ -1,6 +1,7 @@
 """The tensor <-> PETSc Vec bridge: state layout, dtype casts and device staging, in one place.
 
-PETSc works on one flat vector of real scalars (float64 in the builds pnode targets). A user state
+PETSc works on one flat vector of real scalars (float64 by default; float32 in a single-precision
+build). A user state
 is a tensor of any shape, or a tuple of tensors; :class:`StateLayout` maps between the two.
 Reading a Vec gives a zero-copy CPU view; tensors of another dtype or on a CUDA device are cast or
 staged through the host at this boundary and nowhere else.
@@ -17,6 +18,11 @@ from ._compat import PETSc
 
 PETSC_DTYPE = torch.from_numpy(np.zeros(1, dtype=PETSc.ScalarType)).dtype
 """The torch dtype matching PETSc's scalar (``torch.float64`` for a default real build)."""
+
+PETSC_EPS = float(np.finfo(PETSc.RealType).eps)
+"""Machine epsilon of PETSc's real type (2.2e-16 in a default build, 1.2e-7 with ``--with-precision=single``).
+
+PETSc keeps times in this type too, so time comparisons and round-off tolerances scale with it."""
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 

@@ -1,4 +1,4 @@
-"""The user's right-hand side as PETSc sees it: flat float64 state, PETSc time, counted evaluations.
+"""The user's right-hand side as PETSc sees it: flat PETSc-dtype state, PETSc time, counted evaluations.
 
 :class:`RHS` wraps ``func(t, y)`` once per solve. It converts between the flat PETSc state and the
 user's tensors (shape, dtype, device), maps PETSc's always-increasing time onto the user's time
@@ -12,11 +12,12 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from .bridge import StateLayout
+from .bridge import PETSC_EPS, StateLayout
 from .errors import InputError
 
-# Relative difference below which two PETSc times denote the same stage time (a few ulps).
-_TIME_MATCH = 1e-13
+# Relative difference below which two PETSc times denote the same stage time (a few hundred ulps
+# of PETSc's real type, which holds the times).
+_TIME_MATCH = max(1e-13, 100 * PETSC_EPS)
 
 
 @dataclass

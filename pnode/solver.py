@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._compat import PETSc, converged_reason_name, has_revolve
-from .bridge import PETSC_DTYPE, tensor_into_vec, vec_key, vec_view, writable_view
+from .bridge import PETSC_DTYPE, PETSC_EPS, tensor_into_vec, vec_key, vec_view, writable_view
 from .errors import CallbackErrorTrap, InputError, SolverError
 from .methods import Method
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
@@ -25,8 +25,18 @@ from .options import scoped_options
 from .rhs import RHS
 
 # A step is stretched to the output time when it would stop short by less than this fraction of
-# itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0).
-_SLIVER = 1e-8
+# itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0 in
+# float64, 1e-7 in a single-precision PETSc, whose times are float32).
+_SLIVER = max(1e-8, 100 * PETSC_EPS)
+
+
+def _same_time(a: float, b: float) -> bool:
+    """Whether two PETSc times are equal up to the round-off of PETSc's real type (a few ulps).
+
+    PETSc adds a step to its time in its own real type; in a single-precision build that sum can
+    differ from the same sum in Python's float64 by an ulp.
+    """
+    return abs(a - b) <= 4 * PETSC_EPS * max(1.0, abs(a), abs(b))
 
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly.
 _RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
@@ -282,7 +292,7 @@ class Solver:
         if self._forced_times is not None:
             return
         self._record.step_times.append(tau)
-        at_output = self._segment_end is not None and tau == self._segment_end
+        at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
         if self._store is not None and not at_output:
             self._store.offer(ts.getStepNumber(), vec_view(ts.getSolution()))
         if at_output:

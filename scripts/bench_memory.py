@@ -16,7 +16,10 @@ Rows (each one configuration, run in a fresh process so that the peak RSS is its
   re-taken step drops its stage graphs and the adjoint evaluates each stage again (less memory,
   one more evaluation per stage); euler and rk4 at 16 steps (``--no-lean-rows``: not);
 * torchdiffeq odeint (backprop through the solver) and odeint_adjoint (continuous adjoint);
-  euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5.
+  euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5;
+* with ``--single-python PYTHON``, every pnode CPU row once more, run by an interpreter whose
+  PETSc is a single-precision build ("float32 PETSc"): PETSc then integrates, stores and sums in
+  float32, as torchdiffeq does, instead of float64.
 
 Fixed-step rows take ``step_size = 1/steps`` (``--steps``, default 4, 16, 64); adaptive rows use
 rtol = atol = ``--tol`` (1e-3). Columns:
@@ -120,6 +123,8 @@ class Config:
         repeats: timed training steps (the median is reported).
         threads: torch intra-op threads.
         grad_check: whether to compute the gradient error.
+        petsc: '' for the PETSc of the interpreter running the benchmark, 'single' for a pnode row
+            run by ``--single-python`` (a single-precision PETSc build).
     """
 
     family: str
@@ -134,10 +139,12 @@ class Config:
     repeats: int = 3
     threads: int = 1
     grad_check: bool = True
+    petsc: str = ""
 
     @property
     def label(self) -> str:
-        return family_label(self.family, self.checkpoints)
+        label = family_label(self.family, self.checkpoints)
+        return label[:-1] + ", float32 PETSc)" if self.petsc == "single" else label
 
     @property
     def is_pnode(self) -> bool:
@@ -511,12 +518,26 @@ def pnode_solver(func: nn.Module, steps: int, checkpoints: Optional[int]) -> Cal
     return solve
 
 
+def check_precision(config: Config) -> None:
+    """A 'single' row must run on a single-precision PETSc (and a default row on a double one)."""
+    if not config.is_pnode:
+        return
+    from petsc4py import PETSc
+
+    real = PETSc.RealType.__name__
+    wanted = "float32" if config.petsc == "single" else "float64"
+    if real != wanted:
+        raise RuntimeError(f"{sys.executable} runs a {real} PETSc, this row needs {wanted} "
+                           "(--single-python: an interpreter from PETSC_PRECISION=single bash scripts/setup.sh)")
+
+
 def worker_main(spec: str) -> None:
     config = Config(**json.loads(spec))
     # pnode initialises PETSc from sys.argv on import: keep the worker's own flags out of it.
     sys.argv = sys.argv[:1]
     torch.set_num_threads(config.threads)
     try:
+        check_precision(config)
         result = run_float64_check(config) if config.family == FLOAT64_CHECK else run_config(config)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error message
         traceback.print_exc()
@@ -541,9 +562,11 @@ def configurations(args: argparse.Namespace) -> List[Config]:
                         families.append("pnode-K")
                         if args.lean_rows and method in ("euler", "rk4") and steps == 16:
                             families.append("pnode-K-lean")
+                variants = [(family, petsc) for family in families
+                            for petsc in ("", "single")[:2 if args.single_python and device == "cpu" else 1]]
                 if args.only in (None, "torchdiffeq") and method in TORCHDIFFEQ_METHODS:
-                    families += ["odeint", "odeint_adjoint"]
-                configs += [Config(family, method, steps, device, **common) for family in families]
+                    variants += [("odeint", ""), ("odeint_adjoint", "")]
+                configs += [Config(family, method, steps, device, **common, petsc=petsc) for family, petsc in variants]
     return configs
 
 
@@ -552,8 +575,10 @@ def float64_config(args: argparse.Namespace) -> Config:
                   size=min(args.size, 8), checkpoints=args.checkpoints or 4, threads=args.threads)
 
 
-def run_worker(config: Config, timeout: float) -> Dict[str, object]:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(asdict(config))]
+def run_worker(config: Config, timeout: float, interpreters: Dict[str, str]) -> Dict[str, object]:
+    """Run one row in a fresh process of the interpreter for its PETSc (``interpreters[config.petsc]``)."""
+    python = interpreters.get(config.petsc, sys.executable)
+    command = [python, os.path.abspath(__file__), "--worker", json.dumps(asdict(config))]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -581,21 +606,22 @@ def progress_line(index: int, total: int, config: Config, result: Dict[str, obje
             f"({seconds:.0f} s)")
 
 
-def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1) -> List[Tuple[Config, Dict[str, object]]]:
+def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1,
+            interpreters: Optional[Dict[str, str]] = None) -> List[Tuple[Config, Dict[str, object]]]:
     """Run every configuration once per round, round after round (so that a slow spell of the
     machine hits every row alike); a row's time is the median of its rounds' medians. Later
     rounds skip the gradient check."""
     rows = []
     for i, config in enumerate(configs, 1):
         start = time.perf_counter()
-        result = run_worker(config, timeout)
+        result = run_worker(config, timeout, interpreters or {})
         print(progress_line(i, len(configs), config, result, time.perf_counter() - start), file=sys.stderr, flush=True)
         rows.append((config, result))
     for round_number in range(2, rounds + 1):
         for i, (config, result) in enumerate(rows, 1):
             if "error" in result or config.family == FLOAT64_CHECK:
                 continue
-            again = run_worker(Config(**{**asdict(config), "grad_check": False}), timeout)
+            again = run_worker(Config(**{**asdict(config), "grad_check": False}), timeout, interpreters or {})
             print(f"round {round_number}: " + progress_line(i, len(rows), config, again, 0.0), file=sys.stderr,
                   flush=True)
             if "error" not in again:
@@ -633,7 +659,8 @@ def grad_cell(config: Config, result: Dict[str, object]) -> str:
 
 def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
     config = row[0]
-    return (config.device, METHOD_ORDER.index(config.method), config.steps or 10**9, FAMILIES.index(config.family))
+    return (config.device, METHOD_ORDER.index(config.method), config.steps or 10**9, FAMILIES.index(config.family),
+            config.petsc)
 
 
 def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
@@ -662,13 +689,14 @@ def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
 
 
 class Rows:
-    """Look-up of finished rows by (family, method, steps, device)."""
+    """Look-up of finished rows by (family, method, steps, device, petsc)."""
 
     def __init__(self, rows: Sequence[Tuple[Config, Dict[str, object]]]):
-        self.by_key = {(c.family, c.method, c.steps, c.device): r for c, r in rows if "error" not in r}
+        self.by_key = {(c.family, c.method, c.steps, c.device, c.petsc): r for c, r in rows if "error" not in r}
 
-    def get(self, family: str, method: str, steps: Optional[int], device: str) -> Optional[Dict[str, object]]:
-        return self.by_key.get((family, method, steps, device))
+    def get(self, family: str, method: str, steps: Optional[int], device: str,
+            petsc: str = "") -> Optional[Dict[str, object]]:
+        return self.by_key.get((family, method, steps, device, petsc if family.startswith("pnode") else ""))
 
 
 def ratio_check(name: str, num: Optional[dict], den: Optional[dict], key: str, bound: float,
@@ -676,59 +704,65 @@ def ratio_check(name: str, num: Optional[dict], den: Optional[dict], key: str, b
     if num is None or den is None or not den[key]:
         return name, "not measured", ""
     value = num[key] / den[key]
-    return name, f"{value:.2f}{extra}", "✓" if value <= bound else "✗"
+    shown = f"{value:.2f}" if abs(value - bound) >= 0.005 else f"{value:.3f}"  # 1.504 is not "1.50"
+    return name, f"{shown}{extra}", "✓" if value <= bound else "✗"
 
 
 def acceptance_rows(rows: Sequence[Tuple[Config, Dict[str, object]]], args: argparse.Namespace,
                     float64: Optional[Dict[str, object]]) -> List[Tuple[str, str, str]]:
     look = Rows(rows)
-    k, tol = args.checkpoints, f"{args.tol:g}"
     checks = []
     for device in args.devices:
         on = "" if len(args.devices) == 1 else f" [{device}]"
-        store, ckpt = "pnode (store all)", f"pnode (K={k})"
-        checks.append(ratio_check(f"rk4, 16 steps: time {store} / torchdiffeq odeint_adjoint ≤ 1.05{on}",
-                                  look.get("pnode", "rk4", 16, device), look.get("odeint_adjoint", "rk4", 16, device),
-                                  "time_s", 1.05))
-        checks.append(ratio_check(f"rk4, 16 steps: peak memory {store} / torchdiffeq odeint ≤ 0.35{on}",
-                                  look.get("pnode", "rk4", 16, device), look.get("odeint", "rk4", 16, device),
-                                  "peak_mb", 0.35))
-        checks.append(ratio_check(f"rk4, 16 steps: peak memory {ckpt} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
-                                  look.get("pnode-K", "rk4", 16, device),
-                                  look.get("odeint_adjoint", "rk4", 16, device), "peak_mb", 1.5))
-        lean = f"pnode (K={k}, stages re-evaluated)"
-        if look.get("pnode-K-lean", "rk4", 16, device):
-            checks.append(ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
-                                      look.get("pnode-K-lean", "rk4", 16, device),
-                                      look.get("odeint_adjoint", "rk4", 16, device), "peak_mb", 1.5))
-            checks.append(ratio_check(f"rk4, 16 steps: time {lean} / {store} ≤ 1.5{on}",
-                                      look.get("pnode-K-lean", "rk4", 16, device),
-                                      look.get("pnode", "rk4", 16, device), "time_s", 1.5))
-        checks.append(dopri5_check(look, device, tol, on))
-        for method in [m for m in METHOD_ORDER if m in args.checkpoint_methods and m not in ADAPTIVE]:
-            checks.append(ratio_check(f"{method}, {ckpt}: peak memory at 64 steps / at 4 steps ≤ 1.10{on}",
-                                      look.get("pnode-K", method, 64, device), look.get("pnode-K", method, 4, device),
-                                      "peak_mb", 1.10))
-            for steps in args.steps:
-                checks.append(ratio_check(f"{method}, {steps} steps: time {ckpt} / {store} ≤ 1.5{on}",
-                                          look.get("pnode-K", method, steps, device),
-                                          look.get("pnode", method, steps, device), "time_s", 1.5))
-        if "dopri5" in args.checkpoint_methods:
-            checks.append(ratio_check(f"dopri5 rtol=atol={tol}: time {ckpt} / {store} ≤ 1.5{on}",
-                                      look.get("pnode-K", "dopri5", None, device),
-                                      look.get("pnode", "dopri5", None, device), "time_s", 1.5))
+        for petsc in sorted({c.petsc for c, _ in rows if c.device == device and c.is_pnode}):
+            checks += pnode_checks(look, args, device, petsc, on)
     checks += gradient_checks(rows)
     checks += float64_checks(float64)
     return checks
 
 
-def dopri5_check(look: Rows, device: str, tol: str, on: str) -> Tuple[str, str, str]:
-    ours, theirs = look.get("pnode", "dopri5", None, device), look.get("odeint_adjoint", "dopri5", None, device)
+def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, on: str) -> List[Tuple[str, str, str]]:
+    """The issue's ratios for the pnode rows of one device and one PETSc build (``petsc``)."""
+    k, tol = args.checkpoints, f"{args.tol:g}"
+
+    def row(family: str, method: str, steps: Optional[int]) -> Optional[Dict[str, object]]:
+        return look.get(family, method, steps, device, petsc)
+
+    def name(family: str) -> str:
+        return Config(family, "rk4", None, petsc=petsc, checkpoints=k).label
+
+    store, ckpt, lean = name("pnode"), name("pnode-K"), name("pnode-K-lean")
+    checks = [
+        ratio_check(f"rk4, 16 steps: time {store} / torchdiffeq odeint_adjoint ≤ 1.05{on}",
+                    row("pnode", "rk4", 16), row("odeint_adjoint", "rk4", 16), "time_s", 1.05),
+        ratio_check(f"rk4, 16 steps: peak memory {store} / torchdiffeq odeint ≤ 0.35{on}",
+                    row("pnode", "rk4", 16), row("odeint", "rk4", 16), "peak_mb", 0.35),
+        ratio_check(f"rk4, 16 steps: peak memory {ckpt} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
+                    row("pnode-K", "rk4", 16), row("odeint_adjoint", "rk4", 16), "peak_mb", 1.5)]
+    if row("pnode-K-lean", "rk4", 16):
+        checks += [ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
+                               row("pnode-K-lean", "rk4", 16), row("odeint_adjoint", "rk4", 16), "peak_mb", 1.5),
+                   ratio_check(f"rk4, 16 steps: time {lean} / {store} ≤ 1.5{on}",
+                               row("pnode-K-lean", "rk4", 16), row("pnode", "rk4", 16), "time_s", 1.5)]
+    checks.append(dopri5_check(row("pnode", "dopri5", None), row("odeint_adjoint", "dopri5", None), store, tol, on))
+    for method in [m for m in METHOD_ORDER if m in args.checkpoint_methods and m not in ADAPTIVE]:
+        checks.append(ratio_check(f"{method}, {ckpt}: peak memory at 64 steps / at 4 steps ≤ 1.10{on}",
+                                  row("pnode-K", method, 64), row("pnode-K", method, 4), "peak_mb", 1.10))
+        for steps in args.steps:
+            checks.append(ratio_check(f"{method}, {steps} steps: time {ckpt} / {store} ≤ 1.5{on}",
+                                      row("pnode-K", method, steps), row("pnode", method, steps), "time_s", 1.5))
+    if "dopri5" in args.checkpoint_methods:
+        checks.append(ratio_check(f"dopri5 rtol=atol={tol}: time {ckpt} / {store} ≤ 1.5{on}",
+                                  row("pnode-K", "dopri5", None), row("pnode", "dopri5", None), "time_s", 1.5))
+    return checks
+
+
+def dopri5_check(ours: Optional[dict], theirs: Optional[dict], store: str, tol: str, on: str) -> Tuple[str, str, str]:
     extra = ""
     if ours and theirs:
         extra = (f" (NFE-F/NFE-B: pnode {ours['nfe_f']}/{ours['nfe_b']}, "
                  f"torchdiffeq {theirs['nfe_f']}/{theirs['nfe_b']})")
-    return ratio_check(f"dopri5 rtol=atol={tol}: time pnode (store all) / torchdiffeq odeint_adjoint ≤ 0.7{on}",
+    return ratio_check(f"dopri5 rtol=atol={tol}: time {store} / torchdiffeq odeint_adjoint ≤ 0.7{on}",
                        ours, theirs, "time_s", 0.7, extra)
 
 
@@ -796,8 +830,10 @@ def machine_line(args: argparse.Namespace) -> str:
         except metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if "cuda" in args.devices else ""
+    single = (f"; float32 PETSc rows: {os.path.relpath(args.single_python)} (PETSc {metadata.version('petsc4py')}, "
+              "--with-precision=single)" if args.single_python else "")
     return (f"{os.cpu_count()} CPUs ({cpu}){gpu}; {', '.join(versions)}; torch threads {args.threads}; "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}{single}")
 
 
 def workload_line(args: argparse.Namespace) -> str:
@@ -827,6 +863,7 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"pnode": "tab:blue", "pnode-K": "tab:green", "pnode-K-lean": "tab:olive", "odeint": "tab:red",
+              "pnode single": "tab:purple", "pnode-K single": "tab:cyan", "pnode-K-lean single": "tab:pink",
               "odeint_adjoint": "tab:orange"}
     markers = {"euler": "o", "rk4": "s", "dopri5": "*", "cn": "^"}
     lines = {"euler": ":", "rk4": "-", "dopri5": "none", "cn": "-."}
@@ -835,8 +872,9 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     for config, result in rows:
         steps = config.steps or result.get("steps_taken") or result.get("steps_tried")
         if "error" not in result and steps:
-            groups.setdefault((config.device, config.family, config.method, config.label), []).append((steps, result))
-    order = {key: (key[0], FAMILIES.index(key[1]), METHOD_ORDER.index(key[2])) for key in groups}
+            family = config.family + (" single" if config.petsc == "single" else "")
+            groups.setdefault((config.device, family, config.method, config.label), []).append((steps, result))
+    order = {key: (key[0], FAMILIES.index(key[1].split()[0]), key[1], METHOD_ORDER.index(key[2])) for key in groups}
     for (device, family, method, label), points in sorted(groups.items(), key=lambda item: order[item[0]]):
         points.sort(key=lambda p: p[0])
         adaptive = method in ADAPTIVE
@@ -885,6 +923,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--no-lean-rows", dest="lean_rows", action="store_false",
                         help="leave out the K rows whose re-taken steps drop their stage graphs "
                              "(options['checkpoint_graphs'] = False; euler and rk4, 16 steps)")
+    parser.add_argument("--single-python", metavar="PYTHON",
+                        help="also run every pnode CPU row with this interpreter, whose petsc4py is a "
+                             "single-precision PETSc (PETSC_PRECISION=single VENV=.venv-single bash scripts/setup.sh "
+                             "makes .venv-single/bin/python); rows labelled 'float32 PETSc'")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run all rows this many times, interleaved; time: median over rounds (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
@@ -919,7 +961,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     configs = configurations(args)
     if args.float64_check:
         configs.append(float64_config(args))
-    results = run_all(configs, args.timeout, args.rounds)
+    results = run_all(configs, args.timeout, args.rounds, {"single": args.single_python} if args.single_python else {})
     float64 = next((r for c, r in results if c.family == FLOAT64_CHECK), None)
     rows = [(c, r) for c, r in results if c.family != FLOAT64_CHECK]
     body = report(rows, acceptance_rows(rows, args, float64), args)

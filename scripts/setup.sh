@@ -3,12 +3,20 @@
 #   Debian MPI/BLAS packages (+ patchelf, which PETSc's wheel build calls) -> .venv -> torch 2.14.1 -> PETSc/petsc4py 3.26.1 -> mpi4py -> pnode[test].
 # A petsc4py that the base interpreter can already import (cluster module, conda) is used as it is.
 # Environment: PYTHON (base interpreter, default python3), VENV (default .venv at the repo root),
-#              PETSC_VERSION (default 3.26.1).
+#              PETSC_VERSION (default 3.26.1), PETSC_PRECISION (double, the default, or single: a
+#              float32 PETSc for float32 training, built without pip's wheel cache so that it never
+#              picks up a cached double-precision wheel; give it its own VENV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 PETSC_VERSION=${PETSC_VERSION:-3.26.1}
+PETSC_PRECISION=${PETSC_PRECISION:-double}
+case "$PETSC_PRECISION" in
+    double) PRECISION_OPTS=""; PETSC_PIP_EXTRA=() ;;
+    single) PRECISION_OPTS=" --with-precision=single"; PETSC_PIP_EXTRA=(--no-cache-dir) ;;
+    *) echo "[setup] PETSC_PRECISION must be double or single, not '$PETSC_PRECISION'" >&2; exit 2 ;;
+esac
 STAMP="$VENV/.pnode-setup-done"
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -54,10 +62,10 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 fi
 if ! "$VENV/bin/python" -c 'import petsc4py' 2>/dev/null; then
-    log "building PETSc $PETSC_VERSION and petsc4py (about 11 minutes the first time; pip caches the wheels)"
-    PETSC_CONFIGURE_OPTIONS="${PETSC_CONFIGURE_OPTIONS:---with-fc=0 --with-debugging=0}" \
-        "${PIP[@]}" --no-build-isolation "petsc==$PETSC_VERSION"
-    "${PIP[@]}" --no-build-isolation "petsc4py==$PETSC_VERSION"
+    log "building PETSc $PETSC_VERSION ($PETSC_PRECISION) and petsc4py (about 11 minutes the first time; pip caches the double-precision wheels)"
+    PETSC_CONFIGURE_OPTIONS="${PETSC_CONFIGURE_OPTIONS:---with-fc=0 --with-debugging=0}$PRECISION_OPTS" \
+        "${PIP[@]}" --no-build-isolation "${PETSC_PIP_EXTRA[@]}" "petsc==$PETSC_VERSION"
+    "${PIP[@]}" --no-build-isolation "${PETSC_PIP_EXTRA[@]}" "petsc4py==$PETSC_VERSION"
 fi
 if ! "$VENV/bin/python" -c 'import mpi4py' 2>/dev/null; then
     "${PIP[@]}" mpi4py
