@@ -261,6 +261,10 @@ class Solver:
             self.trap.call(self._force_next_step, ts)
             return
         tau, dt = ts.getTime(), ts.getTimeStep()
+        if self.config.step_size is not None and not self.config.adaptive:
+            # Steps of exactly step_size, the last one of an interval cut (torchdiffeq's grid).
+            # PETSc would instead split the last two steps before its final time evenly.
+            dt = self.config.step_size
         target = self._record.taus[len(self._record.step_of_output)]
         remaining = target - tau
         if dt >= remaining or remaining - dt < _SLIVER * dt:
@@ -268,6 +272,7 @@ class Solver:
             self._segment_end = tau + remaining
             self._uncut_step = dt
         else:
+            ts.setTimeStep(dt)
             self._segment_end = None
 
     def _force_next_step(self, ts) -> None:

@@ -1,0 +1,94 @@
+"""pnode on either PETSc precision: the default float64 build and a single-precision (float32) one.
+
+Every test here runs on whichever build this interpreter's petsc4py has, with tolerances scaled
+by that build's machine epsilon; ``scripts/test_petsc_single.sh`` runs them on a single-precision
+build (PETSc keeps both the state and the time in float32 there).
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+from problems import MLPField, stable_matrix
+from references import TABLEAUS, rk_solve
+
+import pnode
+from pnode._compat import PETSc
+from pnode.bridge import PETSC_DTYPE, PETSC_EPS
+
+SINGLE = PETSC_EPS > 1e-10
+
+
+def test_precision_constants_follow_the_build():
+    assert PETSC_EPS == float(np.finfo(PETSc.RealType).eps)
+    assert PETSC_DTYPE == torch.from_numpy(np.zeros(1, dtype=PETSc.ScalarType)).dtype
+    assert PETSC_DTYPE == (torch.float32 if SINGLE else torch.float64)
+
+
+class Counted(torch.nn.Module):
+    def __init__(self, func):
+        super().__init__()
+        self.func = func
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.func(t, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_at_times_that_are_not_binary_fractions(dtype):
+    """0.1, 0.2, ... are inexact in binary, and in a float32 PETSc its time sums round differently
+    from float64's: every output must still be hit with no extra sliver step, and be accurate."""
+    A = stable_matrix(3)
+    y0 = torch.randn(3, dtype=torch.float64)
+    t = torch.linspace(0, 1, 11, dtype=dtype)
+    field = Counted(lambda t, y: y @ A.to(y.dtype).T)
+    ys = pnode.odeint(field, y0.to(dtype), t, method="rk4", options={"step_size": 0.03})
+    # 0.1 / 0.03: three full steps and one cut step per interval, four evaluations each.
+    assert field.calls == 10 * 4 * 4
+    exact = torch.stack([torch.linalg.matrix_exp(A * float(ti)) @ y0 for ti in t.double()])
+    scale = float(exact.abs().max())
+    # rk4's error at h = 0.03 is ~1e-7 here; round-off is the larger of the two dtypes' epsilons.
+    tol = 1e-6 + 50 * max(PETSC_EPS, torch.finfo(dtype).eps)
+    assert float((ys.double() - exact).abs().max()) <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_gradients_match_autograd_through_the_same_steps(method, dtype):
+    func = MLPField().to(dtype)
+    y0 = torch.randn(2, 3, dtype=dtype, requires_grad=True)
+    t = torch.tensor([0.0, 0.35, 1.0], dtype=dtype)
+    h = 0.1
+    params = (y0, *func.parameters())
+    out = pnode.odeint_adjoint(func, y0, t, method=method, options={"step_size": h})
+    got = torch.autograd.grad(out.pow(2).sum(), params)
+    # the reference runs in float64 whatever the state's dtype
+    ref_func = MLPField().double()
+    ref_func.load_state_dict({k: v.double() for k, v in func.state_dict().items()})
+    y0_ref = y0.detach().double().requires_grad_(True)
+    ref_out = rk_solve(ref_func, y0_ref, [0.0, 0.35, 1.0], h, TABLEAUS[method])
+    want = torch.autograd.grad(ref_out.pow(2).sum(), (y0_ref, *ref_func.parameters()))
+    # relative round-off of ~20 steps in the coarser of PETSc's and the state's precision
+    tol = 1e3 * max(PETSC_EPS, torch.finfo(dtype).eps)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert rel_err(g, w) <= tol
+
+
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.05}), ("dopri5", {}), ("cn", {"step_size": 0.1})])
+def test_checkpointed_gradients_equal_store_all(method, options):
+    """The recomputed steps repeat the forward arithmetic in PETSc's precision too."""
+    func = MLPField()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    params = (y0, *func.double().parameters())
+
+    def grads(extra):
+        out = pnode.odeint_adjoint(func, y0, t, method=method, rtol=1e-4, atol=1e-4,
+                                   options={**options, **extra})
+        return torch.autograd.grad(out.pow(2).sum(), params)
+
+    for a, b in zip(grads({"checkpoints": 3}), grads({})):
+        assert rel_err(a, b) <= 10 * PETSC_EPS
