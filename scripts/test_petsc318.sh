@@ -28,4 +28,4 @@ if [ ! -f "$VENV/.pnode-setup-done" ]; then
 fi
 "$VENV/bin/python" -c 'import petsc4py; print("petsc4py", petsc4py.__version__)'
 exec "$VENV/bin/python" -m pytest -q tests/test_gradients.py tests/test_errors.py tests/test_options.py \
-    tests/test_checkpoint.py tests/test_reuse.py "$@"
+    tests/test_checkpoint.py tests/test_reuse.py tests/test_precision.py "$@"

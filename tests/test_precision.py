@@ -5,6 +5,8 @@ by that build's machine epsilon; ``scripts/test_petsc_single.sh`` runs them on a
 build (PETSc keeps both the state and the time in float32 there).
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,10 @@ def test_precision_constants_follow_the_build():
     assert PETSC_EPS == float(np.finfo(PETSc.RealType).eps)
     assert PETSC_DTYPE == torch.from_numpy(np.zeros(1, dtype=PETSc.ScalarType)).dtype
     assert PETSC_DTYPE == (torch.float32 if SINGLE else torch.float64)
+    # scripts/test_petsc_single.sh sets this: its build must really be a single-precision one
+    expected = os.environ.get("PNODE_EXPECT_PETSC_PRECISION")
+    if expected:
+        assert ("single" if SINGLE else "double") == expected
 
 
 class Counted(torch.nn.Module):
