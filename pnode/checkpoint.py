@@ -138,8 +138,9 @@ class CheckpointedAdjoint:
             right-hand side; it advances between checkpoints without a trajectory, and re-takes
             and reverses one step with one.
         checkpoints: K, the most trajectory states held at once (output states not counted), K >= 1.
-        keep_graphs: whether a re-taken step keeps its stage graphs for the adjoint's VJPs
-            (explicit methods; otherwise the adjoint evaluates each stage again, with less memory).
+        keep_graphs: how many stage graphs of a re-taken step are kept for the adjoint's VJPs
+            (explicit methods): ``None`` all, ``n`` the last ``n`` stages'; the adjoint evaluates
+            the other stages again (less memory: fewer graphs held at once).
 
     Attributes:
         advanced_steps: steps recomputed to reach checkpoints (excluding the one re-take per step).
@@ -147,7 +148,7 @@ class CheckpointedAdjoint:
         peak_stored: the most trajectory states held at once during the adjoint.
     """
 
-    def __init__(self, solver: Solver, checkpoints: int, keep_graphs: bool = True):
+    def __init__(self, solver: Solver, checkpoints: int, keep_graphs: Optional[int] = None):
         self.solver = solver
         self.keep_graphs = keep_graphs
         self.rhs = solver.rhs

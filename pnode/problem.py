@@ -53,9 +53,10 @@ class Problem:
         counter: where evaluations are counted.
         checkpoints: pnode's checkpoint budget K (at most K trajectory states held at once, see
             :mod:`pnode.checkpoint`), or ``None``: PETSc's trajectory stores every step.
-        checkpoint_graphs: with checkpoints and an explicit method, whether a re-taken step keeps
-            its stage graphs for the adjoint (no stage evaluated twice) or drops them (the adjoint
-            evaluates each stage again; less memory: no step's graphs are held together).
+        checkpoint_graphs: with checkpoints and an explicit method, how many stage graphs of a
+            re-taken step are kept for the adjoint: ``None`` all (no stage evaluated twice), ``n``
+            the last ``n`` stages' (the adjoint evaluates the others again; fewer graphs held at
+            once, so less memory), 0 none.
     """
 
     func: Callable
@@ -69,7 +70,7 @@ class Problem:
     params: Tuple[torch.Tensor, ...]
     counter: EvaluationCounter
     checkpoints: Optional[int] = None
-    checkpoint_graphs: bool = True
+    checkpoint_graphs: Optional[int] = None
 
 
 def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), prefix=None,
@@ -114,17 +115,25 @@ def _pnode_option(key: str, value, prefix: str) -> Tuple[object, str]:
     return value, f"options[{key!r}]"
 
 
-def _checkpoint_graphs(value, prefix: str) -> bool:
-    """``-<prefix>pnode_checkpoint_graphs``, else ``-pnode_checkpoint_graphs``, else ``value`` (a bool)."""
+def _checkpoint_graphs(value, prefix: str) -> Optional[int]:
+    """``-<prefix>pnode_checkpoint_graphs``, else ``-pnode_checkpoint_graphs``, else ``value``.
+
+    ``True``/'true'/'yes'/'all': keep every stage graph (``None``); ``False``/'false'/'no'/'none':
+    none (0); an integer ``n >= 0`` (or its text): the last ``n``.
+    """
     value, source = _pnode_option("checkpoint_graphs", value, prefix)
     if isinstance(value, bool):
+        return None if value else 0
+    words = {"true": None, "yes": None, "all": None, "false": 0, "no": 0, "none": 0}
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in words:
+            return words[text]
+        value = int(text) if text.isdigit() else value
+    if isinstance(value, int) and value >= 0:
         return value
-    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-    if isinstance(value, str) and value.strip().lower() in words:
-        return words[value.strip().lower()]
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise InputError(f"{source} must be true or false (1 or 0), got {value!r}")
+    raise InputError(f"{source} must be true (keep every stage graph), false (none) or a number of "
+                     f"stage graphs n >= 0 (the last n stages'), got {value!r}")
 
 
 def _checkpoints(value, prefix: str) -> Optional[int]:

@@ -145,6 +145,7 @@ class Solver:
         self._forced_times: Optional[np.ndarray] = None
         self._store = None
         self._graphs: Optional[List] = None
+        self._graph_limit: Optional[int] = None
         self._has_trajectory = record
 
     # ------------------------------------------------------------------ set-up
@@ -219,7 +220,7 @@ class Solver:
             self.param_jacobian.getPythonContext().linearization = None
 
     def drop_graphs(self) -> None:
-        """Free the graphs kept by ``replay(..., keep_graphs=True)``."""
+        """Free the graphs kept by ``replay(..., keep_graphs=...)``."""
         self._graphs = None
 
     # ------------------------------------------------------------------ callbacks
@@ -228,6 +229,8 @@ class Solver:
             if self._graphs is None:
                 tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)), f)
             else:
+                if self._graph_limit is not None and len(self._graphs) >= self._graph_limit:
+                    self._graphs.pop(0)  # before the new graph is built: at most the limit at once
                 value, lin = self.rhs.evaluate_linearized(tau, vec_view(u), vec_key(u))
                 self._graphs.append(lin)
                 tensor_into_vec(value, f)
@@ -323,7 +326,7 @@ class Solver:
         if self.param_jacobian is not None:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
-    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: bool = False,
+    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: Optional[int] = 0,
                copy: bool = True, trajectory: Optional[bool] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
@@ -331,15 +334,18 @@ class Solver:
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
         With a trajectory (``trajectory``, default: ``record``) the steps are left in it for
         :meth:`adjoint_steps`.
-        With ``keep_graphs`` (explicit methods), every evaluation keeps its graph until
-        :meth:`drop_graphs`, so the adjoint of these steps reuses them instead of re-evaluating.
+        With ``keep_graphs`` (explicit methods), evaluations keep their graphs until
+        :meth:`drop_graphs`, so the adjoint of these steps reuses them instead of re-evaluating:
+        ``None`` keeps every graph, ``n > 0`` the last ``n`` (each new one drops the oldest; the
+        adjoint reverses the stages last to first, so it uses those first), 0 none.
 
         Returns:
             the state at ``times[-1]`` (PETSc dtype, CPU): a copy, or with ``copy=False`` a view
             of this solver's solution Vec, valid until its next solve.
         """
         self._use(rhs)
-        self._graphs = [] if keep_graphs and self.explicit else None
+        self._graphs = [] if keep_graphs != 0 and self.explicit else None
+        self._graph_limit = keep_graphs
         self._forced_times = times
         try:
             self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation",

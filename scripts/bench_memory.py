@@ -12,9 +12,11 @@ Rows (each one configuration, run in a fresh process so that the peak RSS is its
   steps, dopri5 adaptive;
 * pnode (K=4): ``options={'checkpoints': K}``, at most K states held, the rest recomputed in the
   backward pass (binomial schedule); euler, rk4, dopri5;
-* pnode (K=4, stages re-evaluated): the same with ``options['checkpoint_graphs'] = False``: a
+* pnode (K=4, stages re-evaluated): the same with ``options['checkpoint_graphs'] = 0``: a
   re-taken step drops its stage graphs and the adjoint evaluates each stage again (less memory,
-  one more evaluation per stage); euler and rk4 at 16 steps (``--no-lean-rows``: not);
+  one more evaluation per stage); euler and rk4 at 16 steps. ``--lean-rows 0,2`` adds
+  "last 2 stage graphs kept" rows (``checkpoint_graphs = 2``: the adjoint evaluates only the
+  other stages again); ``--no-lean-rows``: none;
 * torchdiffeq odeint (backprop through the solver) and odeint_adjoint (continuous adjoint);
   euler, rk4 (torchdiffeq's rk4 is the 3/8 rule) and dopri5;
 * with ``--single-python PYTHON``, every pnode CPU row once more, run by an interpreter whose
@@ -93,6 +95,7 @@ from torch import nn
 # flags from sys.argv first.
 RESULT_TAG = "BENCH_MEMORY_RESULT "
 FAMILIES = ("pnode", "pnode-K", "pnode-K-lean", "odeint", "odeint_adjoint")
+STAGES = {"euler": 1, "rk4": 4}  # stage evaluations per step of the fixed-step methods
 FLOAT64_CHECK = "float64-check"
 METHOD_ORDER = ("euler", "rk4", "dopri5", "cn")
 ADAPTIVE = ("dopri5",)
@@ -125,6 +128,8 @@ class Config:
         grad_check: whether to compute the gradient error.
         petsc: '' for the PETSc of the interpreter running the benchmark, 'single' for a pnode row
             run by ``--single-python`` (a single-precision PETSc build).
+        stage_graphs: of 'pnode-K-lean' rows, how many stage graphs a re-taken step keeps
+            (``options['checkpoint_graphs']``; 0: every stage is evaluated again).
     """
 
     family: str
@@ -140,10 +145,11 @@ class Config:
     threads: int = 1
     grad_check: bool = True
     petsc: str = ""
+    stage_graphs: int = 0
 
     @property
     def label(self) -> str:
-        label = family_label(self.family, self.checkpoints)
+        label = family_label(self.family, self.checkpoints, self.stage_graphs)
         return label[:-1] + ", float32 PETSc)" if self.petsc == "single" else label
 
     @property
@@ -155,9 +161,10 @@ class Config:
         return f"{self.label} {self.method} ({steps}, {self.device})"
 
 
-def family_label(family: str, checkpoints: int) -> str:
+def family_label(family: str, checkpoints: int, stage_graphs: int = 0) -> str:
+    lean = "stages re-evaluated" if stage_graphs == 0 else f"last {stage_graphs} stage graphs kept"
     return {"pnode": "pnode (store all)", "pnode-K": f"pnode (K={checkpoints})",
-            "pnode-K-lean": f"pnode (K={checkpoints}, stages re-evaluated)",
+            "pnode-K-lean": f"pnode (K={checkpoints}, {lean})",
             "odeint": "torchdiffeq odeint", "odeint_adjoint": "torchdiffeq odeint_adjoint",
             FLOAT64_CHECK: "float64 check"}[family]
 
@@ -200,7 +207,7 @@ class Solve:
         if cfg.family in ("pnode-K", "pnode-K-lean"):
             opts["checkpoints"] = cfg.checkpoints
         if cfg.family == "pnode-K-lean":
-            opts["checkpoint_graphs"] = False
+            opts["checkpoint_graphs"] = cfg.stage_graphs
         return opts
 
     def __call__(self, y0: torch.Tensor) -> torch.Tensor:
@@ -560,13 +567,15 @@ def configurations(args: argparse.Namespace) -> List[Config]:
                     families.append("pnode")
                     if args.checkpoints and method in args.checkpoint_methods:
                         families.append("pnode-K")
-                        if args.lean_rows and method in ("euler", "rk4") and steps == 16:
-                            families.append("pnode-K-lean")
-                variants = [(family, petsc) for family in families
+                        if method in ("euler", "rk4") and steps == 16:
+                            families += [("pnode-K-lean", n) for n in args.lean_rows if n < STAGES[method]]
+                families = [f if isinstance(f, tuple) else (f, 0) for f in families]
+                variants = [(family, graphs, petsc) for family, graphs in families
                             for petsc in ("", "single")[:2 if args.single_python and device == "cpu" else 1]]
                 if args.only in (None, "torchdiffeq") and method in TORCHDIFFEQ_METHODS:
-                    variants += [("odeint", ""), ("odeint_adjoint", "")]
-                configs += [Config(family, method, steps, device, **common, petsc=petsc) for family, petsc in variants]
+                    variants += [("odeint", 0, ""), ("odeint_adjoint", 0, "")]
+                configs += [Config(family, method, steps, device, **common, petsc=petsc, stage_graphs=graphs)
+                            for family, graphs, petsc in variants]
     return configs
 
 
@@ -660,7 +669,7 @@ def grad_cell(config: Config, result: Dict[str, object]) -> str:
 def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
     config = row[0]
     return (config.device, METHOD_ORDER.index(config.method), config.steps or 10**9, FAMILIES.index(config.family),
-            config.petsc)
+            config.stage_graphs, config.petsc)
 
 
 def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
@@ -692,11 +701,14 @@ class Rows:
     """Look-up of finished rows by (family, method, steps, device, petsc)."""
 
     def __init__(self, rows: Sequence[Tuple[Config, Dict[str, object]]]):
-        self.by_key = {(c.family, c.method, c.steps, c.device, c.petsc): r for c, r in rows if "error" not in r}
+        self.by_key = {(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs): r
+                       for c, r in rows if "error" not in r}
+        self.stage_graphs = sorted({c.stage_graphs for c, _ in rows if c.family == "pnode-K-lean"})
 
     def get(self, family: str, method: str, steps: Optional[int], device: str,
-            petsc: str = "") -> Optional[Dict[str, object]]:
-        return self.by_key.get((family, method, steps, device, petsc if family.startswith("pnode") else ""))
+            petsc: str = "", stage_graphs: int = 0) -> Optional[Dict[str, object]]:
+        return self.by_key.get((family, method, steps, device, petsc if family.startswith("pnode") else "",
+                                stage_graphs))
 
 
 def ratio_check(name: str, num: Optional[dict], den: Optional[dict], key: str, bound: float,
@@ -725,13 +737,13 @@ def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, 
     """The issue's ratios for the pnode rows of one device and one PETSc build (``petsc``)."""
     k, tol = args.checkpoints, f"{args.tol:g}"
 
-    def row(family: str, method: str, steps: Optional[int]) -> Optional[Dict[str, object]]:
-        return look.get(family, method, steps, device, petsc)
+    def row(family: str, method: str, steps: Optional[int], graphs: int = 0) -> Optional[Dict[str, object]]:
+        return look.get(family, method, steps, device, petsc, graphs)
 
-    def name(family: str) -> str:
-        return Config(family, "rk4", None, petsc=petsc, checkpoints=k).label
+    def name(family: str, graphs: int = 0) -> str:
+        return Config(family, "rk4", None, petsc=petsc, checkpoints=k, stage_graphs=graphs).label
 
-    store, ckpt, lean = name("pnode"), name("pnode-K"), name("pnode-K-lean")
+    store, ckpt = name("pnode"), name("pnode-K")
     checks = [
         ratio_check(f"rk4, 16 steps: time {store} / torchdiffeq odeint_adjoint ≤ 1.05{on}",
                     row("pnode", "rk4", 16), row("odeint_adjoint", "rk4", 16), "time_s", 1.05),
@@ -739,11 +751,14 @@ def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, 
                     row("pnode", "rk4", 16), row("odeint", "rk4", 16), "peak_mb", 0.35),
         ratio_check(f"rk4, 16 steps: peak memory {ckpt} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
                     row("pnode-K", "rk4", 16), row("odeint_adjoint", "rk4", 16), "peak_mb", 1.5)]
-    if row("pnode-K-lean", "rk4", 16):
-        checks += [ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
-                               row("pnode-K-lean", "rk4", 16), row("odeint_adjoint", "rk4", 16), "peak_mb", 1.5),
-                   ratio_check(f"rk4, 16 steps: time {lean} / {store} ≤ 1.5{on}",
-                               row("pnode-K-lean", "rk4", 16), row("pnode", "rk4", 16), "time_s", 1.5)]
+    for n in look.stage_graphs:
+        lean = name("pnode-K-lean", n)
+        if row("pnode-K-lean", "rk4", 16, n):
+            checks += [ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
+                                   row("pnode-K-lean", "rk4", 16, n), row("odeint_adjoint", "rk4", 16), "peak_mb",
+                                   1.5),
+                       ratio_check(f"rk4, 16 steps: time {lean} / {store} ≤ 1.5{on}",
+                                   row("pnode-K-lean", "rk4", 16, n), row("pnode", "rk4", 16), "time_s", 1.5)]
     checks.append(dopri5_check(row("pnode", "dopri5", None), row("odeint_adjoint", "dopri5", None), store, tol, on))
     for method in [m for m in METHOD_ORDER if m in args.checkpoint_methods and m not in ADAPTIVE]:
         checks.append(ratio_check(f"{method}, {ckpt}: peak memory at 64 steps / at 4 steps ≤ 1.10{on}",
@@ -872,15 +887,17 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     for config, result in rows:
         steps = config.steps or result.get("steps_taken") or result.get("steps_tried")
         if "error" not in result and steps:
-            family = config.family + (" single" if config.petsc == "single" else "")
+            family = (config.family + (f" {config.stage_graphs}" if config.stage_graphs else "")
+                      + (" single" if config.petsc == "single" else ""))
             groups.setdefault((config.device, family, config.method, config.label), []).append((steps, result))
     order = {key: (key[0], FAMILIES.index(key[1].split()[0]), key[1], METHOD_ORDER.index(key[2])) for key in groups}
     for (device, family, method, label), points in sorted(groups.items(), key=lambda item: order[item[0]]):
         points.sort(key=lambda p: p[0])
         adaptive = method in ADAPTIVE
         name = f"{label} {method}" + (" (adaptive)" if adaptive else "") + (f" [{device}]" if device != "cpu" else "")
+        color = colors.get(family, "tab:gray" if "single" in family else "tab:brown")
         for ax, key in zip(axes, ("peak_mb", "time_s")):
-            ax.plot([p[0] for p in points], [max(p[1][key], 1e-3) for p in points], color=colors[family],
+            ax.plot([p[0] for p in points], [max(p[1][key], 1e-3) for p in points], color=color,
                     marker=markers[method], linestyle="--" if device != "cpu" and not adaptive else lines[method],
                     markersize=10 if adaptive else 6, label=name)
     for ax, ylabel in zip(axes, ("peak memory of the training step (MB)", "time per training step (s)")):
@@ -920,9 +937,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--devices", type=_list(str), default=default_devices.split(","),
                         help=f"comma-separated (default here: {default_devices})")
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
-    parser.add_argument("--no-lean-rows", dest="lean_rows", action="store_false",
-                        help="leave out the K rows whose re-taken steps drop their stage graphs "
-                             "(options['checkpoint_graphs'] = False; euler and rk4, 16 steps)")
+    parser.add_argument("--lean-rows", type=_list(int), default=[0],
+                        help="stage graphs kept by the extra K rows (options['checkpoint_graphs'] = n; euler and "
+                             "rk4 at 16 steps, n below the method's stage count), comma-separated (default 0: "
+                             "every stage evaluated again)")
+    parser.add_argument("--no-lean-rows", dest="lean_rows", action="store_const", const=[],
+                        help="leave out those rows")
     parser.add_argument("--single-python", metavar="PYTHON",
                         help="also run every pnode CPU row with this interpreter, whose petsc4py is a "
                              "single-precision PETSc (PETSC_PRECISION=single VENV=.venv-single bash scripts/setup.sh "

@@ -162,7 +162,8 @@ def test_checkpointed_rk4_re_evaluates_nothing_beyond_store_everything():
 
 
 @pytest.mark.parametrize("via", ["options", "command line"])
-def test_dropping_stage_graphs_costs_one_evaluation_per_stage_and_keeps_the_gradients(via):
+@pytest.mark.parametrize("graphs", [False, 2])
+def test_dropping_stage_graphs_costs_one_evaluation_per_dropped_stage_and_keeps_the_gradients(graphs, via):
     torch.manual_seed(3)
     func = MLPField().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
@@ -171,9 +172,9 @@ def test_dropping_stage_graphs_costs_one_evaluation_per_stage_and_keeps_the_grad
     for opts in ({"step_size": 0.125}, {"step_size": 0.125, "checkpoints": 8}, {"step_size": 0.125, "checkpoints": 8}):
         if len(results) == 2:
             if via == "options":
-                opts["checkpoint_graphs"] = False
+                opts["checkpoint_graphs"] = graphs
             else:
-                set_option("pnode_checkpoint_graphs", "0")
+                set_option("pnode_checkpoint_graphs", "no" if graphs is False else str(graphs))
         counter = pnode.rhs.EvaluationCounter()
         try:
             ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options=opts, _counter=counter)
@@ -183,16 +184,47 @@ def test_dropping_stage_graphs_costs_one_evaluation_per_stage_and_keeps_the_grad
         results.append((counter.forward, counter.backward, grads))
     (f_all, b_all, g_all), (f_keep, b_keep, g_keep), (f_drop, b_drop, g_drop) = results
     assert (f_keep, b_keep) == (f_all, b_all)  # kept graphs: no evaluation beyond store-all
-    assert (f_drop, b_drop) == (f_all + 32, b_all)  # dropped: 8 steps x 4 stages evaluated again
+    if graphs is False:
+        assert (f_drop, b_drop) == (f_all + 32, b_all)  # 8 steps x 4 stages evaluated again
+    else:
+        # the re-take builds all 4 stage graphs, keeps the last 2: 8 steps x 2 stages linearised again
+        assert (f_drop, b_drop) == (f_all, b_all + 16)
     for a, b in zip(g_drop, g_all):
         assert rel_err(a, b) < 1e-12
 
 
-def test_bad_checkpoint_graphs_value_is_reported():
+def test_kept_stage_graphs_are_the_last_ones_and_at_most_the_limit():
+    torch.manual_seed(3)
+    # a state size no other test uses: the solver is built here, after the watch is in place
+    func = MLPField(dim=7).double()
+    y0 = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    held = []
+    original = pnode.solver.Solver._rhs_function
+
+    def watch(self, ts, tau, u, f):
+        original(self, ts, tau, u, f)
+        if self._graphs is not None:
+            held.append([lin.tau for lin in self._graphs])
+
+    pnode.solver.Solver._rhs_function = watch
+    try:
+        ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 0.25], dtype=torch.float64), method="rk4",
+                                  options={"step_size": 0.125, "checkpoints": 1, "checkpoint_graphs": 3})
+        ys.sum().backward()
+    finally:
+        pnode.solver.Solver._rhs_function = original
+    assert max(len(h) for h in held) == 3
+    # after a re-taken rk4 step from tau: the stages at tau + h/2, tau + h/2 and tau + h
+    last = held[-1]
+    assert last[0] == pytest.approx(last[1]) and last[2] == pytest.approx(last[0] + 0.0625)
+
+
+@pytest.mark.parametrize("value", ["sometimes", -1, 1.5])
+def test_bad_checkpoint_graphs_value_is_reported(value):
     y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(pnode.InputError, match="checkpoint_graphs.*true or false"):
+    with pytest.raises(pnode.InputError, match="checkpoint_graphs.*true.*false.*number of stage graphs"):
         pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
-                             options={"checkpoints": 2, "checkpoint_graphs": "sometimes"})
+                             options={"checkpoints": 2, "checkpoint_graphs": value})
 
 
 def set_option(name, value):
