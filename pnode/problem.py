@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bridge import StateLayout, layout_of
+from ._compat import PETSc
+from .bridge import PETSC_EPS, StateLayout, layout_of
 from .distributed import resolve_comm
 from .errors import InputError
 from .methods import resolve_method
@@ -222,11 +223,32 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str) -> So
             raise InputError(f"options[{key!r}] is a torchdiffeq option pnode cannot honour: "
                              f"{_UNSUPPORTED_OPTIONS[key]}")
         petsc[key.lstrip("-")] = opts.pop(key)
+    _warn_below_resolution(petsc)
     return SolverConfig(method=method, rtol=rtol, atol=atol, step_size=step_size, first_step=first_step,
                         min_step=min_step, max_step=max_step,
                         max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
                         petsc_options=tuple(sorted((k, option_value(v)) for k, v in petsc.items())),
                         prefix=prefix)
+
+
+def _warn_below_resolution(petsc: Dict[str, object]) -> None:
+    """Warn about Newton/Krylov relative tolerances finer than PETSc's real type can resolve.
+
+    In a single-precision PETSc a ``ksp_rtol`` of 1e-8 cannot be reached: every linear solve then
+    runs to ``ksp_max_it`` (many JVPs per step) instead of stopping at float32 round-off.
+    """
+    floor = 4 * PETSC_EPS
+    for key, value in petsc.items():
+        if key.endswith(("ksp_rtol", "snes_rtol")):
+            try:
+                tol = float(value)
+            except (TypeError, ValueError):
+                continue  # PETSc reports a malformed value itself
+            if 0 < tol < floor:
+                warnings.warn(f"options[{key!r}] = {value!r} is below what this PETSc's "
+                              f"{np.dtype(PETSc.RealType).name} can resolve ({floor:.1e}): the solves would "
+                              f"stop at their iteration limits, not at the tolerance; use {floor:.1e} or more",
+                              stacklevel=4)
 
 
 def _positive(value, name, allow_zero=False):

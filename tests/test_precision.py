@@ -89,3 +89,19 @@ def test_checkpointed_gradients_equal_store_all(method, options):
 
     for a, b in zip(grads({"checkpoints": 3}), grads({})):
         assert rel_err(a, b) <= 10 * PETSC_EPS
+
+
+def test_krylov_tolerance_below_the_build_precision_is_warned_about():
+    """1e-8 is fine in float64 and out of reach in float32 (each solve would hit its iteration cap)."""
+    y0 = torch.ones(2, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.1], dtype=torch.float64)
+    options = {"step_size": 0.1, "ksp_rtol": 1e-8, "snes_rtol": 1e-6}
+    if SINGLE:
+        with pytest.warns(UserWarning, match=r"ksp_rtol.*below what this PETSc's float32 can resolve"):
+            pnode.odeint(lambda t, y: -y, y0, t, method="cn", options=options)
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pnode.odeint(lambda t, y: -y, y0, t, method="cn", options=options)
