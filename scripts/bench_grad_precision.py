@@ -73,8 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               "autograd f32 vs autograd f64"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    from pnode.bridge import PETSC_DTYPE
+
     table = (f"Gradient relative error (larger of y0 and parameter parts), ODE-Net block, batch {args.batch}, "
-             f"state {args.channels}x{args.size}x{args.size}, same steps for all three\n\n" + "\n".join(lines))
+             f"state {args.channels}x{args.size}x{args.size}, same steps for all three; PETSc scalar "
+             f"{str(PETSC_DTYPE).replace('torch.', '')}\n\n" + "\n".join(lines))
     print(table)
     if args.markdown:
         with open(args.markdown, "a") as fh:

@@ -882,7 +882,6 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
               "odeint_adjoint": "tab:orange"}
     markers = {"euler": "o", "rk4": "s", "dopri5": "*", "cn": "^"}
     lines = {"euler": ":", "rk4": "-", "dopri5": "none", "cn": "-."}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     groups: Dict[tuple, List[Tuple[float, Dict[str, object]]]] = {}
     for config, result in rows:
         steps = config.steps or result.get("steps_taken") or result.get("steps_tried")
@@ -891,6 +890,9 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
                       + (" single" if config.petsc == "single" else ""))
             groups.setdefault((config.device, family, config.method, config.label), []).append((steps, result))
     order = {key: (key[0], FAMILIES.index(key[1].split()[0]), key[1], METHOD_ORDER.index(key[2])) for key in groups}
+    legend_rows = (len(groups) + 2) // 3
+    legend_inches = 0.3 + 0.17 * legend_rows  # three columns of long labels below the axes
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6 + legend_inches))
     for (device, family, method, label), points in sorted(groups.items(), key=lambda item: order[item[0]]):
         points.sort(key=lambda p: p[0])
         adaptive = method in ADAPTIVE
@@ -907,10 +909,39 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 3) // 4), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_inches / (4.6 + legend_inches), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def rows_from_markdown(path: str) -> List[Tuple[Config, Dict[str, object]]]:
+    """The time and memory of the rows of a results table this script wrote (for ``--replot``).
+
+    Only what the plot needs is read back: family, method, steps, PETSc build, kept stage graphs,
+    time and peak memory. Failed rows are skipped.
+    """
+    labels = {}
+    for family in FAMILIES:
+        for petsc in ("", "single"):
+            for graphs in ((0, 1, 2, 3) if family == "pnode-K-lean" else (0,)):
+                for k in range(1, 65):
+                    config = Config(family, "rk4", None, petsc=petsc, stage_graphs=graphs, checkpoints=k)
+                    labels[config.label] = config
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) < 5 or cells[0] not in labels or cells[3] == "failed":
+                continue
+            steps = None if cells[2].startswith("adaptive") else int(cells[2])
+            config = Config(**{**asdict(labels[cells[0]]), "method": cells[1], "steps": steps})
+            result: Dict[str, object] = {"time_s": float(cells[3]), "peak_mb": float(cells[4].split()[0])}
+            if steps is None and "(" in cells[2]:
+                key = "steps_tried" if "~" in cells[2] else "steps_taken"
+                result[key] = int(cells[2].split("(")[1].strip("~)").split()[0])
+            rows.append((config, result))
+    return rows
 
 
 # ---------------------------------------------------------------------------- command line
@@ -958,6 +989,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="also run pnode rk4 (16 steps) in float64, store all and K, against autograd")
     parser.add_argument("--markdown", metavar="FILE", help="append the report to FILE (e.g. BENCHMARKS.md)")
     parser.add_argument("--plot", metavar="FILE.png", help="write the memory and time plot to FILE.png")
+    parser.add_argument("--replot", metavar="TABLE.md",
+                        help="only draw --plot from the results table of an earlier run (its markdown), "
+                             "running nothing")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("batch", "channels", "size", "repeats", "threads"):
@@ -976,6 +1010,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker_main(args.worker)
+        return
+    if args.replot:
+        if not args.plot:
+            raise SystemExit("--replot needs --plot FILE.png")
+        plot(rows_from_markdown(args.replot), args.plot)
         return
     command = "python " + shlex.join([os.path.relpath(os.path.abspath(__file__)), *argv])
     configs = configurations(args)
