@@ -104,8 +104,11 @@ TORCHDIFFEQ_METHODS = ("euler", "rk4", "dopri5")
 EULER = ([0.0], [[]], [1.0])
 # Crank-Nicolson rows: PETSc's default Newton tolerances cannot be met with float32 evaluations
 # of f (DIVERGED_NONLINEAR_SOLVE); a Newton residual of 1e-6 is float32's level, and tight Krylov
-# solves keep the adjoint's linear-solve error below the gradient's round-off.
+# solves keep the adjoint's linear-solve error below the gradient's round-off. A float32 PETSc
+# cannot resolve a Krylov tolerance of 1e-8 (each solve would run to its iteration cap): its rows
+# ask for 1e-6, float32's level.
 CN_OPTIONS = {"snes_rtol": 1e-6, "ksp_rtol": 1e-8}
+CN_OPTIONS_FLOAT32_PETSC = {"snes_rtol": 1e-6, "ksp_rtol": 1e-6}
 # Fixed-point tolerance of the Crank-Nicolson reference: a few ulps of the state's dtype.
 CN_REFERENCE_TOL = {torch.float32: 4e-6, torch.float64: 1e-13}
 
@@ -203,7 +206,7 @@ class Solve:
         cfg = self.config
         opts = {} if cfg.steps is None else {"step_size": 1.0 / cfg.steps}
         if cfg.is_pnode and cfg.method == "cn":
-            opts.update(CN_OPTIONS)
+            opts.update(CN_OPTIONS_FLOAT32_PETSC if cfg.petsc == "single" else CN_OPTIONS)
         if cfg.family in ("pnode-K", "pnode-K-lean"):
             opts["checkpoints"] = cfg.checkpoints
         if cfg.family == "pnode-K-lean":
