@@ -1,8 +1,8 @@
 """The tensor <-> PETSc Vec bridge: state layout, dtype casts and device staging, in one place.
 
 PETSc works on one flat vector of real scalars (float64 by default; float32 in a single-precision
-build). A user state
-is a tensor of any shape, or a tuple of tensors; :class:`StateLayout` maps between the two.
+build). A user state is a tensor of any shape, or a tuple of tensors; :class:`StateLayout` maps
+between the two.
 Reading a Vec gives a zero-copy CPU view; tensors of another dtype or on a CUDA device are cast or
 staged through the host at this boundary and nowhere else.
 """
