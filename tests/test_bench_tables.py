@@ -1,0 +1,58 @@
+"""The memory benchmark's tables: ratios per PETSc build, and ``--replot`` reading a table back.
+
+These exercise scripts/bench_memory.py's bookkeeping on made-up rows (no solves run).
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+import bench_memory as bm  # noqa: E402
+
+
+def _result(time_s, peak_mb, **extra):
+    return {"time_s": time_s, "peak_mb": peak_mb, "held_mb": 1.0, "hwm_reset": True, "nfe_f": 64, "nfe_b": 64,
+            "nfe_recompute": 0, "grad_err": 1e-7, **extra}
+
+
+ROWS = [
+    (bm.Config("pnode", "rk4", 16), _result(1.10, 300.0)),
+    (bm.Config("pnode", "rk4", 16, petsc="single"), _result(1.30, 150.0)),
+    (bm.Config("pnode-K", "rk4", 16), _result(1.40, 200.0)),
+    (bm.Config("pnode-K-lean", "rk4", 16, stage_graphs=2), _result(1.60, 170.0)),
+    (bm.Config("pnode-K-lean", "rk4", 16, stage_graphs=2, petsc="single"), _result(1.50, 120.0)),
+    (bm.Config("pnode", "dopri5", None), _result(0.40, 250.0, steps_taken=3)),
+    (bm.Config("odeint", "rk4", 16), _result(0.80, 1600.0)),
+    (bm.Config("odeint_adjoint", "rk4", 16), _result(1.00, 100.0)),
+    (bm.Config("odeint_adjoint", "dopri5", None), _result(0.60, 200.0, steps_tried=4)),
+]
+
+
+def test_replot_reads_back_what_the_results_table_wrote(tmp_path):
+    table = tmp_path / "table.md"
+    table.write_text("prose | with | bars that is not a row\n" + bm.results_table(ROWS) + "\n")
+    back = bm.rows_from_markdown(str(table))
+    want = {(c.family, c.method, c.steps, c.petsc, c.stage_graphs): (r["time_s"], r["peak_mb"]) for c, r in ROWS}
+    got = {(c.family, c.method, c.steps, c.petsc, c.stage_graphs): (r["time_s"], r["peak_mb"]) for c, r in back}
+    assert got == want
+    adaptive = {c.family: r for c, r in back if c.steps is None}
+    assert adaptive["pnode"]["steps_taken"] == 3 and adaptive["odeint_adjoint"]["steps_tried"] == 4
+
+
+def test_acceptance_ratios_are_computed_per_petsc_build():
+    args = bm.parse_args(["--methods", "rk4,dopri5", "--steps", "16", "--checkpoint-methods", "rk4"])
+    checks = {name: value for name, value, _ in bm.acceptance_rows(ROWS, args, None)}
+    default = "rk4, 16 steps: time pnode (store all) / torchdiffeq odeint_adjoint ≤ 1.05"
+    single = "rk4, 16 steps: time pnode (store all, float32 PETSc) / torchdiffeq odeint_adjoint ≤ 1.05"
+    assert checks[default] == "1.10" and checks[single] == "1.30"
+    lean = ("rk4, 16 steps: peak memory pnode (K=4, last 2 stage graphs kept, float32 PETSc) / "
+            "torchdiffeq odeint_adjoint ≤ 1.5")
+    assert checks[lean] == "1.20"
+
+
+@pytest.mark.parametrize("value,bound,shown,mark", [(1.504, 1.5, "1.504", "✗"), (1.2, 1.5, "1.20", "✓")])
+def test_a_ratio_next_to_its_bound_is_not_rounded_onto_it(value, bound, shown, mark):
+    _, text, got_mark = bm.ratio_check("x", {"t": value}, {"t": 1.0}, "t", bound)
+    assert (text, got_mark) == (shown, mark)
