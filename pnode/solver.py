@@ -29,6 +29,9 @@ from .rhs import RHS
 # float64, 1e-7 in a single-precision PETSc, whose times are float32).
 _SLIVER = max(1e-8, 100 * PETSC_EPS)
 
+# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly.
+_RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
+
 
 def _same_time(a: float, b: float) -> bool:
     """Whether two PETSc times are equal up to the round-off of PETSc's real type (a few ulps).
@@ -37,9 +40,6 @@ def _same_time(a: float, b: float) -> bool:
     differ from the same sum in Python's float64 by an ulp.
     """
     return abs(a - b) <= 4 * PETSC_EPS * max(1.0, abs(a), abs(b))
-
-# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly.
-_RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
 
 
 @dataclass(frozen=True)

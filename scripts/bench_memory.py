@@ -76,6 +76,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -94,7 +95,8 @@ from torch import nn
 # functions only: pnode initialises PETSc from sys.argv on import, and the worker clears its own
 # flags from sys.argv first.
 RESULT_TAG = "BENCH_MEMORY_RESULT "
-FAMILIES = ("pnode", "pnode-K", "pnode-K-lean", "odeint", "odeint_adjoint")
+PNODE_FAMILIES = ("pnode", "pnode-K", "pnode-K-lean")
+FAMILIES = PNODE_FAMILIES + ("odeint", "odeint_adjoint")
 STAGES = {"euler": 1, "rk4": 4}  # stage evaluations per step of the fixed-step methods
 FLOAT64_CHECK = "float64-check"
 METHOD_ORDER = ("euler", "rk4", "dopri5", "cn")
@@ -157,7 +159,7 @@ class Config:
 
     @property
     def is_pnode(self) -> bool:
-        return self.family in ("pnode", "pnode-K", "pnode-K-lean")
+        return self.family in PNODE_FAMILIES
 
     def describe(self) -> str:
         steps = f"{self.steps} steps" if self.steps else f"adaptive, tol {self.tol:g}"
@@ -565,14 +567,13 @@ def configurations(args: argparse.Namespace) -> List[Config]:
     for device in args.devices:
         for method in methods:
             for steps in ([None] if method in ADAPTIVE else args.steps):
-                families = []
+                families = []  # (family, stage graphs kept)
                 if args.only in (None, "pnode") and method in PNODE_METHODS:
-                    families.append("pnode")
+                    families.append(("pnode", 0))
                     if args.checkpoints and method in args.checkpoint_methods:
-                        families.append("pnode-K")
+                        families.append(("pnode-K", 0))
                         if method in ("euler", "rk4") and steps == 16:
                             families += [("pnode-K-lean", n) for n in args.lean_rows if n < STAGES[method]]
-                families = [f if isinstance(f, tuple) else (f, 0) for f in families]
                 variants = [(family, graphs, petsc) for family, graphs in families
                             for petsc in ("", "single")[:2 if args.single_python and device == "cpu" else 1]]
                 if args.only in (None, "torchdiffeq") and method in TORCHDIFFEQ_METHODS:
@@ -710,7 +711,7 @@ class Rows:
 
     def get(self, family: str, method: str, steps: Optional[int], device: str,
             petsc: str = "", stage_graphs: int = 0) -> Optional[Dict[str, object]]:
-        return self.by_key.get((family, method, steps, device, petsc if family.startswith("pnode") else "",
+        return self.by_key.get((family, method, steps, device, petsc if family in PNODE_FAMILIES else "",
                                 stage_graphs))
 
 
@@ -792,7 +793,7 @@ def worst_gradient_error(rows, families) -> Optional[Tuple[float, Config]]:
 
 def gradient_checks(rows) -> List[Tuple[str, str, str]]:
     checks = []
-    worst = worst_gradient_error(rows, ("pnode", "pnode-K", "pnode-K-lean"))
+    worst = worst_gradient_error(rows, PNODE_FAMILIES)
     failed = [c for c, r in rows if c.is_pnode and ("error" in r or "grad_error_message" in r)]
     if worst is None:
         checks.append(("gradient error of every pnode row (float32) ≤ 1e-5",
@@ -918,32 +919,44 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     plt.close(fig)
 
 
+def _first_results_table(text: str) -> List[str]:
+    """The lines of the first results table in ``text`` (header to the last row)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| solver | method | steps |")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def rows_from_markdown(path: str) -> List[Tuple[Config, Dict[str, object]]]:
-    """The time and memory of the rows of a results table this script wrote (for ``--replot``).
+    """The time and memory of the rows of the first results table in ``path`` (for ``--replot``).
 
     Only what the plot needs is read back: family, method, steps, PETSc build, kept stage graphs,
     time and peak memory. Failed rows are skipped.
     """
+    with open(path) as fh:
+        text = fh.read()
+    # every label a row of this file can carry: the K values and kept stage graphs it mentions
+    ks = {int(k) for k in re.findall(r"\(K=(\d+)", text)} or {4}
+    graphs = {0} | {int(n) for n in re.findall(r"last (\d+) stage graphs", text)}
     labels = {}
     for family in FAMILIES:
         for petsc in ("", "single"):
-            for graphs in ((0, 1, 2, 3) if family == "pnode-K-lean" else (0,)):
-                for k in range(1, 65):
-                    config = Config(family, "rk4", None, petsc=petsc, stage_graphs=graphs, checkpoints=k)
+            for n in (graphs if family == "pnode-K-lean" else {0}):
+                for k in ks:
+                    config = Config(family, "rk4", None, petsc=petsc, stage_graphs=n, checkpoints=k)
                     labels[config.label] = config
     rows = []
-    with open(path) as fh:
-        for line in fh:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) < 5 or cells[0] not in labels or cells[3] == "failed":
-                continue
-            steps = None if cells[2].startswith("adaptive") else int(cells[2])
-            config = Config(**{**asdict(labels[cells[0]]), "method": cells[1], "steps": steps})
-            result: Dict[str, object] = {"time_s": float(cells[3]), "peak_mb": float(cells[4].split()[0])}
-            if steps is None and "(" in cells[2]:
-                key = "steps_tried" if "~" in cells[2] else "steps_taken"
-                result[key] = int(cells[2].split("(")[1].strip("~)").split()[0])
-            rows.append((config, result))
+    for line in _first_results_table(text):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 5 or cells[0] not in labels or cells[3] == "failed":
+            continue
+        steps = None if cells[2].startswith("adaptive") else int(cells[2])
+        config = Config(**{**asdict(labels[cells[0]]), "method": cells[1], "steps": steps})
+        result: Dict[str, object] = {"time_s": float(cells[3]), "peak_mb": float(cells[4].split()[0])}
+        if steps is None and "(" in cells[2]:
+            key = "steps_tried" if "~" in cells[2] else "steps_taken"
+            result[key] = int(cells[2].split("(")[1].strip("~)").split()[0])
+        rows.append((config, result))
     return rows
 
 
