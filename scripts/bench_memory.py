@@ -27,6 +27,9 @@ Fixed-step rows take ``step_size = 1/steps`` (``--steps``, default 4, 16, 64); a
 rtol = atol = ``--tol`` (1e-3). Columns:
 
 * time / step: median over ``--repeats`` training steps after one warm-up step (CUDA synchronised).
+  On the CPU it includes the page faults of memory that glibc returned to the OS after one step
+  and the next step touches again; ``--keep-freed-memory`` makes every row (torchdiffeq's too)
+  call ``pnode.allocator.keep_freed_memory()`` first, which removes them.
 * peak memory: the most memory the process held during a training step beyond what it held before
   the ODE block first ran, so that what the block keeps from one step to the next counts. On the
   CPU: peak RSS during one more training step (VmHWM, reset by writing 5 to /proc/self/clear_refs
@@ -135,6 +138,8 @@ class Config:
             run by ``--single-python`` (a single-precision PETSc build).
         stage_graphs: of 'pnode-K-lean' rows, how many stage graphs a re-taken step keeps
             (``options['checkpoint_graphs']``; 0: every stage is evaluated again).
+        keep_freed_memory: whether the worker first calls ``pnode.allocator.keep_freed_memory()``
+            (glibc keeps freed memory for the next step instead of returning it to the OS).
     """
 
     family: str
@@ -151,6 +156,7 @@ class Config:
     grad_check: bool = True
     petsc: str = ""
     stage_graphs: int = 0
+    keep_freed_memory: bool = False
 
     @property
     def label(self) -> str:
@@ -549,6 +555,11 @@ def worker_main(spec: str) -> None:
     sys.argv = sys.argv[:1]
     torch.set_num_threads(config.threads)
     try:
+        if config.keep_freed_memory:
+            from pnode.allocator import keep_freed_memory
+
+            if not keep_freed_memory():
+                raise RuntimeError("--keep-freed-memory needs glibc (pnode.allocator.keep_freed_memory)")
         check_precision(config)
         result = run_float64_check(config) if config.family == FLOAT64_CHECK else run_config(config)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error message
@@ -562,7 +573,7 @@ def configurations(args: argparse.Namespace) -> List[Config]:
     methods = [m for m in METHOD_ORDER if m in args.methods]
     common = {"batch": args.batch, "channels": args.channels, "size": args.size, "tol": args.tol,
               "checkpoints": args.checkpoints, "repeats": args.repeats, "threads": args.threads,
-              "grad_check": not args.no_grad_check}
+              "grad_check": not args.no_grad_check, "keep_freed_memory": args.keep_freed_memory}
     configs = []
     for device in args.devices:
         for method in methods:
@@ -861,7 +872,9 @@ def workload_line(args: argparse.Namespace) -> str:
             f"float32, t = [0, 1], fixed steps step_size = 1/steps, adaptive rtol = atol = {args.tol:g}; "
             f"time: median of {args.repeats} steps after a warm-up{rounds}; peak memory: peak during a step over "
             "the memory held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between "
-            "steps. Grad error: relative, against autograd through the same steps.")
+            "steps. Grad error: relative, against autograd through the same steps."
+            + (" Allocator: every row (torchdiffeq's too) first calls pnode.allocator.keep_freed_memory(), so "
+               "glibc keeps the memory a step frees for the next step." if args.keep_freed_memory else ""))
 
 
 def report(rows, checks, args: argparse.Namespace) -> str:
@@ -994,6 +1007,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="also run every pnode CPU row with this interpreter, whose petsc4py is a "
                              "single-precision PETSc (PETSC_PRECISION=single VENV=.venv-single bash scripts/setup.sh "
                              "makes .venv-single/bin/python); rows labelled 'float32 PETSc'")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="every row, torchdiffeq's too, first calls pnode.allocator.keep_freed_memory(): "
+                             "glibc keeps freed memory for the next training step instead of returning it to "
+                             "the OS and faulting it in again (default: glibc's own policy)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run all rows this many times, interleaved; time: median over rounds (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")

@@ -21,6 +21,20 @@ STAMP="$VENV/.pnode-setup-done"
 
 log() { printf '[setup] %s\n' "$*"; }
 
+# The precision ("single" or "double") of the PETSc that $VENV's petsc4py links, or nothing.
+installed_precision() {
+    [ -x "$VENV/bin/python" ] || return 0
+    "$VENV/bin/python" -c 'import numpy; from petsc4py import PETSc
+print("single" if numpy.dtype(PETSc.RealType).itemsize == 4 else "double")' 2>/dev/null || true
+}
+HAVE_PRECISION=$(installed_precision)
+if [ -n "$HAVE_PRECISION" ] && [ "$HAVE_PRECISION" != "$PETSC_PRECISION" ]; then
+    echo "[setup] $VENV already has a $HAVE_PRECISION-precision PETSc, but PETSC_PRECISION=$PETSC_PRECISION;" \
+         "one venv holds one PETSc: give this build its own, e.g." \
+         "PETSC_PRECISION=$PETSC_PRECISION VENV=.venv-$PETSC_PRECISION bash scripts/setup.sh" >&2
+    exit 2
+fi
+
 if [ -f "$STAMP" ] && "$VENV/bin/python" -c 'import torch, petsc4py, mpi4py, pnode' 2>/dev/null; then
     exit 0
 fi

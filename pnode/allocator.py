@@ -1,0 +1,77 @@
+"""The C allocator's policy for freed memory: keep it for the next training step (glibc only).
+
+A training step of a neural ODE on the CPU allocates and frees the same large buffers every step:
+the network's activations (a few MB each), and with pnode also PETSc's trajectory (one vector per
+stored stage). By default glibc's malloc hands a freed block at the top of its heap back to the
+operating system once it exceeds a threshold that it sets itself, so the next step touches fresh
+pages again; each 4 KiB page is a page fault that zeroes memory in the kernel. On the 2-core
+machine of ``BENCHMARKS.md`` these faults cost 5-25 % of a training step, vary from process to
+process, and hit pnode harder than torchdiffeq's adjoint, which frees less between steps.
+
+:func:`keep_freed_memory` switches that off for the whole process: freed memory stays mapped and
+is reused, so after the first step the resident size stays at the step's peak (the peak itself
+does not change). It is the in-process form of the environment variables
+``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` (which must be set before Python starts);
+``jemalloc`` or ``tcmalloc`` through ``LD_PRELOAD`` have a similar effect.
+"""
+
+import ctypes
+import ctypes.util
+from typing import Optional
+
+# mallopt(3) parameters (glibc's <malloc.h>).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc refuses mmap thresholds above 4 * 1024 * 1024 * sizeof(long) bytes (32 MiB on 64-bit).
+MAX_MMAP_THRESHOLD_MB = 32
+# mallopt takes a C int: the most free memory glibc can be told to keep is 2 GiB - 1 byte.
+_MAX_TRIM_BYTES = 2**31 - 1
+MAX_LIMIT_MB = _MAX_TRIM_BYTES / 2**20
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    """glibc, if this process runs on it (it exports mallopt and gnu_get_libc_version)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
+        return None
+    return libc
+
+
+def keep_freed_memory(limit_mb: Optional[float] = None,
+                      mmap_threshold_mb: float = MAX_MMAP_THRESHOLD_MB) -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    Process-wide, and it stays in force: call it once, at the start of a training script (before
+    or after importing torch; it applies to later frees and allocations).
+
+    Args:
+        limit_mb: how much free memory (MB) at the top of the heap glibc may keep before it gives
+            the rest back; None (default): as much as glibc can be told, 2 GiB (mallopt's limit).
+        mmap_threshold_mb: blocks at least this large (MB) are mapped on their own and returned to
+            the OS as soon as they are freed, whatever ``limit_mb`` says; smaller blocks come from
+            the heap and are kept. At most 32 (glibc's ceiling); the default, 32, keeps every
+            activation and PETSc vector of the ODE-Net benchmark (2-4 MB each) on the heap.
+
+    Returns:
+        True when glibc took both settings; False when the process does not run on glibc
+        (musl, macOS): nothing was changed, and the platform's allocator decides.
+
+    Raises:
+        ValueError: ``limit_mb`` outside [0, 2048), or ``mmap_threshold_mb`` outside (0, 32].
+    """
+    if limit_mb is not None and not 0 <= limit_mb <= MAX_LIMIT_MB:
+        raise ValueError(f"limit_mb must be in [0, 2048) MB (mallopt takes a C int), or None for the most "
+                         f"glibc keeps; got {limit_mb!r}")
+    if not 0 < mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB:
+        raise ValueError(f"mmap_threshold_mb must be in (0, {MAX_MMAP_THRESHOLD_MB}] (glibc refuses larger "
+                         f"thresholds); got {mmap_threshold_mb!r}")
+    libc = _glibc()
+    if libc is None:
+        return False
+    trim = _MAX_TRIM_BYTES if limit_mb is None else int(limit_mb * 2**20)
+    mmap = int(mmap_threshold_mb * 2**20)
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
