@@ -30,6 +30,9 @@ rtol = atol = ``--tol`` (1e-3). Columns:
   On the CPU it includes the page faults of memory that glibc returned to the OS after one step
   and the next step touches again; ``--keep-freed-memory`` makes every row (torchdiffeq's too)
   call ``pnode.allocator.keep_freed_memory()`` first, which removes them.
+* page faults / step: minor page faults (getrusage's ru_minflt: first touches of a page, each
+  zeroed by the kernel) during a timed training step, median like the time. Each is 4 KiB of
+  memory that the step touched afresh.
 * peak memory: the most memory the process held during a training step beyond what it held before
   the ODE block first ran, so that what the block keeps from one step to the next counts. On the
   CPU: peak RSS during one more training step (VmHWM, reset by writing 5 to /proc/self/clear_refs
@@ -80,6 +83,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -253,10 +257,16 @@ def loss_of(y1: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(y1, target)
 
 
+def minor_faults() -> int:
+    """Page faults this process has taken that needed no disk read (first touches of pages)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def training_step(solve: Solve, x: torch.Tensor, target: torch.Tensor,
                   optimizer: torch.optim.Optimizer) -> Tuple[float, Dict[str, int]]:
-    """One training step; returns its wall time (s) and its evaluation counts."""
+    """One training step; returns its wall time (s), its evaluation counts and its page faults."""
     synchronize(x.device)
+    faults = minor_faults()
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     counts = [solve.snapshot()]
@@ -267,7 +277,8 @@ def training_step(solve: Solve, x: torch.Tensor, target: torch.Tensor,
     counts.append(solve.snapshot())
     optimizer.step()
     synchronize(x.device)
-    return time.perf_counter() - start, solve.nfe(*counts)
+    elapsed = time.perf_counter() - start
+    return elapsed, {**solve.nfe(*counts), "faults": minor_faults() - faults}
 
 
 def prime(func: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
@@ -483,8 +494,9 @@ def run_config(config: Config) -> Dict[str, object]:
     before_block = block_baseline(device)
     training_step(solve, x, target, optimizer)
     timed = [training_step(solve, x, target, optimizer) for _ in range(config.repeats)]
-    result: Dict[str, object] = {"time_s": statistics.median(t for t, _ in timed),
-                                 "times_s": [t for t, _ in timed], **timed[-1][1]}
+    result: Dict[str, object] = {**timed[-1][1], "time_s": statistics.median(t for t, _ in timed),
+                                 "times_s": [t for t, _ in timed],
+                                 "faults": int(statistics.median(c["faults"] for _, c in timed))}
     result.update(measure_memory(lambda: training_step(solve, x, target, optimizer), device, before_block))
     if config.is_pnode and config.steps is None:
         result["steps_taken"] = len(pnode_step_times(config, solve, x)) - 1
@@ -626,8 +638,8 @@ def progress_line(index: int, total: int, config: Config, result: Dict[str, obje
         return f"{head}: {json.dumps(result)} ({seconds:.0f} s)"
     err = result.get("grad_err")
     return (f"{head}: {result['time_s']:.3f} s/step, peak {result['peak_mb']:.1f} MB, held {result['held_mb']:.1f} MB, "
-            f"NFE {result['nfe_f']}/{result['nfe_b']}, grad err {'-' if err is None else f'{err:.1e}'} "
-            f"({seconds:.0f} s)")
+            f"NFE {result['nfe_f']}/{result['nfe_b']}, grad err {'-' if err is None else f'{err:.1e}'}, "
+            f"faults {result.get('faults', '-')} ({seconds:.0f} s)")
 
 
 def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1,
@@ -650,9 +662,11 @@ def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1,
                   flush=True)
             if "error" not in again:
                 result.setdefault("round_times", [result["time_s"]]).append(again["time_s"])
+                result.setdefault("round_faults", [result["faults"]]).append(again["faults"])
     for _, result in rows:
         if "round_times" in result:
             result["time_s"] = statistics.median(result["round_times"])
+            result["faults"] = int(statistics.median(result["round_faults"]))
     return rows
 
 
@@ -690,7 +704,7 @@ def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
 def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
     cuda = any(config.device == "cuda" for config, _ in rows)
     header = ["solver", "method", "steps", "time / step (s)", "peak memory (MB)", "of which held (MB)", "NFE-F",
-              "NFE-B (+recompute)", "grad rel. error"]
+              "NFE-B (+recompute)", "grad rel. error", "page faults / step"]
     if cuda:
         header[1:1] = ["device"]
         header.insert(header.index("of which held (MB)") + 1, "host peak RSS (MB)")
@@ -698,12 +712,12 @@ def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
     for config, result in sorted(rows, key=sort_key):
         cells = [config.label, config.method, steps_cell(config, result)]
         if "error" in result:
-            cells += ["failed", "-", "-", "-", "-", f"failed: {_cell(result['error'])}"]
+            cells += ["failed", "-", "-", "-", "-", f"failed: {_cell(result['error'])}", "-"]
         else:
             nfe_b = str(result["nfe_b"]) + (f" (+{result['nfe_recompute']})" if result["nfe_recompute"] else "")
             peak = f"{result['peak_mb']:.1f}" + ("" if result["hwm_reset"] else " (HWM not reset)")
             cells += [f"{result['time_s']:.3f}", peak, f"{result['held_mb']:.1f}", str(result["nfe_f"]), nfe_b,
-                      grad_cell(config, result)]
+                      grad_cell(config, result), f"{result['faults']:,}" if "faults" in result else "-"]
         if cuda:
             cells[1:1] = [config.device]
             cells.insert(header.index("host peak RSS (MB)"),

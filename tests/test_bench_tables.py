@@ -57,3 +57,11 @@ def test_acceptance_ratios_are_computed_per_petsc_build():
 def test_a_ratio_next_to_its_bound_is_not_rounded_onto_it(value, bound, shown, mark):
     _, text, got_mark = bm.ratio_check("x", {"t": value}, {"t": 1.0}, "t", bound)
     assert (text, got_mark) == (shown, mark)
+
+
+def test_page_faults_are_the_last_column_and_missing_ones_show_a_dash():
+    table = bm.results_table([(bm.Config("pnode", "rk4", 16), _result(1.0, 100.0, faults=61244)),
+                              (bm.Config("odeint", "rk4", 16), _result(0.8, 900.0))]).splitlines()
+    assert table[0].endswith("| grad rel. error | page faults / step |")
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table[2:]}
+    assert cells == {"pnode (store all)": "61,244", "torchdiffeq odeint": "-"}
