@@ -5,8 +5,9 @@ the network's activations (a few MB each), and with pnode also PETSc's trajector
 stored stage). By default glibc's malloc hands a freed block at the top of its heap back to the
 operating system once it exceeds a threshold that it sets itself, so the next step touches fresh
 pages again; each 4 KiB page is a page fault that zeroes memory in the kernel. On the 2-core
-machine of ``BENCHMARKS.md`` these faults cost 5-25 % of a training step, vary from process to
-process, and hit pnode harder than torchdiffeq's adjoint, which frees less between steps.
+machine of ``BENCHMARKS.md`` they cost 6-20 % of a pnode training step (rk4, 16 steps, its
+page-fault table) against 1 % of torchdiffeq's adjoint, which frees less between steps, and they
+vary from process to process.
 
 :func:`keep_freed_memory` switches that off for the whole process: freed memory stays mapped and
 is reused, so after the first step the resident size stays at the step's peak (the peak itself
