@@ -208,7 +208,7 @@ class CheckpointedAdjoint:
     def _reverse_one_step(self, times: np.ndarray, state: torch.Tensor) -> None:
         self.recorded_steps += 1
         try:
-            self.solver.replay(self.rhs, times, state, keep_graphs=self.keep_graphs, trajectory=True)
+            self.solver.replay(self.rhs, times, state, keep_graphs=self.keep_graphs, copy=False, trajectory=True)
             self.solver.adjoint_steps(1)
         finally:
             self.solver.drop_graphs()

@@ -292,12 +292,12 @@ class Solver:
                            t_reached=self.rhs.direction * self.ts.getTime(), reason="REPLAY_MISMATCH")
 
     def _post_step(self, ts):
+        if self._forced_times is not None:
+            return  # a replay repeats checked steps; replay() checks the state it ends with
         tau = ts.getTime()
         if not np.isfinite(ts.getSolution().norm()):
             self._nonfinite_at = tau
             ts.setConvergedReason(PETSc.TS.ConvergedReason.DIVERGED_STEP_REJECTED)
-            return
-        if self._forced_times is not None:
             return
         self._record.step_times.append(tau)
         at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
@@ -350,10 +350,10 @@ class Solver:
         try:
             self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation",
                         self.record if trajectory is None else trajectory)
-            if self._nonfinite_at is not None:
-                raise self._nonfinite_error(self._nonfinite_at)
             if self.ts.getStepNumber() != len(times) - 1:
                 raise self._replay_mismatch(self.ts.getStepNumber())
+            if not np.isfinite(self.solution.norm()):
+                raise self._nonfinite_error(self.ts.getTime())
         finally:
             self._forced_times = None
         return vec_view(self.solution).clone() if copy else vec_view(self.solution)
@@ -401,7 +401,8 @@ class Solver:
         elif self._has_trajectory:
             self.ts.removeTrajectory()  # a solve that checkpointing reverses keeps no trajectory
             self._has_trajectory = False
-        tensor_into_vec(y_start, self.solution)
+        if not _views(y_start, self.solution):  # a replay may start from the solution it left
+            tensor_into_vec(y_start, self.solution)
         ts = self.ts
         ts.setTime(t_start)
         ts.setStepNumber(0)
@@ -559,6 +560,13 @@ class Solver:
         error = self.trap.pop()
         if error is not None:
             raise error
+
+
+def _views(tensor: torch.Tensor, vec) -> bool:
+    """Whether ``tensor`` is the whole local part of ``vec`` in place (same memory, dtype and size)."""
+    view = vec_view(vec)
+    return (tensor.device.type == "cpu" and tensor.dtype == view.dtype and tensor.numel() == view.numel()
+            and tensor.data_ptr() == view.data_ptr())
 
 
 def _check_used(names) -> None:

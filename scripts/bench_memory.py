@@ -726,22 +726,35 @@ def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
     return "\n".join(lines)
 
 
+NOT_RUN: Dict[str, object] = {}
+"""What :meth:`Rows.get` returns for a row this run did not include (a failed row gives None)."""
+
+
 class Rows:
     """Look-up of finished rows by (family, method, steps, device, petsc)."""
 
     def __init__(self, rows: Sequence[Tuple[Config, Dict[str, object]]]):
-        self.by_key = {(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs): r
+        self.run = {self._key(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs) for c, _ in rows}
+        self.by_key = {self._key(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs): r
                        for c, r in rows if "error" not in r}
         self.stage_graphs = sorted({c.stage_graphs for c, _ in rows if c.family == "pnode-K-lean"})
 
+    @staticmethod
+    def _key(family, method, steps, device, petsc, stage_graphs) -> tuple:
+        return family, method, steps, device, petsc if family in PNODE_FAMILIES else "", stage_graphs
+
     def get(self, family: str, method: str, steps: Optional[int], device: str,
             petsc: str = "", stage_graphs: int = 0) -> Optional[Dict[str, object]]:
-        return self.by_key.get((family, method, steps, device, petsc if family in PNODE_FAMILIES else "",
-                                stage_graphs))
+        """The row's result; None if it failed, :data:`NOT_RUN` if this run did not include it."""
+        key = self._key(family, method, steps, device, petsc, stage_graphs)
+        return self.by_key.get(key) if key in self.run else NOT_RUN
 
 
 def ratio_check(name: str, num: Optional[dict], den: Optional[dict], key: str, bound: float,
-                extra: str = "") -> Tuple[str, str, str]:
+                extra: str = "") -> Optional[Tuple[str, str, str]]:
+    """``(target, value, mark)``; None when the run did not include one of the two rows."""
+    if num is NOT_RUN or den is NOT_RUN:
+        return None
     if num is None or den is None or not den[key]:
         return name, "not measured", ""
     value = num[key] / den[key]
@@ -756,14 +769,17 @@ def acceptance_rows(rows: Sequence[Tuple[Config, Dict[str, object]]], args: argp
     for device in args.devices:
         on = "" if len(args.devices) == 1 else f" [{device}]"
         for petsc in sorted({c.petsc for c, _ in rows if c.device == device and c.is_pnode}):
-            checks += pnode_checks(look, args, device, petsc, on)
-    checks += gradient_checks(rows)
+            checks += [c for c in pnode_checks(look, args, device, petsc, on) if c is not None]
+    if not args.no_grad_check:
+        checks += gradient_checks(rows)
     checks += float64_checks(float64)
     return checks
 
 
-def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, on: str) -> List[Tuple[str, str, str]]:
-    """The issue's ratios for the pnode rows of one device and one PETSc build (``petsc``)."""
+def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, on: str
+                 ) -> List[Optional[Tuple[str, str, str]]]:
+    """The issue's ratios for the pnode rows of one device and one PETSc build (``petsc``); None
+    for a ratio whose rows this run did not include."""
     k, tol = args.checkpoints, f"{args.tol:g}"
 
     def row(family: str, method: str, steps: Optional[int], graphs: int = 0) -> Optional[Dict[str, object]]:
@@ -801,9 +817,10 @@ def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, 
     return checks
 
 
-def dopri5_check(ours: Optional[dict], theirs: Optional[dict], store: str, tol: str, on: str) -> Tuple[str, str, str]:
+def dopri5_check(ours: Optional[dict], theirs: Optional[dict], store: str, tol: str, on: str
+                 ) -> Optional[Tuple[str, str, str]]:
     extra = ""
-    if ours and theirs:
+    if ours and theirs:  # NOT_RUN is empty, so false too
         extra = (f" (NFE-F/NFE-B: pnode {ours['nfe_f']}/{ours['nfe_b']}, "
                  f"torchdiffeq {theirs['nfe_f']}/{theirs['nfe_b']})")
     return ratio_check(f"dopri5 rtol=atol={tol}: time {store} / torchdiffeq odeint_adjoint ≤ 0.7{on}",

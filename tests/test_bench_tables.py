@@ -53,6 +53,21 @@ def test_acceptance_ratios_are_computed_per_petsc_build():
     assert checks[lean] == "1.20"
 
 
+def test_a_run_of_some_rows_reports_only_their_ratios_and_a_failed_row_as_not_measured():
+    args = bm.parse_args(["--methods", "rk4", "--steps", "16", "--checkpoints", "0", "--no-lean-rows",
+                          "--no-grad-check"])
+    rows = [(c, r) for c, r in ROWS if c.family in ("pnode", "odeint", "odeint_adjoint") and c.method == "rk4"]
+    checks = {name: (value, mark) for name, value, mark in bm.acceptance_rows(rows, args, None)}
+    assert checks == {
+        "rk4, 16 steps: time pnode (store all) / torchdiffeq odeint_adjoint ≤ 1.05": ("1.10", "✗"),
+        "rk4, 16 steps: peak memory pnode (store all) / torchdiffeq odeint ≤ 0.35": ("0.19", "✓"),
+        "rk4, 16 steps: time pnode (store all, float32 PETSc) / torchdiffeq odeint_adjoint ≤ 1.05": ("1.30", "✗"),
+        "rk4, 16 steps: peak memory pnode (store all, float32 PETSc) / torchdiffeq odeint ≤ 0.35": ("0.09", "✓")}
+    failed = [(c, {"error": "killed"} if c.family == "odeint" else r) for c, r in rows]
+    checks = {name: value for name, value, _ in bm.acceptance_rows(failed, args, None)}
+    assert checks["rk4, 16 steps: peak memory pnode (store all) / torchdiffeq odeint ≤ 0.35"] == "not measured"
+
+
 @pytest.mark.parametrize("value,bound,shown,mark", [(1.504, 1.5, "1.504", "✗"), (1.2, 1.5, "1.20", "✓")])
 def test_a_ratio_next_to_its_bound_is_not_rounded_onto_it(value, bound, shown, mark):
     _, text, got_mark = bm.ratio_check("x", {"t": value}, {"t": 1.0}, "t", bound)

@@ -194,6 +194,23 @@ def test_checkpointing_a_nondeterministic_function_is_reported():
     assert info.value.reason == "REPLAY_MISMATCH"
 
 
+@pytest.mark.parametrize("checkpoints", [2, 8], ids=["advance", "re-take only"])
+def test_checkpointing_that_recomputes_a_nonfinite_state_is_reported(checkpoints):
+    broken = [False]
+    W = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(t, y):
+        out = torch.tanh(y @ W) - y
+        return out * float("nan") if broken[0] else out
+
+    options = {"step_size": 0.125, "checkpoints": checkpoints}  # 8 steps: K = 8 keeps every state
+    ys = pnode.odeint_adjoint(f, _y0(2, 3), T01, method="rk4", options=options, adjoint_params=(W,))
+    broken[0] = True  # fixed steps: the recomputation takes as many steps, ending in NaN
+    with pytest.raises(pnode.SolverError, match="became non-finite") as info:
+        ys[-1].sum().backward()
+    assert info.value.reason == "NONFINITE_STATE"
+
+
 def test_bad_checkpoint_budget_on_the_command_line_names_the_option():
     db = PETSc.Options()
     db.setValue("pnode_checkpoints", "two")
