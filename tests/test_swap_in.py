@@ -90,6 +90,6 @@ def test_repeated_training_steps_do_not_grow_memory(options):
     gc.collect()
     assert pooled_solvers() == solvers  # every solver went back to the pool, none was rebuilt
     # no graph of this block kept alive (solvers other tests dropped on purpose may keep theirs)
-    assert not any(isinstance(o, Linearization) and o.rhs.func is block.func for o in gc.get_objects())
+    assert not any(type(o) is Linearization and o.rhs.func is block.func for o in gc.get_objects())
     # 30 steps, each allocating and freeing ~10 MB of states and graphs: allow allocator noise only
     assert samples[-1] - rss_start < 8.0, samples[9::5]
