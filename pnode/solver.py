@@ -129,7 +129,6 @@ class Solver:
         self.rhs: Optional[RHS] = None
         self.trap = CallbackErrorTrap()
         self.solution = PETSc.Vec().createMPI((local_size, PETSc.DECIDE), comm=comm)
-        self.rhs_work = self.solution.duplicate()
         self.jacobian = create_shell(RHSJacobianShell(self.trap), local_size, local_size, comm)
         self.adjoint_state = self.solution.duplicate() if record else None
         self.param_gradient = None
@@ -153,7 +152,7 @@ class Solver:
         cfg = self.config
         ts = PETSc.TS().create(comm=self.comm)
         ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
-        ts.setRHSFunction(self._rhs_function, self.rhs_work)
+        ts.setRHSFunction(self._rhs_function, None)  # explicit RK writes its stages; others get one made when needed
         ts.setRHSJacobian(self._rhs_jacobian, self.jacobian, self.jacobian)
         ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
         ts.setTolerances(rtol=cfg.rtol, atol=cfg.atol)
