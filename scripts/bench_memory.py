@@ -645,8 +645,9 @@ def progress_line(index: int, total: int, config: Config, result: Dict[str, obje
 def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1,
             interpreters: Optional[Dict[str, str]] = None) -> List[Tuple[Config, Dict[str, object]]]:
     """Run every configuration once per round, round after round (so that a slow spell of the
-    machine hits every row alike); a row's time is the median of its rounds' medians. Later
-    rounds skip the gradient check."""
+    machine hits every row alike); a row's time is the median of its rounds' medians, and its
+    peak and held memory, faults too, the median over rounds (the heap's layout moves a CPU peak
+    by several MB from process to process). Later rounds skip the gradient check."""
     rows = []
     for i, config in enumerate(configs, 1):
         start = time.perf_counter()
@@ -661,13 +662,23 @@ def run_all(configs: Sequence[Config], timeout: float, rounds: int = 1,
             print(f"round {round_number}: " + progress_line(i, len(rows), config, again, 0.0), file=sys.stderr,
                   flush=True)
             if "error" not in again:
-                result.setdefault("round_times", [result["time_s"]]).append(again["time_s"])
-                result.setdefault("round_faults", [result["faults"]]).append(again["faults"])
+                for key in ROUND_MEDIANS:
+                    result.setdefault("rounds_" + key, [result[key]]).append(again[key])
     for _, result in rows:
-        if "round_times" in result:
-            result["time_s"] = statistics.median(result["round_times"])
-            result["faults"] = int(statistics.median(result["round_faults"]))
+        combine_rounds(result)
     return rows
+
+
+ROUND_MEDIANS = ("time_s", "peak_mb", "held_mb", "faults")
+
+
+def combine_rounds(result: Dict[str, object]) -> None:
+    """Replace each measure of ``ROUND_MEDIANS`` by its median over the rounds (``rounds_<key>``)."""
+    for key in ROUND_MEDIANS:
+        values = result.get("rounds_" + key)
+        if values:
+            median = statistics.median(values)
+            result[key] = int(median) if key == "faults" else median
 
 
 # ---------------------------------------------------------------------------- tables
@@ -899,11 +910,12 @@ def machine_line(args: argparse.Namespace) -> str:
 
 def workload_line(args: argparse.Namespace) -> str:
     rounds = f" (per round; the median over {args.rounds} interleaved rounds)" if args.rounds > 1 else ""
+    memory_rounds = f"; both the median over the {args.rounds} rounds" if args.rounds > 1 else ""
     return (f"Training step of the ODE-Net block, batch {args.batch}, state {args.channels}x{args.size}x{args.size}, "
             f"float32, t = [0, 1], fixed steps step_size = 1/steps, adaptive rtol = atol = {args.tol:g}; "
             f"time: median of {args.repeats} steps after a warm-up{rounds}; peak memory: peak during a step over "
             "the memory held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between "
-            "steps. Grad error: relative, against autograd through the same steps."
+            f"steps{memory_rounds}. Grad error: relative, against autograd through the same steps."
             + (" Allocator: every row (torchdiffeq's too) first calls pnode.allocator.keep_freed_memory(), so "
                "glibc keeps the memory a step frees for the next step." if args.keep_freed_memory else ""))
 

@@ -80,3 +80,14 @@ def test_page_faults_are_the_last_column_and_missing_ones_show_a_dash():
     assert table[0].endswith("| grad rel. error | page faults / step |")
     cells = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table[2:]}
     assert cells == {"pnode (store all)": "61,244", "torchdiffeq odeint": "-"}
+
+
+def test_rounds_give_the_median_of_time_memory_and_faults_and_a_single_round_stays():
+    result = {"time_s": 1.0, "peak_mb": 160.0, "held_mb": 80.0, "faults": 10,
+              "rounds_time_s": [1.0, 1.3, 1.1], "rounds_peak_mb": [160.0, 150.0, 171.0],
+              "rounds_held_mb": [80.0, 80.0, 79.0], "rounds_faults": [10, 30, 20]}
+    bm.combine_rounds(result)
+    assert (result["time_s"], result["peak_mb"], result["held_mb"], result["faults"]) == (1.1, 160.0, 80.0, 20)
+    alone = {"time_s": 2.0, "peak_mb": 100.0, "held_mb": 5.0, "faults": 3}
+    bm.combine_rounds(alone)
+    assert alone == {"time_s": 2.0, "peak_mb": 100.0, "held_mb": 5.0, "faults": 3}
