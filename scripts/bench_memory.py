@@ -359,6 +359,19 @@ def measure_memory(step: Callable[[], object], device: torch.device,
             "hwm_reset": hwm_reset}
 
 
+MEMORY_STEPS = 3
+"""Training steps whose memory is measured (each after handing cached memory back); the median counts."""
+
+
+def median_memory(samples: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """The median of each measure of :func:`measure_memory` over ``samples`` (the CPU peak of one
+    step moves by a few MB from step to step with where the allocator places its buffers)."""
+    result: Dict[str, object] = {key: statistics.median(s[key] for s in samples)
+                                 for key in ("peak_mb", "held_mb", "step_peak_mb", "host_peak_mb")}
+    result["hwm_reset"] = all(s["hwm_reset"] for s in samples)
+    return result
+
+
 # ---------------------------------------------------------------------------- worker: gradients
 def gradients(solve: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, target: torch.Tensor,
               params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
@@ -497,7 +510,8 @@ def run_config(config: Config) -> Dict[str, object]:
     result: Dict[str, object] = {**timed[-1][1], "time_s": statistics.median(t for t, _ in timed),
                                  "times_s": [t for t, _ in timed],
                                  "faults": int(statistics.median(c["faults"] for _, c in timed))}
-    result.update(measure_memory(lambda: training_step(solve, x, target, optimizer), device, before_block))
+    result.update(median_memory([measure_memory(lambda: training_step(solve, x, target, optimizer), device,
+                                                before_block) for _ in range(MEMORY_STEPS)]))
     if config.is_pnode and config.steps is None:
         result["steps_taken"] = len(pnode_step_times(config, solve, x)) - 1
     elif config.steps is None:
@@ -910,12 +924,13 @@ def machine_line(args: argparse.Namespace) -> str:
 
 def workload_line(args: argparse.Namespace) -> str:
     rounds = f" (per round; the median over {args.rounds} interleaved rounds)" if args.rounds > 1 else ""
-    memory_rounds = f"; both the median over the {args.rounds} rounds" if args.rounds > 1 else ""
+    memory_rounds = f" (per round; the median over the {args.rounds} rounds)" if args.rounds > 1 else ""
     return (f"Training step of the ODE-Net block, batch {args.batch}, state {args.channels}x{args.size}x{args.size}, "
             f"float32, t = [0, 1], fixed steps step_size = 1/steps, adaptive rtol = atol = {args.tol:g}; "
             f"time: median of {args.repeats} steps after a warm-up{rounds}; peak memory: peak during a step over "
             "the memory held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between "
-            f"steps{memory_rounds}. Grad error: relative, against autograd through the same steps."
+            f"steps; both the median of {MEMORY_STEPS} steps{memory_rounds}. Grad error: relative, against "
+            "autograd through the same steps."
             + (" Allocator: every row (torchdiffeq's too) first calls pnode.allocator.keep_freed_memory(), so "
                "glibc keeps the memory a step frees for the next step." if args.keep_freed_memory else ""))
 

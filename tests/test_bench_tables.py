@@ -91,3 +91,10 @@ def test_rounds_give_the_median_of_time_memory_and_faults_and_a_single_round_sta
     alone = {"time_s": 2.0, "peak_mb": 100.0, "held_mb": 5.0, "faults": 3}
     bm.combine_rounds(alone)
     assert alone == {"time_s": 2.0, "peak_mb": 100.0, "held_mb": 5.0, "faults": 3}
+
+
+def test_memory_is_the_median_of_the_measured_steps_and_a_failed_reset_shows():
+    samples = [{"peak_mb": p, "held_mb": 10.0, "step_peak_mb": p - 10.0, "host_peak_mb": p, "hwm_reset": ok}
+               for p, ok in ((120.0, True), (112.0, True), (131.0, False))]
+    got = bm.median_memory(samples)
+    assert (got["peak_mb"], got["step_peak_mb"], got["held_mb"], got["hwm_reset"]) == (120.0, 110.0, 10.0, False)
