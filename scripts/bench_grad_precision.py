@@ -11,7 +11,10 @@ float32 autograd against float64 autograd.
 Workload as in bench_memory.py: batch 128, state 64x8x8, t = [0, 1], fixed steps 1/steps or
 dopri5 with rtol = atol = 1e-3, loss MSE against a fixed random target.
 
-    python scripts/bench_grad_precision.py [--steps 16,64] [--markdown FILE]
+    python scripts/bench_grad_precision.py [--steps 16,64] [--methods rk4] [--train-steps 0,4,5,6] [--markdown FILE]
+
+``--train-steps`` measures at the weights after that many training steps (bench_memory.py checks
+its gradients after its timed and memory steps, so at other weights than the initial ones).
 """
 
 import argparse
@@ -39,13 +42,28 @@ def worst(got, want) -> float:
     return max(bm.relative_error(got[:1], want[:1]), bm.relative_error(got[1:], want[1:]))
 
 
-def row(method: str, steps: Optional[int], args: argparse.Namespace) -> List[str]:
+def rows(method: str, steps: Optional[int], args: argparse.Namespace) -> List[List[str]]:
+    """One row per entry of ``args.train_steps``: the errors at the weights after that many
+    training steps (pnode, SGD with momentum, as bench_memory.py trains between its measurements)."""
     config = bm.Config("pnode", method, steps, batch=args.batch, channels=args.channels, size=args.size)
     torch.manual_seed(0)
     func = bm.CountedFunc(bench_core.ODEFunc(args.channels))
     x = torch.randn(args.batch, args.channels, args.size, args.size)
     target = torch.randn_like(x)
     solve = bm.Solve(config, func)
+    optimizer = torch.optim.SGD(func.parameters(), lr=1e-3, momentum=0.9)
+    out, trained = [], 0
+    for wanted in sorted(args.train_steps):
+        while trained < wanted:
+            bm.training_step(solve, x, target, optimizer)
+            trained += 1
+        out.append([method, *row(config, solve, func, x, target), str(trained)])
+    return out
+
+
+def row(config, solve, func, x, target) -> List[str]:
+    """steps label and the three errors at ``func``'s current weights."""
+    method, steps = config.method, config.steps
     params = tuple(func.parameters())
     pnode32 = bm.gradients(solve, x, target, params)
     autograd32 = bm.reference_gradients(config, solve, x, target, params)
@@ -54,7 +72,7 @@ def row(method: str, steps: Optional[int], args: argparse.Namespace) -> List[str
     autograd64 = bm.gradients(lambda y0: bench_core.rk_reference(func64, y0, times, tableau(method)),
                               x.double(), target.double(), tuple(func64.parameters()))
     label = str(steps) if steps else f"adaptive ({len(times) - 1})"
-    return [method, label, f"{worst(pnode32, autograd32):.1e}", f"{worst(pnode32, autograd64):.1e}",
+    return [label, f"{worst(pnode32, autograd32):.1e}", f"{worst(pnode32, autograd64):.1e}",
             f"{worst(autograd32, autograd64):.1e}"]
 
 
@@ -65,14 +83,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--methods", type=lambda s: [v for v in s.split(",") if v], default=["euler", "rk4", "dopri5"],
+                        help="comma-separated, from euler,rk4,dopri5 (default: all three)")
+    parser.add_argument("--train-steps", type=lambda s: [int(v) for v in s.split(",") if v], default=[0],
+                        help="measure at the weights after each of these numbers of training steps "
+                             "(default 0: the initial weights)")
     parser.add_argument("--markdown", metavar="FILE", help="append the table to FILE")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - {"euler", "rk4", "dopri5"})
+    if unknown or any(n < 0 for n in args.train_steps):
+        parser.error(f"unknown methods {unknown}" if unknown else "--train-steps must be at least 0")
     torch.set_num_threads(args.threads)
-    rows = [row(m, s, args) for m in ("euler", "rk4") for s in args.steps] + [row("dopri5", None, args)]
+    table_rows = [r for m in args.methods for s in ([None] if m == "dopri5" else args.steps)
+                  for r in rows(m, s, args)]
     header = ["method", "steps", "pnode f32 vs autograd f32", "pnode f32 vs autograd f64",
-              "autograd f32 vs autograd f64"]
+              "autograd f32 vs autograd f64", "after training steps"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows]
     from pnode.bridge import PETSC_DTYPE
 
     table = (f"Gradient relative error (larger of y0 and parameter parts), ODE-Net block, batch {args.batch}, "

@@ -98,3 +98,23 @@ def test_memory_is_the_median_of_the_measured_steps_and_a_failed_reset_shows():
                for p, ok in ((120.0, True), (112.0, True), (131.0, False))]
     got = bm.median_memory(samples)
     assert (got["peak_mb"], got["step_peak_mb"], got["held_mb"], got["hwm_reset"]) == (120.0, 110.0, 10.0, False)
+
+
+def test_grad_precision_measures_at_the_weights_after_the_asked_training_steps(tmp_path, capsys):
+    import bench_grad_precision as bgp
+
+    out = tmp_path / "prec.md"
+    bgp.main(["--methods", "rk4", "--steps", "2", "--batch", "4", "--channels", "8", "--size", "4",
+              "--train-steps", "2,0", "--threads", "1", "--markdown", str(out)])
+    table = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| rk4")]
+    assert [cells[-1].strip() for cells in table] == ["0", "2"]
+    errors = [float(c) for cells in table for c in cells[2:5]]
+    assert max(errors) < 1e-5  # a small, well-conditioned block: float32 round-off only
+
+
+@pytest.mark.parametrize("argv", [["--train-steps", "-1"], ["--methods", "rk5"]])
+def test_grad_precision_refuses_bad_arguments(argv):
+    import bench_grad_precision as bgp
+
+    with pytest.raises(SystemExit):
+        bgp.main(argv)
