@@ -759,9 +759,9 @@ class Rows:
     """Look-up of finished rows by (family, method, steps, device, petsc)."""
 
     def __init__(self, rows: Sequence[Tuple[Config, Dict[str, object]]]):
-        self.run = {self._key(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs) for c, _ in rows}
-        self.by_key = {self._key(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs): r
-                       for c, r in rows if "error" not in r}
+        keyed = [(self._key(c.family, c.method, c.steps, c.device, c.petsc, c.stage_graphs), r) for c, r in rows]
+        self.run = {key for key, _ in keyed}
+        self.by_key = {key: r for key, r in keyed if "error" not in r}
         self.stage_graphs = sorted({c.stage_graphs for c, _ in rows if c.family == "pnode-K-lean"})
 
     @staticmethod

@@ -4,6 +4,7 @@ These exercise scripts/bench_memory.py's bookkeeping on made-up rows (no solves 
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -100,7 +101,7 @@ def test_memory_is_the_median_of_the_measured_steps_and_a_failed_reset_shows():
     assert (got["peak_mb"], got["step_peak_mb"], got["held_mb"], got["hwm_reset"]) == (120.0, 110.0, 10.0, False)
 
 
-def test_grad_precision_measures_at_the_weights_after_the_asked_training_steps(tmp_path, capsys):
+def test_grad_precision_measures_at_the_weights_after_the_asked_training_steps(tmp_path):
     import bench_grad_precision as bgp
 
     out = tmp_path / "prec.md"
@@ -112,9 +113,11 @@ def test_grad_precision_measures_at_the_weights_after_the_asked_training_steps(t
     assert max(errors) < 1e-5  # a small, well-conditioned block: float32 round-off only
 
 
-@pytest.mark.parametrize("argv", [["--train-steps", "-1"], ["--methods", "rk5"]])
-def test_grad_precision_refuses_bad_arguments(argv):
+@pytest.mark.parametrize("argv,message", [(["--train-steps", "-1"], "--train-steps must be at least 0"),
+                                          (["--methods", "rk4,rk5"], r"unknown methods \['rk5'\]")])
+def test_grad_precision_refuses_bad_arguments(argv, message, capsys):
     import bench_grad_precision as bgp
 
     with pytest.raises(SystemExit):
         bgp.main(argv)
+    assert re.search(message, capsys.readouterr().err)
