@@ -51,16 +51,21 @@ rtol = atol = ``--tol`` (1e-3). Columns:
   NFE-B: evaluations with a graph, each followed by VJPs, in the backward pass; "(+r)": r more
   evaluations without a graph that the backward pass spent recomputing checkpointed steps.
 * grad error: the larger of the relative errors of the y0 gradient and of the parameter gradient
-  against torch autograd through the same steps, in the same dtype: a hand-written Euler or
-  classic RK4 loop; for dopri5 the Dormand-Prince tableau over the step times pnode's forward
-  solve accepted; for cn a hand-written Crank-Nicolson step (fixed-point iterations, VJPs by
-  autograd). torchdiffeq odeint_adjoint rows are compared with backprop through torchdiffeq's own
-  odeint with the same method and steps (its continuous adjoint's error); odeint rows are that
-  reference ("ref"). Caveat: the block's ReLUs make the gradient jump where a pre-activation
-  crosses zero, and two float32 computations whose round-off differs (pnode keeps the state in
-  float64) put a few of them on different sides; at 64 steps that alone moves the gradient by
-  1e-5 to 1e-4, for pnode and float32 autograd alike against float64 autograd (with SiLU instead
-  of ReLU all three agree to ~5e-7). The float64 check below has no such noise.
+  against torch autograd through the same steps: a hand-written Euler or classic RK4 loop; for
+  dopri5 the Dormand-Prince tableau over the step times pnode's forward solve accepted; for cn a
+  hand-written Crank-Nicolson step (fixed-point iterations, VJPs by autograd). The reference does
+  the row's own arithmetic: on a float64 PETSc pnode sums the steps of a float32 state in float64
+  and evaluates the network in float32, so the reference of those explicit rows does too (each
+  stage value cast down to the network, each evaluation cast back up), and computes the very
+  function pnode differentiates. Beside it, "vs float32 autograd": the same loop in float32
+  throughout. The two differ because the block's ReLUs make the gradient jump where a
+  pre-activation crosses zero, and two computations whose round-off differs put a few of them on
+  different sides: that alone moves the gradient by 1e-5 to 1e-3 (whoever computes it, against
+  float64 autograd too; scripts/bench_grad_precision.py). On a float32 PETSc both columns are the
+  float32 loop; there dopri5's stage sums are grouped differently from PETSc's, which is enough
+  to flip ReLUs. torchdiffeq odeint_adjoint rows are compared with backprop through torchdiffeq's
+  own odeint with the same method and steps (its continuous adjoint's error); odeint rows are
+  that reference ("ref"). The float64 check below has no such noise.
 
 Then an acceptance table computes the ratios the memory issue asks for from the rows of this run,
 and ``--float64-check`` adds a small float64 run (pnode rk4, 16 steps, store all and K
@@ -455,8 +460,14 @@ def cn_reference_gradients(func: nn.Module, x: torch.Tensor, target: torch.Tenso
 
 
 def reference_gradients(config: Config, solve: Solve, x: torch.Tensor, target: torch.Tensor,
-                        params: Sequence[torch.Tensor]) -> Optional[Tuple[torch.Tensor, ...]]:
-    """Autograd through the row's own steps (None for torchdiffeq odeint: it is that reference)."""
+                        params: Sequence[torch.Tensor], wide: Optional[torch.dtype] = None
+                        ) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Autograd through the row's own steps (None for torchdiffeq odeint: it is that reference).
+
+    In the state's dtype; with ``wide`` (explicit methods), in pnode's arithmetic on a PETSc of that
+    wider scalar type instead: the steps' sums in ``wide``, the network in the state's dtype
+    (:func:`network_in`).
+    """
     import bench_core
 
     if config.family == "odeint":
@@ -469,7 +480,28 @@ def reference_gradients(config: Config, solve: Solve, x: torch.Tensor, target: t
         return cn_reference_gradients(solve.func, x, target, times, params)
     tableau = {"euler": EULER, "rk4": bench_core.RK4,
                "dopri5": (bench_core.DOPRI5_C, bench_core.DOPRI5_A, bench_core.DOPRI5_B)}[config.method]
-    return gradients(lambda y0: bench_core.rk_reference(solve.func, y0, times, tableau), x, target, params)
+    if wide is None:
+        return gradients(lambda y0: bench_core.rk_reference(solve.func, y0, times, tableau), x, target, params)
+    func = network_in(solve.func, x.dtype)
+    return gradients(lambda y0: bench_core.rk_reference(func, y0.to(wide), times, tableau).to(x.dtype),
+                     x, target, params)
+
+
+def network_in(func: Callable, dtype: torch.dtype) -> Callable:
+    """``func`` on wider states, evaluated in ``dtype``: what pnode does on a float64 PETSc with a float32
+    network (each stage value cast down on its way in, each evaluation cast up on its way out)."""
+    def cast(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return func(t.to(dtype), y.to(dtype)).to(y.dtype)
+    return cast
+
+
+def wider_petsc_scalar(config: Config, x: torch.Tensor) -> Optional[torch.dtype]:
+    """PETSc's scalar type where a pnode row sums its explicit steps in a wider type than the state's."""
+    if not config.is_pnode or config.method == "cn":
+        return None
+    from pnode.bridge import PETSC_DTYPE
+
+    return PETSC_DTYPE if torch.finfo(PETSC_DTYPE).eps < torch.finfo(x.dtype).eps else None
 
 
 def pnode_step_times(config: Config, solve: Solve, x: torch.Tensor) -> List[float]:
@@ -482,13 +514,22 @@ def pnode_step_times(config: Config, solve: Solve, x: torch.Tensor) -> List[floa
 
 
 def gradient_errors(config: Config, solve: Solve, x: torch.Tensor, target: torch.Tensor) -> Dict[str, object]:
+    """Relative gradient errors against autograd through the same steps.
+
+    ``grad_err``: in the row's own arithmetic (on a float64 PETSc, pnode's float64 sums of float32
+    evaluations); ``grad_err_plain``: against autograd in the state's dtype throughout.
+    """
     params = tuple(solve.func.parameters())
-    reference = reference_gradients(config, solve, x, target, params)
-    if reference is None:
+    plain = reference_gradients(config, solve, x, target, params)
+    if plain is None:
         return {"grad_err": None}
     got = gradients(solve, x, target, params)
-    err_y0, err_params = relative_error(got[:1], reference[:1]), relative_error(got[1:], reference[1:])
-    return {"grad_err": max(err_y0, err_params), "grad_err_y0": err_y0, "grad_err_params": err_params}
+    wide = wider_petsc_scalar(config, x)
+    same = plain if wide is None else reference_gradients(config, solve, x, target, params, wide)
+    err_y0, err_params = relative_error(got[:1], same[:1]), relative_error(got[1:], same[1:])
+    plain_err = max(relative_error(got[:1], plain[:1]), relative_error(got[1:], plain[1:]))
+    return {"grad_err": max(err_y0, err_params), "grad_err_y0": err_y0, "grad_err_params": err_params,
+            "grad_err_plain": plain_err}
 
 
 # ---------------------------------------------------------------------------- worker: entry points
@@ -710,14 +751,15 @@ def steps_cell(config: Config, result: Dict[str, object]) -> str:
     return "adaptive"
 
 
-def grad_cell(config: Config, result: Dict[str, object]) -> str:
+def grad_cell(config: Config, result: Dict[str, object], key: str = "grad_err") -> str:
+    """``result[key]`` formatted; ``grad_err_plain`` falls back to ``grad_err`` (results of older runs)."""
     if "grad_error_message" in result:
         return f"failed: {_cell(result['grad_error_message'])}"
     if not config.grad_check:
         return "-"
     if config.family == "odeint":
         return "ref"
-    return f"{result['grad_err']:.1e}"
+    return f"{result.get(key, result['grad_err']):.1e}"
 
 
 def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
@@ -729,7 +771,7 @@ def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
 def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
     cuda = any(config.device == "cuda" for config, _ in rows)
     header = ["solver", "method", "steps", "time / step (s)", "peak memory (MB)", "of which held (MB)", "NFE-F",
-              "NFE-B (+recompute)", "grad rel. error", "page faults / step"]
+              "NFE-B (+recompute)", "grad rel. error", "grad rel. error vs float32 autograd", "page faults / step"]
     if cuda:
         header[1:1] = ["device"]
         header.insert(header.index("of which held (MB)") + 1, "host peak RSS (MB)")
@@ -737,12 +779,13 @@ def results_table(rows: Sequence[Tuple[Config, Dict[str, object]]]) -> str:
     for config, result in sorted(rows, key=sort_key):
         cells = [config.label, config.method, steps_cell(config, result)]
         if "error" in result:
-            cells += ["failed", "-", "-", "-", "-", f"failed: {_cell(result['error'])}", "-"]
+            cells += ["failed", "-", "-", "-", "-", f"failed: {_cell(result['error'])}", "-", "-"]
         else:
             nfe_b = str(result["nfe_b"]) + (f" (+{result['nfe_recompute']})" if result["nfe_recompute"] else "")
             peak = f"{result['peak_mb']:.1f}" + ("" if result["hwm_reset"] else " (HWM not reset)")
             cells += [f"{result['time_s']:.3f}", peak, f"{result['held_mb']:.1f}", str(result["nfe_f"]), nfe_b,
-                      grad_cell(config, result), f"{result['faults']:,}" if "faults" in result else "-"]
+                      grad_cell(config, result), grad_cell(config, result, "grad_err_plain"),
+                      f"{result['faults']:,}" if "faults" in result else "-"]
         if cuda:
             cells[1:1] = [config.device]
             cells.insert(header.index("host peak RSS (MB)"),
@@ -852,24 +895,27 @@ def dopri5_check(ours: Optional[dict], theirs: Optional[dict], store: str, tol: 
                        ours, theirs, "time_s", 0.7, extra)
 
 
-def worst_gradient_error(rows, families) -> Optional[Tuple[float, Config]]:
-    errors = [(r["grad_err"], c) for c, r in rows
+def worst_gradient_error(rows, families, key: str = "grad_err") -> Optional[Tuple[float, Config]]:
+    errors = [(r.get(key, r["grad_err"]), c) for c, r in rows
               if c.family in families and "error" not in r and r.get("grad_err") is not None]
     return max(errors, key=lambda e: e[0]) if errors else None
 
 
 def gradient_checks(rows) -> List[Tuple[str, str, str]]:
     checks = []
+    target = "gradient error of every pnode row (float32; autograd in the row's arithmetic) ≤ 1e-5"
     worst = worst_gradient_error(rows, PNODE_FAMILIES)
     failed = [c for c, r in rows if c.is_pnode and ("error" in r or "grad_error_message" in r)]
     if worst is None:
-        checks.append(("gradient error of every pnode row (float32) ≤ 1e-5",
-                       f"{len(failed)} pnode rows failed" if failed else "not measured", "✗" if failed else ""))
+        checks.append((target, f"{len(failed)} pnode rows failed" if failed else "not measured",
+                       "✗" if failed else ""))
     else:
         err, config = worst
         note = f" ({len(failed)} pnode rows failed)" if failed else ""
-        checks.append(("gradient error of every pnode row (float32) ≤ 1e-5",
-                       f"max {err:.1e}: {config.describe()}{note}", "✓" if err <= 1e-5 and not failed else "✗"))
+        checks.append((target, f"max {err:.1e}: {config.describe()}{note}", "✓" if err <= 1e-5 and not failed else "✗"))
+        plain, config = worst_gradient_error(rows, PNODE_FAMILIES, "grad_err_plain")
+        checks.append(("gradient error of pnode against float32 autograd (for comparison)",
+                       f"max {plain:.1e}: {config.describe()}", ""))
     theirs = worst_gradient_error(rows, ("odeint_adjoint",))
     if theirs is not None:
         checks.append(("gradient error of torchdiffeq odeint_adjoint (for comparison)",
@@ -930,7 +976,9 @@ def workload_line(args: argparse.Namespace) -> str:
             f"time: median of {args.repeats} steps after a warm-up{rounds}; peak memory: peak during a step over "
             "the memory held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between "
             f"steps; both the median of {MEMORY_STEPS} steps{memory_rounds}. Grad error: relative, against "
-            "autograd through the same steps."
+            "autograd through the same steps in the row's own arithmetic (pnode on a float64 PETSc: float64 "
+            "sums of float32 evaluations, cast as pnode casts them); beside it, against autograd in float32 "
+            "throughout."
             + (" Allocator: every row (torchdiffeq's too) first calls pnode.allocator.keep_freed_memory(), so "
                "glibc keeps the memory a step frees for the next step." if args.keep_freed_memory else ""))
 

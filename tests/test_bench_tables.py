@@ -78,9 +78,27 @@ def test_a_ratio_next_to_its_bound_is_not_rounded_onto_it(value, bound, shown, m
 def test_page_faults_are_the_last_column_and_missing_ones_show_a_dash():
     table = bm.results_table([(bm.Config("pnode", "rk4", 16), _result(1.0, 100.0, faults=61244)),
                               (bm.Config("odeint", "rk4", 16), _result(0.8, 900.0))]).splitlines()
-    assert table[0].endswith("| grad rel. error | page faults / step |")
+    assert table[0].endswith("| grad rel. error | grad rel. error vs float32 autograd | page faults / step |")
     cells = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table[2:]}
     assert cells == {"pnode (store all)": "61,244", "torchdiffeq odeint": "-"}
+
+
+def test_the_gradient_target_is_checked_in_each_row_s_own_arithmetic_and_float32_autograd_is_shown_beside():
+    rows = [(bm.Config("pnode", "rk4", 16), _result(1.0, 100.0, grad_err=2e-7, grad_err_plain=3e-5)),
+            (bm.Config("pnode", "rk4", 16, petsc="single"), _result(1.0, 90.0, grad_err=4e-7)),
+            (bm.Config("odeint_adjoint", "rk4", 16), _result(1.0, 90.0, grad_err=4e-3)),
+            (bm.Config("odeint", "rk4", 16), _result(0.8, 900.0, grad_err=None))]
+    checks = {name: (value, mark) for name, value, mark in bm.gradient_checks(rows)}
+    assert checks == {
+        "gradient error of every pnode row (float32; autograd in the row's arithmetic) ≤ 1e-5":
+            ("max 4.0e-07: pnode (store all, float32 PETSc) rk4 (16 steps, cpu)", "✓"),
+        "gradient error of pnode against float32 autograd (for comparison)":
+            ("max 3.0e-05: pnode (store all) rk4 (16 steps, cpu)", ""),
+        "gradient error of torchdiffeq odeint_adjoint (for comparison)":
+            ("max 4.0e-03: torchdiffeq odeint_adjoint rk4 (16 steps, cpu)", "")}
+    cells = [line.split("|")[9:11] for line in bm.results_table(rows).splitlines()[2:]]
+    assert [[c.strip() for c in pair] for pair in cells] == [
+        ["2.0e-07", "3.0e-05"], ["4.0e-07", "4.0e-07"], ["ref", "ref"], ["4.0e-03", "4.0e-03"]]
 
 
 def test_rounds_give_the_median_of_time_memory_and_faults_and_a_single_round_stays():
@@ -109,8 +127,22 @@ def test_grad_precision_measures_at_the_weights_after_the_asked_training_steps(t
               "--train-steps", "2,0", "--threads", "1", "--markdown", str(out)])
     table = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| rk4")]
     assert [cells[-1].strip() for cells in table] == ["0", "2"]
-    errors = [float(c) for cells in table for c in cells[2:5]]
+    errors = [float(c) for cells in table for c in cells[2:6]]
     assert max(errors) < 1e-5  # a small, well-conditioned block: float32 round-off only
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_pnode_float32_gradients_equal_autograd_in_pnode_s_own_arithmetic(method, tmp_path):
+    """The ODE-Net block (ReLU, GroupNorm) in float32, after some training: autograd through the same
+    steps done as pnode does them (float64 sums on the default build, float32 on a float32 build)
+    gives pnode's gradient to the round-off of float32 VJPs, whatever the ReLUs do."""
+    import bench_grad_precision as bgp
+
+    out = tmp_path / "prec.md"
+    bgp.main(["--methods", method, "--steps", "8", "--batch", "8", "--channels", "16", "--size", "6",
+              "--train-steps", "3", "--threads", "1", "--markdown", str(out)])
+    (cells,) = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith(f"| {method}")]
+    assert float(cells[2]) < 2e-6
 
 
 @pytest.mark.parametrize("argv,message", [(["--train-steps", "-1"], "--train-steps must be at least 0"),

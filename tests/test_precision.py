@@ -73,6 +73,44 @@ def test_gradients_match_autograd_through_the_same_steps(method, dtype):
         assert rel_err(g, w) <= tol
 
 
+class ReLUField(torch.nn.Module):
+    """dy/dt = W2 relu(W1 y + t c): kinks where float32 round-off of the state decides a ReLU's side."""
+
+    def __init__(self, dim=6, hidden=64):
+        super().__init__()
+        self.lin1 = torch.nn.Linear(dim, hidden)
+        self.time = torch.nn.Parameter(torch.randn(hidden))
+        self.lin2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, t, y):
+        return self.lin2(torch.relu(self.lin1(y) + t * self.time))
+
+
+@pytest.mark.skipif(SINGLE, reason="a float32 PETSc sums in float32: the state's own precision")
+@pytest.mark.parametrize("method", ["euler", "rk4", "bosh3", "dopri5"])
+def test_float32_gradients_equal_autograd_through_pnode_s_mixed_arithmetic(method):
+    """On a float64 PETSc a float32 state is summed in float64 and evaluated in float32. Autograd
+    through the same steps done that way gives pnode's gradient to float32 VJP round-off, whatever
+    the ReLUs do (a float32-throughout reference flips some of them)."""
+    skip_if_zero_weight_broken(method)
+    torch.manual_seed(3)
+    func = ReLUField()
+    y0 = torch.randn(64, 6, requires_grad=True)
+    times, h = [0.0, 0.3, 1.0], 0.05
+    params = (y0, *func.parameters())
+    out = pnode.odeint_adjoint(func, y0, torch.tensor(times), method=method, options={"step_size": h})
+    got = torch.autograd.grad(out.pow(2).sum(), params)
+
+    def mixed(t, y):  # what pnode hands the network: float32 casts of float64 stage values and times
+        return func(torch.tensor(t, dtype=torch.float64).float(), y.float()).double()
+
+    ref = rk_solve(mixed, y0.double(), times, h, TABLEAUS[method]).float()
+    want = torch.autograd.grad(ref.pow(2).sum(), params)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert rel_err(g, w) <= 30 * torch.finfo(torch.float32).eps
+
+
 @pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.05}), ("dopri5", {}), ("cn", {"step_size": 0.1})])
 def test_checkpointed_gradients_equal_store_all(method, options):
     """The recomputed steps repeat the forward arithmetic in PETSc's precision too."""
