@@ -17,6 +17,19 @@ class MLPField(nn.Module):
         return self.lin2(torch.tanh(self.lin1(y) + t * self.time))
 
 
+class ReLUField(nn.Module):
+    """dy/dt = W2 relu(W1 y + t c): kinks where float32 round-off of the state decides a ReLU's side."""
+
+    def __init__(self, dim=6, hidden=64):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.time = nn.Parameter(torch.randn(hidden))
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, t, y):
+        return self.lin2(torch.relu(self.lin1(y) + t * self.time))
+
+
 class LinearField(nn.Module):
     """dy/dt = A y for a batch of row vectors y: (batch, n)."""
 

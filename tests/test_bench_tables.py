@@ -134,8 +134,8 @@ def test_grad_precision_measures_at_the_weights_after_the_asked_training_steps(t
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_pnode_float32_gradients_equal_autograd_in_pnode_s_own_arithmetic(method, tmp_path):
     """The ODE-Net block (ReLU, GroupNorm) in float32, after some training: autograd through the same
-    steps done as pnode does them (float64 sums on the default build, float32 on a float32 build)
-    gives pnode's gradient to the round-off of float32 VJPs, whatever the ReLUs do."""
+    steps done as pnode does them (on the default build: float64 sums, network in float32) gives
+    pnode's gradient to the round-off of float32 VJPs."""
     import bench_grad_precision as bgp
 
     out = tmp_path / "prec.md"

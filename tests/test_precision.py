@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err, skip_if_zero_weight_broken
-from problems import MLPField, stable_matrix
+from problems import MLPField, ReLUField, stable_matrix
 from references import TABLEAUS, rk_solve
 
 import pnode
@@ -71,19 +71,6 @@ def test_gradients_match_autograd_through_the_same_steps(method, dtype):
     for g, w in zip(got, want):
         assert g.dtype == dtype
         assert rel_err(g, w) <= tol
-
-
-class ReLUField(torch.nn.Module):
-    """dy/dt = W2 relu(W1 y + t c): kinks where float32 round-off of the state decides a ReLU's side."""
-
-    def __init__(self, dim=6, hidden=64):
-        super().__init__()
-        self.lin1 = torch.nn.Linear(dim, hidden)
-        self.time = torch.nn.Parameter(torch.randn(hidden))
-        self.lin2 = torch.nn.Linear(hidden, dim)
-
-    def forward(self, t, y):
-        return self.lin2(torch.relu(self.lin1(y) + t * self.time))
 
 
 @pytest.mark.skipif(SINGLE, reason="a float32 PETSc sums in float32: the state's own precision")
