@@ -39,13 +39,8 @@ import bench_memory as bm  # noqa: E402
 sys.argv = sys_argv
 
 
-TABLEAUS = {"euler": bm.EULER, "rk4": bench_core.RK4,
-            "dopri5": (bench_core.DOPRI5_C, bench_core.DOPRI5_A, bench_core.DOPRI5_B)}
-"""The methods this script compares, with the tableaus of their autograd references."""
-
-
-def worst(got, want) -> float:
-    return max(bm.relative_error(got[:1], want[:1]), bm.relative_error(got[1:], want[1:]))
+METHODS = ("euler", "rk4", "dopri5")
+"""The methods this script compares (their references: ``bench_memory.rk_tableau``)."""
 
 
 def rows(method: str, steps: Optional[int], args: argparse.Namespace) -> List[List[str]]:
@@ -73,15 +68,14 @@ def row(config, solve, func, x, target) -> List[str]:
     params = tuple(func.parameters())
     pnode32 = bm.gradients(solve, x, target, params)
     autograd32 = bm.reference_gradients(config, solve, x, target, params)
-    wide = bm.wider_petsc_scalar(config, x)
-    same = autograd32 if wide is None else bm.reference_gradients(config, solve, x, target, params, wide)
+    same = bm.own_arithmetic_reference(config, solve, x, target, params, autograd32)
     times = bm.pnode_step_times(config, solve, x)
     func64 = copy.deepcopy(func).double()
-    autograd64 = bm.gradients(lambda y0: bench_core.rk_reference(func64, y0, times, TABLEAUS[method]),
+    autograd64 = bm.gradients(lambda y0: bench_core.rk_reference(func64, y0, times, bm.rk_tableau(method)),
                               x.double(), target.double(), tuple(func64.parameters()))
     label = str(steps) if steps else f"adaptive ({len(times) - 1})"
-    return [label, f"{worst(pnode32, same):.1e}", f"{worst(pnode32, autograd32):.1e}",
-            f"{worst(pnode32, autograd64):.1e}", f"{worst(autograd32, autograd64):.1e}"]
+    pairs = ((pnode32, same), (pnode32, autograd32), (pnode32, autograd64), (autograd32, autograd64))
+    return [label, *(f"{bm.worst_relative_error(got, want):.1e}" for got, want in pairs)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -91,14 +85,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--methods", type=lambda s: [v for v in s.split(",") if v], default=list(TABLEAUS),
-                        help=f"comma-separated, from {','.join(TABLEAUS)} (default: all three)")
+    parser.add_argument("--methods", type=lambda s: [v for v in s.split(",") if v], default=list(METHODS),
+                        help=f"comma-separated, from {','.join(METHODS)} (default: all three)")
     parser.add_argument("--train-steps", type=lambda s: [int(v) for v in s.split(",") if v], default=[0],
                         help="measure at the weights after each of these numbers of training steps "
                              "(default 0: the initial weights)")
     parser.add_argument("--markdown", metavar="FILE", help="append the table to FILE")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(TABLEAUS))
+    unknown = sorted(set(args.methods) - set(METHODS))
     if unknown or any(n < 0 for n in args.train_steps):
         parser.error(f"unknown methods {unknown}" if unknown else "--train-steps must be at least 0")
     torch.set_num_threads(args.threads)

@@ -391,6 +391,11 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) ->
     return num / den
 
 
+def worst_relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """The larger of the relative errors of the y0 part (first) and of the parameter part (the rest)."""
+    return max(relative_error(got[:1], want[:1]), relative_error(got[1:], want[1:]))
+
+
 def fixed_point(update: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, tol: float,
                 max_iter: int = 500) -> torch.Tensor:
     """Iterate ``x = update(x)`` until the relative change is below ``tol`` or stalls at round-off."""
@@ -478,13 +483,20 @@ def reference_gradients(config: Config, solve: Solve, x: torch.Tensor, target: t
     times = pnode_step_times(config, solve, x)
     if config.method == "cn":
         return cn_reference_gradients(solve.func, x, target, times, params)
-    tableau = {"euler": EULER, "rk4": bench_core.RK4,
-               "dopri5": (bench_core.DOPRI5_C, bench_core.DOPRI5_A, bench_core.DOPRI5_B)}[config.method]
+    tableau = rk_tableau(config.method)
     if wide is None:
         return gradients(lambda y0: bench_core.rk_reference(solve.func, y0, times, tableau), x, target, params)
     func = network_in(solve.func, x.dtype)
     return gradients(lambda y0: bench_core.rk_reference(func, y0.to(wide), times, tableau).to(x.dtype),
                      x, target, params)
+
+
+def rk_tableau(method: str) -> tuple:
+    """``(c, A, b)`` of the hand-written autograd reference of an explicit method (euler, rk4, dopri5)."""
+    import bench_core
+
+    return {"euler": EULER, "rk4": bench_core.RK4,
+            "dopri5": (bench_core.DOPRI5_C, bench_core.DOPRI5_A, bench_core.DOPRI5_B)}[method]
 
 
 def network_in(func: Callable, dtype: torch.dtype) -> Callable:
@@ -502,6 +514,15 @@ def wider_petsc_scalar(config: Config, x: torch.Tensor) -> Optional[torch.dtype]
     from pnode.bridge import PETSC_DTYPE
 
     return PETSC_DTYPE if torch.finfo(PETSC_DTYPE).eps < torch.finfo(x.dtype).eps else None
+
+
+def own_arithmetic_reference(config: Config, solve: Solve, x: torch.Tensor, target: torch.Tensor,
+                             params: Sequence[torch.Tensor], plain: Tuple[torch.Tensor, ...]
+                             ) -> Tuple[torch.Tensor, ...]:
+    """The reference in the row's own arithmetic: ``plain`` (autograd in the state's dtype) unless a
+    pnode row sums in a wider PETSc scalar type (:func:`wider_petsc_scalar`)."""
+    wide = wider_petsc_scalar(config, x)
+    return plain if wide is None else reference_gradients(config, solve, x, target, params, wide)
 
 
 def pnode_step_times(config: Config, solve: Solve, x: torch.Tensor) -> List[float]:
@@ -524,12 +545,10 @@ def gradient_errors(config: Config, solve: Solve, x: torch.Tensor, target: torch
     if plain is None:
         return {"grad_err": None}
     got = gradients(solve, x, target, params)
-    wide = wider_petsc_scalar(config, x)
-    same = plain if wide is None else reference_gradients(config, solve, x, target, params, wide)
+    same = own_arithmetic_reference(config, solve, x, target, params, plain)
     err_y0, err_params = relative_error(got[:1], same[:1]), relative_error(got[1:], same[1:])
-    plain_err = max(relative_error(got[:1], plain[:1]), relative_error(got[1:], plain[1:]))
     return {"grad_err": max(err_y0, err_params), "grad_err_y0": err_y0, "grad_err_params": err_params,
-            "grad_err_plain": plain_err}
+            "grad_err_plain": worst_relative_error(got, plain)}
 
 
 # ---------------------------------------------------------------------------- worker: entry points
@@ -752,14 +771,13 @@ def steps_cell(config: Config, result: Dict[str, object]) -> str:
 
 
 def grad_cell(config: Config, result: Dict[str, object], key: str = "grad_err") -> str:
-    """``result[key]`` formatted; ``grad_err_plain`` falls back to ``grad_err`` (results of older runs)."""
     if "grad_error_message" in result:
         return f"failed: {_cell(result['grad_error_message'])}"
     if not config.grad_check:
         return "-"
     if config.family == "odeint":
         return "ref"
-    return f"{result.get(key, result['grad_err']):.1e}"
+    return f"{result[key]:.1e}"
 
 
 def sort_key(row: Tuple[Config, Dict[str, object]]) -> tuple:
@@ -896,7 +914,7 @@ def dopri5_check(ours: Optional[dict], theirs: Optional[dict], store: str, tol: 
 
 
 def worst_gradient_error(rows, families, key: str = "grad_err") -> Optional[Tuple[float, Config]]:
-    errors = [(r.get(key, r["grad_err"]), c) for c, r in rows
+    errors = [(r[key], c) for c, r in rows
               if c.family in families and "error" not in r and r.get("grad_err") is not None]
     return max(errors, key=lambda e: e[0]) if errors else None
 
