@@ -19,8 +19,12 @@ the trajectory at any time (besides the output states, which the caller gets any
   re-taken step keeps the graphs of its stage evaluations, which the adjoint's vector-Jacobian
   products then reuse, so the re-step costs no evaluation beyond those of plain store-all.
 
-Steps are re-taken with exactly the recorded step sizes, so adaptive and implicit methods
-reproduce the forward pass and the gradients equal the store-everything run to round-off.
+Steps are re-taken with the step sizes PETSc gave them (:attr:`ForwardRecord.step_sizes`; the
+difference of two recorded times can be an ulp off), so adaptive and implicit methods reproduce
+the forward pass and the gradients equal the store-everything run to round-off, and bit for bit
+where each step evaluates all its stages afresh (not for FSAL methods such as dopri5 and bosh3,
+whose re-taken step evaluates its first stage at the state instead of reusing the previous
+step's last stage; nor, for these, where PETSc retried a step after a rejection).
 """
 
 from functools import lru_cache
@@ -161,7 +165,8 @@ class CheckpointedAdjoint:
     def run(self, record: ForwardRecord, store: CheckpointStore, grad_outputs: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Same contract as :meth:`Solver.adjoint`, for a forward record of ``solver``."""
-        times = np.asarray(record.step_times, dtype=np.float64)
+        self._times = np.asarray(record.step_times, dtype=np.float64)
+        self._sizes = record.step_sizes
         output_at = {step: i for i, step in enumerate(record.step_of_output)}
         anchors = {step: record.outputs[i] for step, i in output_at.items()}
         anchors.update(store.states)
@@ -171,7 +176,7 @@ class CheckpointedAdjoint:
         order = sorted(anchors)
         self.solver.begin_adjoint(grad_outputs[-1])
         for lo, hi in zip(reversed(order[:-1]), reversed(order[1:])):
-            self._reverse(times[lo:hi + 1], anchors.pop(lo), self.checkpoints - self._held)
+            self._reverse(lo, hi, anchors.pop(lo), self.checkpoints - self._held)
             if store.release(lo):  # its buffer is free now: one more slot
                 self._held -= 1
             if output_at.get(lo, 0) > 0:
@@ -179,36 +184,41 @@ class CheckpointedAdjoint:
         before_first = self.solver.adjoint_state_tensor()
         return before_first + grad_outputs[0], before_first, self.solver.param_gradient_tensor()
 
-    def _reverse(self, times: np.ndarray, start_state: torch.Tensor, slots: int) -> None:
-        """Reverse the steps ``times[0] -> ... -> times[-1]`` given the state at ``times[0]``."""
-        m = len(times) - 1
+    def _reverse(self, first: int, last: int, start_state: torch.Tensor, slots: int) -> None:
+        """Reverse the steps ``first + 1 .. last`` given the state after step ``first``."""
+        m = last - first
         if m == 1:
-            self._reverse_one_step(times, start_state)
+            self._reverse_one_step(first, start_state)
         elif slots <= 0:
-            for k in range(m - 1, -1, -1):
+            for k in range(last - 1, first - 1, -1):
                 # the re-take copies the state in first thing: a view of the solution Vec is enough
-                state = start_state if k == 0 else self._advance(times[:k + 1], start_state, keep=False)
-                self._reverse_one_step(times[k:k + 2], state)
+                state = start_state if k == first else self._advance(first, k, start_state, keep=False)
+                self._reverse_one_step(k, state)
         else:
-            j = best_split(m, slots)
-            mid_state = self._store.take(self._advance(times[:j + 1], start_state, keep=False))
+            split = first + best_split(m, slots)
+            mid_state = self._store.take(self._advance(first, split, start_state, keep=False))
             self._held += 1
             self.peak_stored = max(self.peak_stored, self._held)
-            self._reverse(times[j:], mid_state, slots - 1)
+            self._reverse(split, last, mid_state, slots - 1)
             self._store.give(mid_state)
             self._held -= 1
-            self._reverse(times[:j + 1], start_state, slots)
+            self._reverse(first, split, start_state, slots)
 
-    def _advance(self, times: np.ndarray, state: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        """The state at ``times[-1]`` from ``state`` at ``times[0]``; ``keep=False``: a view, valid
-        until the next advance."""
-        self.advanced_steps += len(times) - 1
-        return self.solver.replay(self.rhs, times, state, copy=keep, trajectory=False)
+    def _replay(self, first: int, last: int, state: torch.Tensor, **how) -> torch.Tensor:
+        """Re-take steps ``first + 1 .. last`` from ``state`` (after step ``first``) with their recorded sizes."""
+        return self.solver.replay(self.rhs, self._times[first:last + 1], state, sizes=self._sizes[first:last], **how)
 
-    def _reverse_one_step(self, times: np.ndarray, state: torch.Tensor) -> None:
+    def _advance(self, first: int, last: int, state: torch.Tensor, keep: bool = True) -> torch.Tensor:
+        """The state after step ``last`` from ``state`` after step ``first``; ``keep=False``: a view,
+        valid until the next advance."""
+        self.advanced_steps += last - first
+        return self._replay(first, last, state, copy=keep, trajectory=False)
+
+    def _reverse_one_step(self, first: int, state: torch.Tensor) -> None:
+        """Re-take step ``first + 1`` from ``state`` with a trajectory, and run TSAdjoint back over it."""
         self.recorded_steps += 1
         try:
-            self.solver.replay(self.rhs, times, state, keep_graphs=self.keep_graphs, copy=False, trajectory=True)
+            self._replay(first, first + 1, state, keep_graphs=self.keep_graphs, copy=False, trajectory=True)
             self.solver.adjoint_steps(1)
         finally:
             self.solver.drop_graphs()

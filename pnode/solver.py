@@ -11,7 +11,7 @@ TSAdjoint segment by segment and add each output's cotangent at its exact step.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -102,12 +102,17 @@ class ForwardRecord:
         step_of_output: TS step number at which each output time was reached (0 for the first).
         outputs: the solution at every output time, ``(n_times, local_size)``, PETSc dtype, CPU.
         step_times: PETSc time at the end of every accepted step, starting with ``taus[0]``.
+        step_sizes: the size PETSc gave every accepted step (``step_times[k + 1]`` is PETSc's sum
+            ``step_times[k] + step_sizes[k]``, rounded; the difference of the two times can be an
+            ulp off, which a replay must not be). None for a step that PETSc retried after a
+            rejection or a failed nonlinear solve: its final size is not seen from Python.
     """
 
     taus: np.ndarray
     step_of_output: List[int] = field(default_factory=list)
     outputs: Optional[torch.Tensor] = None
     step_times: List[float] = field(default_factory=list)
+    step_sizes: List[Optional[float]] = field(default_factory=list)
 
 
 class Solver:
@@ -142,6 +147,9 @@ class Solver:
         self._uncut_step: Optional[float] = None
         self._nonfinite_at: Optional[float] = None
         self._forced_times: Optional[np.ndarray] = None
+        self._forced_sizes: Optional[Sequence[Optional[float]]] = None
+        self._step_size: Optional[float] = None  # the size this step was given, and the failures so far
+        self._failures = 0
         self._store = None
         self._graphs: Optional[List] = None
         self._graph_limit: Optional[int] = None
@@ -276,13 +284,20 @@ class Solver:
         else:
             ts.setTimeStep(dt)
             self._segment_end = None
+        self._step_size = ts.getTimeStep()  # as PETSc holds it (a single-precision build rounds it)
+        self._failures = _failures(ts)
 
     def _force_next_step(self, ts) -> None:
-        """Replay: make the next step end at the next recorded time (or stop: it took more steps)."""
+        """Replay: give the next step its recorded size (or stop: it took more steps).
+
+        The recorded size repeats the original step bit for bit. Where none was recorded (a retried
+        step), the difference of the recorded times is the nearest one can get.
+        """
         following = ts.getStepNumber() + 1
         if following >= len(self._forced_times):
             raise self._replay_mismatch(following)
-        ts.setTimeStep(self._forced_times[following] - ts.getTime())
+        size = None if self._forced_sizes is None else self._forced_sizes[following - 1]
+        ts.setTimeStep(self._forced_times[following] - ts.getTime() if size is None else size)
 
     def _replay_mismatch(self, steps_taken: int) -> SolverError:
         return SolverError(f"recomputing {len(self._forced_times) - 1} recorded steps took {steps_taken} "
@@ -299,6 +314,7 @@ class Solver:
             ts.setConvergedReason(PETSc.TS.ConvergedReason.DIVERGED_STEP_REJECTED)
             return
         self._record.step_times.append(tau)
+        self._record.step_sizes.append(self._step_size if _failures(ts) == self._failures else None)
         at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
         if self._store is not None and not at_output:
             self._store.offer(ts.getStepNumber(), vec_view(ts.getSolution()))
@@ -326,11 +342,14 @@ class Solver:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
     def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: Optional[int] = 0,
-               copy: bool = True, trajectory: Optional[bool] = None) -> torch.Tensor:
+               copy: bool = True, trajectory: Optional[bool] = None,
+               sizes: Optional[Sequence[Optional[float]]] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
+        ``sizes``: the recorded size of each step (:attr:`ForwardRecord.step_sizes`, ``len(times) - 1``
+        of them); a step without one takes the difference of its times.
         With a trajectory (``trajectory``, default: ``record``) the steps are left in it for
         :meth:`adjoint_steps`.
         With ``keep_graphs`` (explicit methods), evaluations keep their graphs until
@@ -346,6 +365,7 @@ class Solver:
         self._graphs = [] if keep_graphs != 0 and self.explicit else None
         self._graph_limit = keep_graphs
         self._forced_times = times
+        self._forced_sizes = sizes
         try:
             self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation",
                         self.record if trajectory is None else trajectory)
@@ -354,7 +374,7 @@ class Solver:
             if not np.isfinite(self.solution.norm()):
                 raise self._nonfinite_error(self.ts.getTime())
         finally:
-            self._forced_times = None
+            self._forced_times = self._forced_sizes = None
         return vec_view(self.solution).clone() if copy else vec_view(self.solution)
 
     def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None,
@@ -559,6 +579,11 @@ class Solver:
         error = self.trap.pop()
         if error is not None:
             raise error
+
+
+def _failures(ts) -> int:
+    """Steps PETSc has retried so far: rejected by the step-size controller, or by a failed nonlinear solve."""
+    return ts.getStepRejections() + ts.getSNESFailures()
 
 
 def _views(tensor: torch.Tensor, vec) -> bool:

@@ -116,6 +116,54 @@ def test_checkpointed_gradients_equal_store_all(method, options):
         assert rel_err(a, b) <= 10 * PETSC_EPS
 
 
+def test_checkpointed_adaptive_steps_repeat_the_forward_bit_for_bit():
+    """A recomputed step gets the size PETSc gave the original step, not the difference of the
+    recorded times: in PETSc's real type ``t + h`` rounds, so that difference can be an ulp off
+    (in a float32 PETSc it moved these gradients by ~3e-7, in float64 by ~3e-16). adaptive_heun
+    evaluates every stage afresh and weighs each; dopri5 and bosh3 reuse the previous step's
+    last stage (FSAL), which a step re-taken from a checkpoint evaluates at the state instead, and
+    rk:5f weighs a stage by zero: those agree to round-off (test_checkpoint.py), not bit for bit."""
+    method = "adaptive_heun"
+    torch.manual_seed(5)
+    func = MLPField().double()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
+    params = (y0, *func.parameters())
+
+    def run(extra):
+        out = pnode.odeint_adjoint(func, y0, t, method=method, rtol=1e-6, atol=1e-8, options=extra)
+        return out.detach(), torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
+                                                 params)
+
+    ys, want = run({})
+    for checkpoints in (1, 4):
+        ys_ck, got = run({"checkpoints": checkpoints})
+        assert torch.equal(ys_ck, ys)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_recorded_step_sizes_are_the_ones_petsc_added_to_its_time():
+    problem_t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    func = MLPField().double()
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    from pnode.adjoint import acquire_solver, release_solver
+    from pnode.problem import check_inputs
+    from pnode.rhs import RHS
+    tol = 1e-5 if SINGLE else 1e-8  # within reach of the build's precision: few rejected steps
+    problem = check_inputs(func, y0, problem_t, tol, tol / 100, "dopri5", None, None)
+    key, solver = acquire_solver(problem, 0, False)
+    try:
+        record = solver.forward(RHS(func, problem.layout, (), 1.0), problem.taus, y0.to(PETSC_DTYPE).flatten())
+    finally:
+        release_solver(key, solver)
+    times = np.asarray(record.step_times, dtype=PETSc.RealType)
+    assert len(record.step_sizes) == len(times) - 1
+    known = [k for k, size in enumerate(record.step_sizes) if size is not None]  # None: a retried step
+    assert len(known) >= 4
+    sizes = np.asarray([record.step_sizes[k] for k in known], dtype=PETSc.RealType)
+    assert np.array_equal(times[known] + sizes, times[np.add(known, 1)])  # PETSc's sums, in its real type
+
+
 def test_krylov_tolerance_below_the_build_precision_is_warned_about():
     """1e-8 is fine in float64 and out of reach in float32 (each solve would hit its iteration cap)."""
     y0 = torch.ones(2, dtype=torch.float64)
