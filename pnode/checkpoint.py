@@ -19,12 +19,15 @@ the trajectory at any time (besides the output states, which the caller gets any
   re-taken step keeps the graphs of its stage evaluations, which the adjoint's vector-Jacobian
   products then reuse, so the re-step costs no evaluation beyond those of plain store-all.
 
-Steps are re-taken with the step sizes PETSc gave them (:attr:`ForwardRecord.step_sizes`; the
-difference of two recorded times can be an ulp off), so adaptive and implicit methods reproduce
-the forward pass and the gradients equal the store-everything run to round-off, and bit for bit
-where each step evaluates all its stages afresh (not for FSAL methods such as dopri5 and bosh3,
-whose re-taken step evaluates its first stage at the state instead of reusing the previous
-step's last stage; nor, for these, where PETSc retried a step after a rejection).
+A re-taken step repeats the stored one bit for bit: it gets the size PETSc gave it
+(:attr:`ForwardRecord.step_sizes`; the difference of two recorded times can be an ulp off), and
+with an FSAL method (dopri5, bosh3) it starts from the derivative the original step reused from
+the step before (kept with each state, :attr:`CheckpointStore.derivatives`), not from f at the
+state. The adjoint linearises f at the forward pass's stage times in both runs. So checkpointed
+gradients equal the store-everything ones bit for bit for explicit methods, on either PETSc
+precision, except after a step that PETSc retried (its final size is not seen from Python: that
+step is re-taken from the difference of its times) and for implicit methods, whose Newton solves
+agree to their tolerance.
 """
 
 from functools import lru_cache
@@ -91,6 +94,9 @@ class CheckpointStore:
         capacity: the most states held at once by the forward pass.
         stride: the current spacing of kept steps.
         states: step number -> state (flat, PETSc dtype, CPU; copies).
+        derivatives: for an FSAL method (dopri5, bosh3), step number -> the derivative the next
+            step started from (its first stage, reused from this step's last), for kept states and
+            output steps: a step re-taken from the state starts from it, as the forward pass did.
     """
 
     def __init__(self, capacity: int, planned: Optional[Sequence[int]] = None):
@@ -98,6 +104,7 @@ class CheckpointStore:
         self.capacity = capacity if planned is None else len(self.planned)
         self.stride = 1
         self.states: Dict[int, torch.Tensor] = {}
+        self.derivatives: Dict[int, torch.Tensor] = {}
         self._free: List[torch.Tensor] = []
 
     def offer(self, step: int, state: torch.Tensor) -> None:
@@ -111,10 +118,14 @@ class CheckpointStore:
         while len(self.states) >= self.capacity:
             self.stride *= 2
             for k in [k for k in self.states if k % self.stride]:
-                self.give(self.states.pop(k))
+                self.release(k)
             if step % self.stride:
                 return
         self.states[step] = self.take(state)
+
+    def keep_derivative(self, step: int, derivative: torch.Tensor) -> None:
+        """Keep a copy of the FSAL derivative that the step after ``step`` started from."""
+        self.derivatives[step] = self.take(derivative)
 
     def take(self, state: torch.Tensor) -> torch.Tensor:
         """A copy of ``state`` in a recycled buffer when one is free (give it back with :meth:`give`)."""
@@ -127,7 +138,10 @@ class CheckpointStore:
         self._free.append(buffer)
 
     def release(self, step: int) -> bool:
-        """Drop the stored state of ``step`` (its buffer is recycled); whether there was one."""
+        """Drop the stored state of ``step`` and its derivative (buffers recycled); whether there was a state."""
+        derivative = self.derivatives.pop(step, None)
+        if derivative is not None:
+            self.give(derivative)
         state = self.states.pop(step, None)
         if state is not None:
             self.give(state)
@@ -161,12 +175,14 @@ class CheckpointedAdjoint:
         self.recorded_steps = 0
         self.peak_stored = 0
         self._held = 0
+        self._handoff_buffer: Optional[torch.Tensor] = None
 
     def run(self, record: ForwardRecord, store: CheckpointStore, grad_outputs: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Same contract as :meth:`Solver.adjoint`, for a forward record of ``solver``."""
         self._times = np.asarray(record.step_times, dtype=np.float64)
         self._sizes = record.step_sizes
+        self._fsal = bool(record.fsal)
         output_at = {step: i for i, step in enumerate(record.step_of_output)}
         anchors = {step: record.outputs[i] for step, i in output_at.items()}
         anchors.update(store.states)
@@ -176,7 +192,7 @@ class CheckpointedAdjoint:
         order = sorted(anchors)
         self.solver.begin_adjoint(grad_outputs[-1])
         for lo, hi in zip(reversed(order[:-1]), reversed(order[1:])):
-            self._reverse(lo, hi, anchors.pop(lo), self.checkpoints - self._held)
+            self._reverse(lo, hi, anchors.pop(lo), self.checkpoints - self._held, store.derivatives.get(lo))
             if store.release(lo):  # its buffer is free now: one more slot
                 self._held -= 1
             if output_at.get(lo, 0) > 0:
@@ -184,41 +200,62 @@ class CheckpointedAdjoint:
         before_first = self.solver.adjoint_state_tensor()
         return before_first + grad_outputs[0], before_first, self.solver.param_gradient_tensor()
 
-    def _reverse(self, first: int, last: int, start_state: torch.Tensor, slots: int) -> None:
-        """Reverse the steps ``first + 1 .. last`` given the state after step ``first``."""
+    def _reverse(self, first: int, last: int, start_state: torch.Tensor, slots: int,
+                 start_derivative: Optional[torch.Tensor] = None) -> None:
+        """Reverse the steps ``first + 1 .. last`` given the state after step ``first`` (and, for an
+        FSAL method, the derivative step ``first + 1`` started from; None: it evaluated it)."""
         m = last - first
         if m == 1:
-            self._reverse_one_step(first, start_state)
+            self._reverse_one_step(first, start_state, start_derivative)
         elif slots <= 0:
             for k in range(last - 1, first - 1, -1):
                 # the re-take copies the state in first thing: a view of the solution Vec is enough
-                state = start_state if k == first else self._advance(first, k, start_state, keep=False)
-                self._reverse_one_step(k, state)
+                state, derivative = start_state, start_derivative
+                if k > first:
+                    state = self._advance(first, k, start_state, start_derivative)
+                    derivative = self._handoff(self.solver.last_derivative())
+                self._reverse_one_step(k, state, derivative)
         else:
             split = first + best_split(m, slots)
-            mid_state = self._store.take(self._advance(first, split, start_state, keep=False))
+            mid_state = self._store.take(self._advance(first, split, start_state, start_derivative))
+            mid_derivative = self._store.take(self.solver.last_derivative()) if self._fsal else None
             self._held += 1
             self.peak_stored = max(self.peak_stored, self._held)
-            self._reverse(split, last, mid_state, slots - 1)
-            self._store.give(mid_state)
+            self._reverse(split, last, mid_state, slots - 1, mid_derivative)
+            for buffer in (mid_state, mid_derivative):
+                if buffer is not None:
+                    self._store.give(buffer)
             self._held -= 1
-            self._reverse(first, split, start_state, slots)
+            self._reverse(first, split, start_state, slots, start_derivative)
 
-    def _replay(self, first: int, last: int, state: torch.Tensor, **how) -> torch.Tensor:
-        """Re-take steps ``first + 1 .. last`` from ``state`` (after step ``first``) with their recorded sizes."""
-        return self.solver.replay(self.rhs, self._times[first:last + 1], state, sizes=self._sizes[first:last], **how)
+    def _handoff(self, derivative: torch.Tensor) -> Optional[torch.Tensor]:
+        """For an FSAL method, ``derivative`` copied into one buffer reused from step to step (else None)."""
+        if not self._fsal:
+            return None
+        if self._handoff_buffer is None:
+            self._handoff_buffer = self._store.take(derivative)
+        return self._handoff_buffer.copy_(derivative)
 
-    def _advance(self, first: int, last: int, state: torch.Tensor, keep: bool = True) -> torch.Tensor:
-        """The state after step ``last`` from ``state`` after step ``first``; ``keep=False``: a view,
-        valid until the next advance."""
+    def _replay(self, first: int, last: int, state: torch.Tensor, derivative: Optional[torch.Tensor],
+                **how) -> torch.Tensor:
+        """Re-take steps ``first + 1 .. last`` from ``state`` (after step ``first``) with their
+        recorded sizes, the first one starting from ``derivative`` when the method is FSAL."""
+        return self.solver.replay(self.rhs, self._times[first:last + 1], state, sizes=self._sizes[first:last],
+                                  first_derivative=derivative if self._fsal else None, **how)
+
+    def _advance(self, first: int, last: int, state: torch.Tensor,
+                 derivative: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The state after step ``last`` from ``state`` after step ``first``: a view, valid until the
+        next replay (so is :meth:`Solver.last_derivative`, the FSAL derivative of the step after)."""
         self.advanced_steps += last - first
-        return self._replay(first, last, state, copy=keep, trajectory=False)
+        return self._replay(first, last, state, derivative, copy=False, trajectory=False)
 
-    def _reverse_one_step(self, first: int, state: torch.Tensor) -> None:
+    def _reverse_one_step(self, first: int, state: torch.Tensor, derivative: Optional[torch.Tensor]) -> None:
         """Re-take step ``first + 1`` from ``state`` with a trajectory, and run TSAdjoint back over it."""
         self.recorded_steps += 1
         try:
-            self._replay(first, first + 1, state, keep_graphs=self.keep_graphs, copy=False, trajectory=True)
+            self._replay(first, first + 1, state, derivative, keep_graphs=self.keep_graphs, copy=False,
+                         trajectory=True)
             self.solver.adjoint_steps(1)
         finally:
             self.solver.drop_graphs()

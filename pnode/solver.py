@@ -22,7 +22,7 @@ from .errors import CallbackErrorTrap, InputError, SolverError
 from .methods import Method
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .options import scoped_options
-from .rhs import RHS
+from .rhs import _TIME_MATCH, RHS
 
 # A step is stretched to the output time when it would stop short by less than this fraction of
 # itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0 in
@@ -106,6 +106,11 @@ class ForwardRecord:
             ``step_times[k] + step_sizes[k]``, rounded; the difference of the two times can be an
             ulp off, which a replay must not be). None for a step that PETSc retried after a
             rejection or a failed nonlinear solve: its final size is not seen from Python.
+        fsal: whether the method reuses a step's last stage derivative as the next step's first
+            (dopri5, bosh3: "first same as last"), seen from the forward pass (None: it took too
+            few steps to tell). A step re-taken from a checkpoint must then start from that
+            derivative, not evaluate ``f`` at the state, to repeat the forward pass bit for bit
+            (the checkpoint store keeps it with the state).
     """
 
     taus: np.ndarray
@@ -113,6 +118,7 @@ class ForwardRecord:
     outputs: Optional[torch.Tensor] = None
     step_times: List[float] = field(default_factory=list)
     step_sizes: List[Optional[float]] = field(default_factory=list)
+    fsal: Optional[bool] = None
 
 
 class Solver:
@@ -150,6 +156,11 @@ class Solver:
         self._forced_sizes: Optional[Sequence[Optional[float]]] = None
         self._step_size: Optional[float] = None  # the size this step was given, and the failures so far
         self._failures = 0
+        self._last_output = None  # the Vec the latest evaluation of f was written into
+        self._pending_fsal: Optional[Tuple[int, float]] = None  # (step, its end time): FSAL still to tell
+        self._first_derivative: Optional[torch.Tensor] = None  # a replay's first stage derivative
+        self._stage_times: List[float] = []  # the times f was evaluated at in the forward pass
+        self._sorted_stage_times: Optional[np.ndarray] = None
         self._store = None
         self._graphs: Optional[List] = None
         self._graph_limit: Optional[int] = None
@@ -233,15 +244,38 @@ class Solver:
     # ------------------------------------------------------------------ callbacks
     def _rhs_function(self, ts, tau, u, f):
         def run():
+            if self._pending_fsal is not None:
+                self._tell_fsal(tau)
+            if self._forced_times is None:
+                self._stage_times.append(tau)
+            given, self._first_derivative = self._first_derivative, None
             if self._graphs is None:
-                tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)), f)
+                tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)) if given is None else given, f)
             else:
                 if self._graph_limit is not None and len(self._graphs) >= self._graph_limit:
                     self._graphs.pop(0)  # before the new graph is built: at most the limit at once
                 value, lin = self.rhs.evaluate_linearized(tau, vec_view(u), vec_key(u))
-                self._graphs.append(lin)
-                tensor_into_vec(value, f)
+                self._graphs.append(lin)  # the adjoint linearises f at this stage all the same
+                tensor_into_vec(value if given is None else given, f)
+            self._last_output = f
         self.trap.call(run)
+
+    def _tell_fsal(self, tau: float) -> None:
+        """At the first evaluation after step ``k``: did step ``k + 1`` evaluate its first stage?
+
+        An explicit RK step evaluates its first stage at its start time unless it reuses the last
+        stage of step ``k`` (FSAL). Then that derivative is still in the Vec the last evaluation of
+        step ``k`` wrote, and is kept for a step ``k + 1`` re-taken from the state after step ``k``.
+        """
+        step, start = self._pending_fsal
+        self._pending_fsal = None
+        self._record.fsal = tau != start
+        if self._record.fsal:
+            self._store.keep_derivative(step, vec_view(self._last_output))
+
+    def last_derivative(self) -> torch.Tensor:
+        """A view of the latest evaluation of f (the last stage of the last step); valid until the next solve."""
+        return vec_view(self._last_output)
 
     def _linearization_at(self, tau: float, u):
         """A linearization of f at ``(tau, u)`` (``u`` a Vec): the current one, a kept stage graph, or a new one."""
@@ -250,7 +284,25 @@ class Solver:
         for lin in candidates:
             if self.rhs.matches(lin, tau, view, key):
                 return lin
-        return self.rhs.linearize(tau, view, key, single_vjp=self.explicit)
+        return self.rhs.linearize(self._forward_time(tau), view, key, single_vjp=self.explicit)
+
+    def _forward_time(self, tau: float) -> float:
+        """The forward pass's time for the adjoint's stage time ``tau``.
+
+        PETSc's RK adjoint recomputes a stage time as ``t_end - (1 - c_i) h``, which can round an
+        ulp away from the forward's ``t + c_i h``; f is linearised at the time it was evaluated at
+        (or, for a stage that reused the previous step's last evaluation, at its step's start), so
+        that a time-dependent f gets the same gradient from a stored and from a re-taken step.
+        """
+        if self._sorted_stage_times is None:
+            times = self._stage_times + (self._record.step_times if self._record is not None else [])
+            self._sorted_stage_times = np.unique(np.asarray(times, dtype=np.float64))
+        times = self._sorted_stage_times
+        if not len(times):
+            return tau
+        i = int(np.clip(np.searchsorted(times, tau), 1, len(times) - 1)) if len(times) > 1 else 0
+        nearest = min(times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau))
+        return float(nearest) if _same_stage_time(nearest, tau) else tau
 
     def _rhs_jacobian(self, ts, tau, u, jac, pre):
         def run():
@@ -318,6 +370,9 @@ class Solver:
         at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
         if self._store is not None and not at_output:
             self._store.offer(ts.getStepNumber(), vec_view(ts.getSolution()))
+        if self._store is not None and self.explicit and self._record.fsal is not False and (
+                at_output or ts.getStepNumber() in self._store.states):
+            self._pending_fsal = (ts.getStepNumber(), tau)  # told by the next step's first evaluation
         if at_output:
             record = self._record
             record.step_of_output.append(ts.getStepNumber())
@@ -343,13 +398,17 @@ class Solver:
 
     def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: Optional[int] = 0,
                copy: bool = True, trajectory: Optional[bool] = None,
-               sizes: Optional[Sequence[Optional[float]]] = None) -> torch.Tensor:
+               sizes: Optional[Sequence[Optional[float]]] = None,
+               first_derivative: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
         ``sizes``: the recorded size of each step (:attr:`ForwardRecord.step_sizes`, ``len(times) - 1``
-        of them); a step without one takes the difference of its times.
+        of them); a step without one takes the difference of its times. ``first_derivative``: for
+        an FSAL method, the derivative the original first step started from
+        (:attr:`ForwardRecord.fsal_derivatives`); the replay's first evaluation writes it instead
+        of ``f`` at ``y_start`` (still building that stage's graph when graphs are kept).
         With a trajectory (``trajectory``, default: ``record``) the steps are left in it for
         :meth:`adjoint_steps`.
         With ``keep_graphs`` (explicit methods), evaluations keep their graphs until
@@ -366,6 +425,7 @@ class Solver:
         self._graph_limit = keep_graphs
         self._forced_times = times
         self._forced_sizes = sizes
+        self._first_derivative = first_derivative
         try:
             self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation",
                         self.record if trajectory is None else trajectory)
@@ -374,7 +434,7 @@ class Solver:
             if not np.isfinite(self.solution.norm()):
                 raise self._nonfinite_error(self.ts.getTime())
         finally:
-            self._forced_times = self._forced_sizes = None
+            self._forced_times = self._forced_sizes = self._first_derivative = None
         return vec_view(self.solution).clone() if copy else vec_view(self.solution)
 
     def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None,
@@ -401,11 +461,13 @@ class Solver:
         if len(taus) == 1:
             return record
         self._store = store
+        self._pending_fsal = None
+        self._stage_times, self._sorted_stage_times = [], None
         try:
             self._solve(y0, float(taus[0]), float(taus[-1]), self._first_step(rhs, taus, y0), "forward",
                         self.record if trajectory is None else trajectory)
         finally:
-            self._store = None
+            self._store = self._pending_fsal = None
         self._check_forward(record)
         return record
 
@@ -579,6 +641,11 @@ class Solver:
         error = self.trap.pop()
         if error is not None:
             raise error
+
+
+def _same_stage_time(a: float, b: float) -> bool:
+    """Whether two PETSc times denote the same stage time (:data:`pnode.rhs._TIME_MATCH`)."""
+    return abs(a - b) <= _TIME_MATCH * max(1.0, abs(b))
 
 
 def _failures(ts) -> int:

@@ -116,14 +116,22 @@ def test_checkpointed_gradients_equal_store_all(method, options):
         assert rel_err(a, b) <= 10 * PETSC_EPS
 
 
-def test_checkpointed_adaptive_steps_repeat_the_forward_bit_for_bit():
-    """A recomputed step gets the size PETSc gave the original step, not the difference of the
-    recorded times: in PETSc's real type ``t + h`` rounds, so that difference can be an ulp off
-    (in a float32 PETSc it moved these gradients by ~3e-7, in float64 by ~3e-16). adaptive_heun
-    evaluates every stage afresh and weighs each; dopri5 and bosh3 reuse the previous step's
-    last stage (FSAL), which a step re-taken from a checkpoint evaluates at the state instead, and
-    rk:5f weighs a stage by zero: those agree to round-off (test_checkpoint.py), not bit for bit."""
-    method = "adaptive_heun"
+@pytest.mark.parametrize("method", ["adaptive_heun", "bosh3", "dopri5"])
+def test_checkpointed_adaptive_steps_repeat_the_forward_bit_for_bit(method):
+    """Checkpointed gradients equal store-all ones bit for bit, for a time-dependent f, on either
+    PETSc precision. Three things make a re-taken step repeat the stored one exactly:
+
+    * its size is the one PETSc gave the step, not the difference of the recorded times (PETSc's
+      rounded ``t + h`` can put that an ulp off);
+    * an FSAL method (dopri5, bosh3) starts it from the derivative the original step reused
+      from the step before, not from ``f`` at the state (a few ulps apart);
+    * f is linearised at the time the forward pass evaluated it, not at the adjoint's recomputed
+      ``t_end - (1 - c_i) h``, for stored steps as for re-taken ones.
+
+    Without any of these the two differed by 1e-17 to 3e-16 in float64 and 1e-8 to 3e-7 in
+    float32. (A step PETSc retried after a rejection is re-taken from the difference of its
+    times: its final size is not seen from Python. These tolerances reject none.)"""
+    skip_if_zero_weight_broken(method)
     torch.manual_seed(5)
     func = MLPField().double()
     y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -131,7 +139,7 @@ def test_checkpointed_adaptive_steps_repeat_the_forward_bit_for_bit():
     params = (y0, *func.parameters())
 
     def run(extra):
-        out = pnode.odeint_adjoint(func, y0, t, method=method, rtol=1e-6, atol=1e-8, options=extra)
+        out = pnode.odeint_adjoint(func, y0, t, method=method, rtol=1e-5, atol=1e-7, options=extra)
         return out.detach(), torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(),
                                                  params)
 

@@ -5,6 +5,7 @@ PETSc trajectories), checkpoint buffers, and the binomial plan of a fixed-step c
 """
 
 
+import numpy as np
 import pytest
 import torch
 from conftest import rel_err
@@ -145,3 +146,34 @@ def test_a_solver_without_adjoint_vectors_refuses_to_record():
     rhs = RHS(MLPField().double(), layout_of(y0.reshape(2, 3)), (), 1.0)
     with pytest.raises(ValueError, match="record=False.*cannot record"):
         solver.replay(rhs, torch.tensor([0.0, 0.25]).numpy().astype("float64"), y0, trajectory=True)
+
+
+@pytest.mark.parametrize("method,fsal", [("dopri5", True), ("bosh3", True), ("adaptive_heun", False), ("rk4", False)])
+def test_a_checkpointed_forward_tells_fsal_methods_and_keeps_their_reused_derivatives(method, fsal):
+    """dopri5 and bosh3 start each step from the previous step's last derivative (FSAL): the
+    store keeps that derivative with each kept state and output step, exactly as f gave it."""
+    config = SolverConfig(method=resolve_method(method), rtol=1e-6, atol=1e-8,
+                          step_size=None if resolve_method(method).adaptive else 0.05)
+    y0 = torch.randn(6, dtype=torch.float64)
+    solver = Solver(config, 6, 0, PETSc.COMM_SELF, record=True)
+    func = MLPField().double()
+    layout = layout_of(y0.reshape(2, 3))
+    rhs = RHS(func, layout, (), 1.0)
+    store = CheckpointStore(3)
+    taus = np.array([0.0, 0.4, 1.0])
+    record = solver.forward(rhs, taus, y0, store, trajectory=False)
+    assert record.fsal is fsal
+    if not fsal:
+        assert not store.derivatives
+        return
+    output_steps = set(record.step_of_output[1:-1])
+    assert set(store.derivatives) == set(store.states) | output_steps and store.states
+    # the derivative kept with step k is f at the last stage of step k, which for an FSAL tableau
+    # is the new state up to round-off (the stage and the solution sum the same terms differently)
+    for step, derivative in store.derivatives.items():
+        state = store.states[step] if step in store.states else record.outputs[record.step_of_output.index(step)]
+        with torch.no_grad():
+            at_state = layout.flatten(func(torch.tensor(record.step_times[step], dtype=torch.float64),
+                                           layout.unflatten(state)))
+        assert not torch.equal(derivative, torch.zeros_like(derivative))
+        assert rel_err(derivative, at_state) < 1e-12
