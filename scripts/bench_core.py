@@ -104,14 +104,22 @@ def run_pnode(func, y0, weights, method, options, rtol, atol):
 
 def step_times_of(func, y0, method, options, rtol, atol):
     """The accepted step times of pnode's forward solve (for the same-steps reference)."""
+    return forward_record_of(func, y0, method, options, rtol, atol)[0].step_times
+
+
+def forward_record_of(func, y0, method, options, rtol, atol, read_tableau=None):
+    """pnode's forward solve over t = [0, 1]: its ForwardRecord (step times and sizes), and what
+    ``read_tableau(ts)`` reads from its TS (None without one)."""
     from pnode.adjoint import release_solver, solve_forward
     from pnode.problem import check_inputs
 
     problem = check_inputs(func, y0, torch.tensor([0.0, 1.0], dtype=y0.dtype), rtol, atol, method,
                            options, None)
     key, solver, record = solve_forward(problem, (), record=False)
-    release_solver(key, solver)
-    return record.step_times
+    try:
+        return record, (read_tableau(solver.ts) if read_tableau is not None else None)
+    finally:
+        release_solver(key, solver)
 
 
 def run_reference(func, y0, weights, method, times):

@@ -99,6 +99,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -519,10 +520,105 @@ def wider_petsc_scalar(config: Config, x: torch.Tensor) -> Optional[torch.dtype]
 def own_arithmetic_reference(config: Config, solve: Solve, x: torch.Tensor, target: torch.Tensor,
                              params: Sequence[torch.Tensor], plain: Tuple[torch.Tensor, ...]
                              ) -> Tuple[torch.Tensor, ...]:
-    """The reference in the row's own arithmetic: ``plain`` (autograd in the state's dtype) unless a
-    pnode row sums in a wider PETSc scalar type (:func:`wider_petsc_scalar`)."""
+    """The reference in the row's own arithmetic: for a pnode row that sums in a wider PETSc scalar
+    type (:func:`wider_petsc_scalar`), autograd in that arithmetic; for an explicit pnode row on a
+    PETSc of the state's own float32 type, autograd through PETSc's float32 arithmetic itself
+    (:func:`petsc_rk_reference`); else ``plain`` (autograd in the state's dtype)."""
     wide = wider_petsc_scalar(config, x)
-    return plain if wide is None else reference_gradients(config, solve, x, target, params, wide)
+    if wide is not None:
+        return reference_gradients(config, solve, x, target, params, wide)
+    steps = petsc_arithmetic_steps(config, solve, x)
+    if steps is None:
+        return plain
+    return gradients(lambda y0: petsc_rk_reference(solve.func, y0, *steps), x, target, params)
+
+
+def petsc_arithmetic_steps(config: Config, solve: Solve, x: torch.Tensor) -> Optional[tuple]:
+    """``(times, sizes, (A, b, c, fsal))`` of the row's forward solve, for :func:`petsc_rk_reference`.
+
+    Only for an explicit pnode row whose state dtype is PETSc's own float32 scalar type (a
+    single-precision build), where round-off decides which of the block's ReLUs are on and a loop
+    that rounds differently from PETSc is not a reference; None otherwise, or where this PETSc does
+    not say what it computes (no ``TSRKGetTableau``, or a step it retried after a rejection).
+    """
+    from pnode.bridge import PETSC_DTYPE
+
+    if not config.is_pnode or config.method == "cn" or not (x.dtype == PETSC_DTYPE == torch.float32):
+        return None
+    import bench_core
+
+    options = {} if config.steps is None else {"step_size": 1.0 / config.steps}
+    record, tableau = bench_core.forward_record_of(solve.func, x, config.method, options, config.tol, config.tol,
+                                                   read_tableau=petsc_tableau)
+    if tableau is None or None in record.step_sizes:
+        return None
+    return record.step_times, record.step_sizes, tableau
+
+
+def petsc_tableau(ts) -> Optional[tuple]:
+    """``(A, b, c, fsal)`` of an explicit RK ``ts`` as PETSc holds them (``TSRKGetTableau``), as float32
+    NumPy arrays; None when this PETSc does not export it. PETSc's ``c`` are its own float32 row sums
+    of ``A`` (``0.79999995`` for dopri5's 4/5), which only PETSc can say."""
+    from pnode._compat import PETSc
+
+    try:
+        get = ctypes.CDLL(PETSc.__file__).TSRKGetTableau  # libpetsc is a dependency: dlsym finds it
+    except (OSError, AttributeError):
+        return None
+    int_t = ctypes.c_int64 if PETSc.IntType().itemsize == 8 else ctypes.c_int32
+    real = ctypes.POINTER(ctypes.c_float if PETSc.RealType().itemsize == 4 else ctypes.c_double)
+    s, fsal = int_t(), ctypes.c_int()
+    a, b, c = real(), real(), real()
+    if get(ctypes.c_void_p(ts.handle), ctypes.byref(s), ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
+           None, None, None, ctypes.byref(fsal)) != 0:
+        return None
+    n = s.value
+    as_array = lambda ptr, count: np.array([ptr[i] for i in range(count)], dtype=PETSc.RealType)  # noqa: E731
+    return as_array(a, n * n).reshape(n, n), as_array(b, n), as_array(c, n), bool(fsal.value)
+
+
+def petsc_maxpy(y: torch.Tensor, weights: Sequence[torch.Tensor], ks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """PETSc's ``VecMAXPY(y, n, w, k)`` as it rounds: the first ``n % 4`` terms summed left to right and
+    added to ``y``, then each group of four the same way (its unrolled AXPY kernels)."""
+    n = len(weights)
+    first = n % 4
+    groups = ([range(first)] if first else []) + [range(j, j + 4) for j in range(first, n, 4)]
+    for group in groups:
+        terms = [weights[j] * ks[j] for j in group]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        y = y + total
+    return y
+
+
+def petsc_rk_reference(func: Callable, y0: torch.Tensor, times: Sequence[float], sizes: Sequence[float],
+                       tableau: tuple) -> torch.Tensor:
+    """The explicit RK steps of PETSc's ``TSStep_RK`` in its own arithmetic, differentiable.
+
+    Step ``n`` starts at ``times[n]`` with PETSc's own size ``sizes[n]``; stage ``i`` is
+    ``y + sum_j (h a_ij) k_j`` summed as :func:`petsc_maxpy`, at time ``t + h c_i``, every product
+    and sum rounded to PETSc's real type (the tableau's dtype; ``y0`` must be of it too) as PETSc
+    rounds it; an FSAL method's first stage after the first step is the previous step's last. Its
+    forward pass equals pnode's bit for bit on either precision (``tests/test_precision.py``), so
+    it rounds, and sets the block's ReLUs, as pnode did.
+    """
+    a, b, c, fsal = tableau
+    real = a.dtype.type
+    y, last = y0, None
+    for t, h in zip(times, sizes):
+        t, h = real(t), real(h)
+        ks = []
+        for i in range(len(b)):
+            weights = [torch.tensor(real(h * a[i, j])) for j in range(i)]
+            stage = petsc_maxpy(y, weights, ks)
+            if i == 0 and fsal and last is not None:
+                ks.append(last)
+            else:
+                ks.append(func(torch.tensor(real(t + real(h * c[i]))), stage))
+        y = petsc_maxpy(y, [torch.tensor(real(h * bj)) for bj in b], ks)
+        last = ks[-1]
+    return y
 
 
 def pnode_step_times(config: Config, solve: Solve, x: torch.Tensor) -> List[float]:

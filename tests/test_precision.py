@@ -150,6 +150,28 @@ def test_checkpointed_adaptive_steps_repeat_the_forward_bit_for_bit(method):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.1}), ("dopri5", {}), ("bosh3", {})])
+def test_benchmark_reference_repeats_petsc_s_arithmetic_bit_for_bit(method, options):
+    """scripts/bench_memory.py's reference for the float32-PETSc rows (autograd through
+    :func:`petsc_rk_reference`) is only a reference if it computes what PETSc computed: the same
+    states, bit for bit, so that the ReLUs of the benchmark's block switch where pnode's did."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "scripts"))
+    import bench_core
+    import bench_memory
+
+    torch.manual_seed(2)
+    func = ReLUField().to(PETSC_DTYPE)
+    y0 = torch.randn(8, 6, dtype=PETSC_DTYPE)
+    record, tableau = bench_core.forward_record_of(func, y0, method, options, 1e-4, 1e-4,
+                                                   read_tableau=bench_memory.petsc_tableau)
+    assert tableau is not None and tableau[3] == (method != "rk4")  # FSAL: dopri5, bosh3
+    assert None not in record.step_sizes and len(record.step_sizes) >= 3
+    with torch.no_grad():
+        y1 = bench_memory.petsc_rk_reference(func, y0, record.step_times, record.step_sizes, tableau)
+    assert torch.equal(y1, record.outputs[-1].view_as(y1))
+
+
 def test_recorded_step_sizes_are_the_ones_petsc_added_to_its_time():
     problem_t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     func = MLPField().double()
