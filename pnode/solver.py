@@ -11,7 +11,7 @@ TSAdjoint segment by segment and add each output's cotangent at its exact step.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -159,8 +159,10 @@ class Solver:
         self._last_output = None  # the Vec the latest evaluation of f was written into
         self._pending_fsal: Optional[Tuple[int, float]] = None  # (step, its end time): FSAL still to tell
         self._first_derivative: Optional[torch.Tensor] = None  # a replay's first stage derivative
-        self._stage_times: List[float] = []  # the times f was evaluated at in the forward pass
-        self._sorted_stage_times: Optional[np.ndarray] = None
+        # the times f was evaluated at in the forward pass, by the address of the stage Vec
+        self._stage_times: Dict[int, List[float]] = {}
+        self._sorted_stage_times: Optional[Dict[object, np.ndarray]] = None
+        self._in_adjoint = False
         self._store = None
         self._graphs: Optional[List] = None
         self._graph_limit: Optional[int] = None
@@ -247,7 +249,8 @@ class Solver:
             if self._pending_fsal is not None:
                 self._tell_fsal(tau)
             if self._forced_times is None:
-                self._stage_times.append(tau)
+                self._stage_times.setdefault(vec_key(u)[0], []).append(tau)
+                self._sorted_stage_times = None
             given, self._first_derivative = self._first_derivative, None
             if self._graphs is None:
                 tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)) if given is None else given, f)
@@ -284,25 +287,31 @@ class Solver:
         for lin in candidates:
             if self.rhs.matches(lin, tau, view, key):
                 return lin
-        return self.rhs.linearize(self._forward_time(tau), view, key, single_vjp=self.explicit)
+        if self._in_adjoint:
+            tau = self._forward_time(tau, key[0])
+        return self.rhs.linearize(tau, view, key, single_vjp=self.explicit)
 
-    def _forward_time(self, tau: float) -> float:
-        """The forward pass's time for the adjoint's stage time ``tau``.
+    def _forward_time(self, tau: float, address: int) -> float:
+        """The forward pass's time for the adjoint's stage time ``tau`` at the stage Vec at ``address``.
 
         PETSc's RK adjoint recomputes a stage time as ``t_end - (1 - c_i) h``, which can round an
-        ulp away from the forward's ``t + c_i h``; f is linearised at the time it was evaluated at
-        (or, for a stage that reused the previous step's last evaluation, at its step's start), so
-        that a time-dependent f gets the same gradient from a stored and from a re-taken step.
+        ulp away from the forward's ``t + c_i h``; f is linearised at the time it was evaluated at,
+        so that a time-dependent f gets the same gradient from a stored and from a re-taken step.
+        The times evaluated at the same stage Vec come first (two stages can lie an ulp apart:
+        dopri5's two with c = 1 in a float32 PETSc), then the step starts (an FSAL step's first
+        stage, which reused the previous step's last evaluation, was evaluated at none: a re-taken
+        step evaluates it at its start), then any forward time.
         """
         if self._sorted_stage_times is None:
-            times = self._stage_times + (self._record.step_times if self._record is not None else [])
-            self._sorted_stage_times = np.unique(np.asarray(times, dtype=np.float64))
-        times = self._sorted_stage_times
-        if not len(times):
-            return tau
-        i = int(np.clip(np.searchsorted(times, tau), 1, len(times) - 1)) if len(times) > 1 else 0
-        nearest = min(times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau))
-        return float(nearest) if _same_stage_time(nearest, tau) else tau
+            every = [t for times in self._stage_times.values() for t in times]
+            steps = list(self._record.step_times) if self._record is not None else []
+            self._sorted_stage_times = {key: np.unique(np.asarray(times, dtype=np.float64)) for key, times in
+                                        [*self._stage_times.items(), ("steps", steps), ("every", every)]}
+        for key in (address, "steps", "every"):
+            nearest = _nearest(self._sorted_stage_times.get(key), tau)
+            if nearest is not None and _same_stage_time(nearest, tau):
+                return nearest
+        return tau
 
     def _rhs_jacobian(self, ts, tau, u, jac, pre):
         def run():
@@ -462,7 +471,7 @@ class Solver:
             return record
         self._store = store
         self._pending_fsal = None
-        self._stage_times, self._sorted_stage_times = [], None
+        self._stage_times, self._sorted_stage_times = {}, None
         try:
             self._solve(y0, float(taus[0]), float(taus[-1]), self._first_step(rhs, taus, y0), "forward",
                         self.record if trajectory is None else trajectory)
@@ -581,9 +590,11 @@ class Solver:
         ksp = None if self.explicit else self.ts.getSNES().getKSP()
         if ksp is not None:
             ksp.setErrorIfNotConverged(True)
+        self._in_adjoint = True
         try:
             self._run(self.ts.adjointSolve, "adjoint")
         finally:
+            self._in_adjoint = False
             if ksp is not None:
                 ksp.setErrorIfNotConverged(False)
 
@@ -641,6 +652,14 @@ class Solver:
         error = self.trap.pop()
         if error is not None:
             raise error
+
+
+def _nearest(sorted_times: Optional[np.ndarray], tau: float) -> Optional[float]:
+    """The entry of ``sorted_times`` nearest to ``tau`` (None when there is none)."""
+    if sorted_times is None or not len(sorted_times):
+        return None
+    i = int(np.searchsorted(sorted_times, tau))
+    return float(min(sorted_times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau)))
 
 
 def _same_stage_time(a: float, b: float) -> bool:

@@ -61,11 +61,14 @@ rtol = atol = ``--tol`` (1e-3). Columns:
   throughout. The two differ because the block's ReLUs make the gradient jump where a
   pre-activation crosses zero, and two computations whose round-off differs put a few of them on
   different sides: that alone moves the gradient by 1e-5 to 1e-3 (whoever computes it, against
-  float64 autograd too; scripts/bench_grad_precision.py). On a float32 PETSc both columns are the
-  float32 loop; there dopri5's stage sums are grouped differently from PETSc's, which is enough
-  to flip ReLUs. torchdiffeq odeint_adjoint rows are compared with backprop through torchdiffeq's
-  own odeint with the same method and steps (its continuous adjoint's error); odeint rows are
-  that reference ("ref"). The float64 check below has no such noise.
+  float64 autograd too; scripts/bench_grad_precision.py). On a float32 PETSc the textbook loop in
+  float32 rounds differently from PETSc (its step sizes, its float32 tableau, the grouping of its
+  stage sums, FSAL), which is enough to flip ReLUs; the reference of those explicit rows is
+  autograd through PETSc's own float32 arithmetic (petsc_rk_reference, whose forward pass equals
+  pnode's bit for bit), and "vs float32 autograd" the textbook loop. torchdiffeq odeint_adjoint
+  rows are compared with backprop through torchdiffeq's own odeint with the same method and
+  steps (its continuous adjoint's error); odeint rows are that reference ("ref"). The float64
+  check below has no such noise.
 
 Then an acceptance table computes the ratios the memory issue asks for from the rows of this run,
 and ``--float64-check`` adds a small float64 run (pnode rk4, 16 steps, store all and K
@@ -634,7 +637,8 @@ def gradient_errors(config: Config, solve: Solve, x: torch.Tensor, target: torch
     """Relative gradient errors against autograd through the same steps.
 
     ``grad_err``: in the row's own arithmetic (on a float64 PETSc, pnode's float64 sums of float32
-    evaluations); ``grad_err_plain``: against autograd in the state's dtype throughout.
+    evaluations; on a float32 PETSc, PETSc's own float32 step arithmetic); ``grad_err_plain``:
+    against the textbook loop in the state's dtype throughout.
     """
     params = tuple(solve.func.parameters())
     plain = reference_gradients(config, solve, x, target, params)
@@ -1091,8 +1095,9 @@ def workload_line(args: argparse.Namespace) -> str:
             "the memory held before the first step (CPU: RSS; CUDA: allocated); held: the part of it kept between "
             f"steps; both the median of {MEMORY_STEPS} steps{memory_rounds}. Grad error: relative, against "
             "autograd through the same steps in the row's own arithmetic (pnode on a float64 PETSc: float64 "
-            "sums of float32 evaluations, cast as pnode casts them); beside it, against autograd in float32 "
-            "throughout."
+            "sums of float32 evaluations, cast as pnode casts them; on a float32 PETSc: PETSc's own float32 "
+            "step arithmetic, forward pass equal to pnode's bit for bit); beside it, against the textbook "
+            "loop in float32 throughout."
             + (" Allocator: every row (torchdiffeq's too) first calls pnode.allocator.keep_freed_memory(), so "
                "glibc keeps the memory a step frees for the next step." if args.keep_freed_memory else ""))
 
