@@ -20,6 +20,11 @@ from .errors import InputError
 _TIME_MATCH = max(1e-13, 100 * PETSC_EPS)
 
 
+def same_stage_time(a: float, b: float) -> bool:
+    """Whether two PETSc times denote the same stage time (they differ by round-off only)."""
+    return abs(a - b) <= _TIME_MATCH * max(1.0, abs(b))
+
+
 @dataclass
 class EvaluationCounter:
     """Work done on the user's ``func``.
@@ -119,7 +124,7 @@ class RHS:
         it is the same unchanged Vec (``key``), or else when it equals ``lin``'s bit for bit in the
         user's dtype, which is all that ``func`` sees.
         """
-        if lin is None or abs(lin.tau - tau) > _TIME_MATCH * max(1.0, abs(tau)):
+        if lin is None or not same_stage_time(lin.tau, tau):
             return False
         if key is not None and key == lin.key:
             return True

@@ -22,7 +22,7 @@ from .errors import CallbackErrorTrap, InputError, SolverError
 from .methods import Method
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .options import scoped_options
-from .rhs import _TIME_MATCH, RHS
+from .rhs import RHS, same_stage_time
 
 # A step is stretched to the output time when it would stop short by less than this fraction of
 # itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0 in
@@ -309,7 +309,7 @@ class Solver:
                                         [*self._stage_times.items(), ("steps", steps), ("every", every)]}
         for key in (address, "steps", "every"):
             nearest = _nearest(self._sorted_stage_times.get(key), tau)
-            if nearest is not None and _same_stage_time(nearest, tau):
+            if nearest is not None and same_stage_time(nearest, tau):
                 return nearest
         return tau
 
@@ -416,7 +416,7 @@ class Solver:
         ``sizes``: the recorded size of each step (:attr:`ForwardRecord.step_sizes`, ``len(times) - 1``
         of them); a step without one takes the difference of its times. ``first_derivative``: for
         an FSAL method, the derivative the original first step started from
-        (:attr:`ForwardRecord.fsal_derivatives`); the replay's first evaluation writes it instead
+        (:attr:`pnode.checkpoint.CheckpointStore.derivatives`); the replay's first evaluation writes it instead
         of ``f`` at ``y_start`` (still building that stage's graph when graphs are kept).
         With a trajectory (``trajectory``, default: ``record``) the steps are left in it for
         :meth:`adjoint_steps`.
@@ -660,11 +660,6 @@ def _nearest(sorted_times: Optional[np.ndarray], tau: float) -> Optional[float]:
         return None
     i = int(np.searchsorted(sorted_times, tau))
     return float(min(sorted_times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau)))
-
-
-def _same_stage_time(a: float, b: float) -> bool:
-    """Whether two PETSc times denote the same stage time (:data:`pnode.rhs._TIME_MATCH`)."""
-    return abs(a - b) <= _TIME_MATCH * max(1.0, abs(b))
 
 
 def _failures(ts) -> int:
