@@ -147,7 +147,7 @@ def _time_gradient(ctx, grad64: torch.Tensor, before_first: torch.Tensor) -> tor
             y = layout.unflatten(ctx.outputs[i].to(device=layout.device, dtype=layout.dtype))
             problem.counter.backward += 1
             velocity = layout.flatten(problem.func(t[i], y)).to("cpu", torch.float64)
-            value = torch.dot(cotangent, velocity)
+            value = torch.dot(cotangent.to(torch.float64), velocity)  # a float32 PETSc's cotangent too
             grad_t[i] = -value if i == 0 else value
     return grad_t.to(device=t.device, dtype=t.dtype)
 

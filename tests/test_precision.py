@@ -203,6 +203,24 @@ def test_checkpointed_training_steps_repeat_store_all_bit_for_bit():
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_time_gradients_on_either_precision(dtype):
+    """dL/dt_i = <dL/dy_i, f(t_i, y_i)> for i >= 1: the solution at an output time moves with the
+    velocity f when the time moves. (A float32 PETSc's cotangent met a float64 velocity here.)"""
+    A = stable_matrix(3)
+    func = lambda t, y: y @ A.to(y.dtype).T  # noqa: E731
+    y0 = torch.randn(2, 3, dtype=dtype)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=dtype, requires_grad=True)
+    ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options={"step_size": 0.05})
+    w = torch.randn(ys.shape, dtype=dtype)
+    (grad_t,) = torch.autograd.grad((ys * w).sum(), t)
+    with torch.no_grad():
+        want = torch.stack([(w[i] * func(t[i], ys[i])).sum() for i in (1, 2)]).double()
+    tol = 100 * max(PETSC_EPS, torch.finfo(dtype).eps)
+    assert grad_t.dtype == dtype
+    assert float((grad_t[1:].double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
 def test_recorded_step_sizes_are_the_ones_petsc_added_to_its_time():
     problem_t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     func = MLPField().double()
