@@ -17,7 +17,8 @@ the trajectory at any time (besides the output states, which the caller gets any
   single step, accumulating into the same adjoint and parameter vectors. One TS (the forward
   pass's) does all of it, so checkpointing holds one set of PETSc vectors. For explicit methods the
   re-taken step keeps the graphs of its stage evaluations, which the adjoint's vector-Jacobian
-  products then reuse, so the re-step costs no evaluation beyond those of plain store-all.
+  products then reuse, so the re-step costs no evaluation beyond those of plain store-all (an FSAL
+  method's last stage, which the adjoint never linearises, is evaluated without a graph).
 
 A re-taken step repeats the stored one bit for bit: it gets the size PETSc gave it
 (:attr:`ForwardRecord.step_sizes`; the difference of two recorded times can be an ulp off), and
@@ -183,6 +184,8 @@ class CheckpointedAdjoint:
         self._times = np.asarray(record.step_times, dtype=np.float64)
         self._sizes = record.step_sizes
         self._fsal = bool(record.fsal)
+        # an FSAL step's last stage only hands its derivative on: PETSc's adjoint never linearises it
+        self._graph_stages = record.stages - 1 if self._fsal and record.stages else None
         output_at = {step: i for i, step in enumerate(record.step_of_output)}
         anchors = {step: record.outputs[i] for step, i in output_at.items()}
         anchors.update(store.states)
@@ -255,7 +258,7 @@ class CheckpointedAdjoint:
         self.recorded_steps += 1
         try:
             self._replay(first, first + 1, state, derivative, keep_graphs=self.keep_graphs, copy=False,
-                         trajectory=True)
+                         trajectory=True, graph_stages=self._graph_stages)
             self.solver.adjoint_steps(1)
         finally:
             self.solver.drop_graphs()

@@ -111,6 +111,8 @@ class ForwardRecord:
             few steps to tell). A step re-taken from a checkpoint must then start from that
             derivative, not evaluate ``f`` at the state, to repeat the forward pass bit for bit
             (the checkpoint store keeps it with the state).
+        stages: evaluations of f in the first step, which evaluates every stage (None if PETSc
+            retried it): an FSAL method's re-taken step needs no graph of its last one.
     """
 
     taus: np.ndarray
@@ -119,6 +121,7 @@ class ForwardRecord:
     step_times: List[float] = field(default_factory=list)
     step_sizes: List[Optional[float]] = field(default_factory=list)
     fsal: Optional[bool] = None
+    stages: Optional[int] = None
 
 
 class Solver:
@@ -163,6 +166,8 @@ class Solver:
         self._stage_times: Dict[int, List[float]] = {}
         self._sorted_stage_times: Optional[Dict[object, np.ndarray]] = None
         self._in_adjoint = False
+        self._evaluations_in_step = 0
+        self._graph_stages: Optional[int] = None
         self._store = None
         self._graphs: Optional[List] = None
         self._graph_limit: Optional[int] = None
@@ -252,7 +257,8 @@ class Solver:
                 self._stage_times.setdefault(vec_key(u)[0], []).append(tau)
                 self._sorted_stage_times = None
             given, self._first_derivative = self._first_derivative, None
-            if self._graphs is None:
+            stage, self._evaluations_in_step = self._evaluations_in_step, self._evaluations_in_step + 1
+            if self._graphs is None or (self._graph_stages is not None and stage >= self._graph_stages):
                 tensor_into_vec(self.rhs.evaluate(tau, vec_view(u)) if given is None else given, f)
             else:
                 if self._graph_limit is not None and len(self._graphs) >= self._graph_limit:
@@ -328,6 +334,7 @@ class Solver:
         self.param_jacobian.getPythonContext().scale(jac_p, -1.0)
 
     def _pre_step(self, ts):
+        self._evaluations_in_step = 0
         if self._forced_times is not None:
             self.trap.call(self._force_next_step, ts)
             return
@@ -376,6 +383,8 @@ class Solver:
             return
         self._record.step_times.append(tau)
         self._record.step_sizes.append(self._step_size if _failures(ts) == self._failures else None)
+        if len(self._record.step_sizes) == 1 and self._record.step_sizes[0] is not None:
+            self._record.stages = self._evaluations_in_step
         at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
         if self._store is not None and not at_output:
             self._store.offer(ts.getStepNumber(), vec_view(ts.getSolution()))
@@ -408,7 +417,7 @@ class Solver:
     def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: Optional[int] = 0,
                copy: bool = True, trajectory: Optional[bool] = None,
                sizes: Optional[Sequence[Optional[float]]] = None,
-               first_derivative: Optional[torch.Tensor] = None) -> torch.Tensor:
+               first_derivative: Optional[torch.Tensor] = None, graph_stages: Optional[int] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
@@ -418,6 +427,8 @@ class Solver:
         an FSAL method, the derivative the original first step started from
         (:attr:`pnode.checkpoint.CheckpointStore.derivatives`); the replay's first evaluation writes it instead
         of ``f`` at ``y_start`` (still building that stage's graph when graphs are kept).
+        ``graph_stages``: keep graphs of the first ``graph_stages`` evaluations of each step only
+        (an FSAL method's adjoint never linearises its last stage).
         With a trajectory (``trajectory``, default: ``record``) the steps are left in it for
         :meth:`adjoint_steps`.
         With ``keep_graphs`` (explicit methods), evaluations keep their graphs until
@@ -435,6 +446,7 @@ class Solver:
         self._forced_times = times
         self._forced_sizes = sizes
         self._first_derivative = first_derivative
+        self._graph_stages = graph_stages
         try:
             self._solve(y_start, float(times[0]), float(times[-1]), float(times[1] - times[0]), "recomputation",
                         self.record if trajectory is None else trajectory)
@@ -443,7 +455,7 @@ class Solver:
             if not np.isfinite(self.solution.norm()):
                 raise self._nonfinite_error(self.ts.getTime())
         finally:
-            self._forced_times = self._forced_sizes = self._first_derivative = None
+            self._forced_times = self._forced_sizes = self._first_derivative = self._graph_stages = None
         return vec_view(self.solution).clone() if copy else vec_view(self.solution)
 
     def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, store=None,

@@ -161,6 +161,28 @@ def test_checkpointed_rk4_re_evaluates_nothing_beyond_store_everything():
     assert checkpointed == store_all
 
 
+def test_checkpointed_dopri5_builds_no_graph_beyond_store_everything():
+    """dopri5 is FSAL: its last stage only hands its derivative to the next step, and PETSc's adjoint
+    never linearises it. A re-taken step evaluates it without a graph (once per step, beyond
+    store-all's evaluations) and starts from the kept derivative instead of evaluating its first."""
+    skip_if_zero_weight_broken("dopri5")
+    counts = []
+    for opts in ({}, {"checkpoints": 64}):
+        counter = pnode.rhs.EvaluationCounter()
+        torch.manual_seed(4)
+        func = MLPField().double()
+        ys = pnode.odeint_adjoint(func, torch.randn(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.0]).double(),
+                                  method="dopri5", rtol=1e-6, atol=1e-8, options=opts, _counter=counter)
+        torch.autograd.grad(ys[-1].sum(), tuple(func.parameters()))
+        counts.append(counter)
+    store_all, checkpointed = counts
+    steps = (store_all.forward - 2 - 7) // 6 + 1  # two pick the first step, 7 for it, 6 per later step
+    assert steps >= 4
+    # 64 slots: nothing recomputed; one graph per stage the adjoint linearises, as store-all builds
+    assert (checkpointed.backward, checkpointed.vjp) == (store_all.backward, store_all.vjp) == (6 * steps,) * 2
+    assert checkpointed.forward == store_all.forward + steps
+
+
 @pytest.mark.parametrize("via", ["options", "command line"])
 @pytest.mark.parametrize("graphs", [False, 2])
 def test_dropping_stage_graphs_costs_one_evaluation_per_dropped_stage_and_keeps_the_gradients(graphs, via):
