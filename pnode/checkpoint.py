@@ -26,9 +26,10 @@ with an FSAL method (dopri5, bosh3) it starts from the derivative the original s
 the step before (kept with each state, :attr:`CheckpointStore.derivatives`), not from f at the
 state. The adjoint linearises f at the forward pass's stage times in both runs. So checkpointed
 gradients equal the store-everything ones bit for bit for explicit methods, on either PETSc
-precision, except after a step that PETSc retried (its final size is not seen from Python: that
-step is re-taken from the difference of its times) and for implicit methods, whose Newton solves
-agree to their tolerance.
+precision, except after a step that PETSc rejected and retried (it rolls the state back by
+subtracting the rejected update, which leaves the retry's start a few ulps off the stored state;
+the re-taken step starts from the stored one) and for implicit methods, whose Newton solves agree
+to their tolerance.
 """
 
 from functools import lru_cache

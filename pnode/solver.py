@@ -104,15 +104,16 @@ class ForwardRecord:
         step_times: PETSc time at the end of every accepted step, starting with ``taus[0]``.
         step_sizes: the size PETSc gave every accepted step (``step_times[k + 1]`` is PETSc's sum
             ``step_times[k] + step_sizes[k]``, rounded; the difference of the two times can be an
-            ulp off, which a replay must not be). None for a step that PETSc retried after a
-            rejection or a failed nonlinear solve: its final size is not seen from Python.
+            ulp off, which a replay must not be), read while its accepted attempt evaluated f (a
+            rejected attempt is retried with a smaller size and no hook in between).
         fsal: whether the method reuses a step's last stage derivative as the next step's first
             (dopri5, bosh3: "first same as last"), seen from the forward pass (None: it took too
             few steps to tell). A step re-taken from a checkpoint must then start from that
             derivative, not evaluate ``f`` at the state, to repeat the forward pass bit for bit
             (the checkpoint store keeps it with the state).
         stages: evaluations of f in the first step, which evaluates every stage (None if PETSc
-            retried it): an FSAL method's re-taken step needs no graph of its last one.
+            retried it: then it evaluated more): an FSAL method's re-taken step needs no graph of
+            its last one.
     """
 
     taus: np.ndarray
@@ -157,8 +158,8 @@ class Solver:
         self._nonfinite_at: Optional[float] = None
         self._forced_times: Optional[np.ndarray] = None
         self._forced_sizes: Optional[Sequence[Optional[float]]] = None
-        self._step_size: Optional[float] = None  # the size this step was given, and the failures so far
-        self._failures = 0
+        self._step_size: Optional[float] = None  # the size of the step's current attempt, as PETSc holds it
+        self._retries = 0  # PETSc's count of retried steps when this step began
         self._last_output = None  # the Vec the latest evaluation of f was written into
         self._pending_fsal: Optional[Tuple[int, float]] = None  # (step, its end time): FSAL still to tell
         self._first_derivative: Optional[torch.Tensor] = None  # a replay's first stage derivative
@@ -256,6 +257,9 @@ class Solver:
             if self._forced_times is None:
                 self._stage_times.setdefault(vec_key(u)[0], []).append(tau)
                 self._sorted_stage_times = None
+                # PETSc retries a rejected step with a smaller size, with no hook in between: the
+                # size its evaluations run with is the one the accepted attempt used
+                self._step_size = ts.getTimeStep()
             given, self._first_derivative = self._first_derivative, None
             stage, self._evaluations_in_step = self._evaluations_in_step, self._evaluations_in_step + 1
             if self._graphs is None or (self._graph_stages is not None and stage >= self._graph_stages):
@@ -353,13 +357,13 @@ class Solver:
             ts.setTimeStep(dt)
             self._segment_end = None
         self._step_size = ts.getTimeStep()  # as PETSc holds it (a single-precision build rounds it)
-        self._failures = _failures(ts)
+        self._retries = _retries(ts)
 
     def _force_next_step(self, ts) -> None:
         """Replay: give the next step its recorded size (or stop: it took more steps).
 
-        The recorded size repeats the original step bit for bit. Where none was recorded (a retried
-        step), the difference of the recorded times is the nearest one can get.
+        The recorded size repeats the original step bit for bit. Where none was recorded, the
+        difference of the recorded times is the nearest one can get.
         """
         following = ts.getStepNumber() + 1
         if following >= len(self._forced_times):
@@ -382,8 +386,8 @@ class Solver:
             ts.setConvergedReason(PETSc.TS.ConvergedReason.DIVERGED_STEP_REJECTED)
             return
         self._record.step_times.append(tau)
-        self._record.step_sizes.append(self._step_size if _failures(ts) == self._failures else None)
-        if len(self._record.step_sizes) == 1 and self._record.step_sizes[0] is not None:
+        self._record.step_sizes.append(self._step_size)
+        if len(self._record.step_sizes) == 1 and _retries(ts) == self._retries:
             self._record.stages = self._evaluations_in_step
         at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
         if self._store is not None and not at_output:
@@ -674,7 +678,7 @@ def _nearest(sorted_times: Optional[np.ndarray], tau: float) -> Optional[float]:
     return float(min(sorted_times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau)))
 
 
-def _failures(ts) -> int:
+def _retries(ts) -> int:
     """Steps PETSc has retried so far: rejected by the step-size controller, or by a failed nonlinear solve."""
     return ts.getStepRejections() + ts.getSNESFailures()
 
