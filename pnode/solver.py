@@ -120,7 +120,7 @@ class ForwardRecord:
     step_of_output: List[int] = field(default_factory=list)
     outputs: Optional[torch.Tensor] = None
     step_times: List[float] = field(default_factory=list)
-    step_sizes: List[Optional[float]] = field(default_factory=list)
+    step_sizes: List[float] = field(default_factory=list)
     fsal: Optional[bool] = None
     stages: Optional[int] = None
 
@@ -157,7 +157,7 @@ class Solver:
         self._uncut_step: Optional[float] = None
         self._nonfinite_at: Optional[float] = None
         self._forced_times: Optional[np.ndarray] = None
-        self._forced_sizes: Optional[Sequence[Optional[float]]] = None
+        self._forced_sizes: Optional[Sequence[float]] = None
         self._step_size: Optional[float] = None  # the size of the step's current attempt, as PETSc holds it
         self._retries = 0  # PETSc's count of retried steps when this step began
         self._last_output = None  # the Vec the latest evaluation of f was written into
@@ -255,11 +255,12 @@ class Solver:
             if self._pending_fsal is not None:
                 self._tell_fsal(tau)
             if self._forced_times is None:
-                self._stage_times.setdefault(vec_key(u)[0], []).append(tau)
-                self._sorted_stage_times = None
                 # PETSc retries a rejected step with a smaller size, with no hook in between: the
-                # size its evaluations run with is the one the accepted attempt used
+                # size its evaluations run with (as PETSc holds it) is the one the accepted attempt used
                 self._step_size = ts.getTimeStep()
+                if self.record:  # only an adjoint looks these up (_forward_time)
+                    self._stage_times.setdefault(vec_key(u)[0], []).append(tau)
+                    self._sorted_stage_times = None
             given, self._first_derivative = self._first_derivative, None
             stage, self._evaluations_in_step = self._evaluations_in_step, self._evaluations_in_step + 1
             if self._graphs is None or (self._graph_stages is not None and stage >= self._graph_stages):
@@ -356,20 +357,21 @@ class Solver:
         else:
             ts.setTimeStep(dt)
             self._segment_end = None
-        self._step_size = ts.getTimeStep()  # as PETSc holds it (a single-precision build rounds it)
         self._retries = _retries(ts)
 
     def _force_next_step(self, ts) -> None:
         """Replay: give the next step its recorded size (or stop: it took more steps).
 
-        The recorded size repeats the original step bit for bit. Where none was recorded, the
+        The recorded size repeats the original step bit for bit. Without recorded sizes, the
         difference of the recorded times is the nearest one can get.
         """
         following = ts.getStepNumber() + 1
         if following >= len(self._forced_times):
             raise self._replay_mismatch(following)
-        size = None if self._forced_sizes is None else self._forced_sizes[following - 1]
-        ts.setTimeStep(self._forced_times[following] - ts.getTime() if size is None else size)
+        if self._forced_sizes is None:
+            ts.setTimeStep(self._forced_times[following] - ts.getTime())
+        else:
+            ts.setTimeStep(self._forced_sizes[following - 1])
 
     def _replay_mismatch(self, steps_taken: int) -> SolverError:
         return SolverError(f"recomputing {len(self._forced_times) - 1} recorded steps took {steps_taken} "
@@ -420,14 +422,14 @@ class Solver:
 
     def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: Optional[int] = 0,
                copy: bool = True, trajectory: Optional[bool] = None,
-               sizes: Optional[Sequence[Optional[float]]] = None,
+               sizes: Optional[Sequence[float]] = None,
                first_derivative: Optional[torch.Tensor] = None, graph_stages: Optional[int] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
         ``sizes``: the recorded size of each step (:attr:`ForwardRecord.step_sizes`, ``len(times) - 1``
-        of them); a step without one takes the difference of its times. ``first_derivative``: for
+        of them); without them a step takes the difference of its times. ``first_derivative``: for
         an FSAL method, the derivative the original first step started from
         (:attr:`pnode.checkpoint.CheckpointStore.derivatives`); the replay's first evaluation writes it instead
         of ``f`` at ``y_start`` (still building that stage's graph when graphs are kept).
