@@ -107,9 +107,9 @@ def step_times_of(func, y0, method, options, rtol, atol):
     return forward_record_of(func, y0, method, options, rtol, atol)[0].step_times
 
 
-def forward_record_of(func, y0, method, options, rtol, atol, read_tableau=None):
+def forward_record_of(func, y0, method, options, rtol, atol, read_ts=None):
     """pnode's forward solve over t = [0, 1]: its ForwardRecord (step times and sizes), and what
-    ``read_tableau(ts)`` reads from its TS (None without one)."""
+    ``read_ts(ts)`` reads from its TS after the solve (None without one)."""
     from pnode.adjoint import release_solver, solve_forward
     from pnode.problem import check_inputs
 
@@ -117,7 +117,7 @@ def forward_record_of(func, y0, method, options, rtol, atol, read_tableau=None):
                            options, None)
     key, solver, record = solve_forward(problem, (), record=False)
     try:
-        return record, (read_tableau(solver.ts) if read_tableau is not None else None)
+        return record, (read_ts(solver.ts) if read_ts is not None else None)
     finally:
         release_solver(key, solver)
 

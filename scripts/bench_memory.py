@@ -542,7 +542,8 @@ def petsc_arithmetic_steps(config: Config, solve: Solve, x: torch.Tensor) -> Opt
     Only for an explicit pnode row whose state dtype is PETSc's own float32 scalar type (a
     single-precision build), where round-off decides which of the block's ReLUs are on and a loop
     that rounds differently from PETSc is not a reference; None otherwise, or where this PETSc does
-    not say what it computes (no ``TSRKGetTableau``, or a step it retried after a rejection).
+    not say what it computes (no ``TSRKGetTableau``), or where it retried a step (it rolls the state
+    back by subtracting the rejected update, which this loop does not repeat).
     """
     from pnode.bridge import PETSC_DTYPE
 
@@ -551,9 +552,10 @@ def petsc_arithmetic_steps(config: Config, solve: Solve, x: torch.Tensor) -> Opt
     import bench_core
 
     options = {} if config.steps is None else {"step_size": 1.0 / config.steps}
-    record, tableau = bench_core.forward_record_of(solve.func, x, config.method, options, config.tol, config.tol,
-                                                   read_tableau=petsc_tableau)
-    if tableau is None or None in record.step_sizes:
+    record, (tableau, retried) = bench_core.forward_record_of(
+        solve.func, x, config.method, options, config.tol, config.tol,
+        read_ts=lambda ts: (petsc_tableau(ts), ts.getStepRejections() + ts.getSNESFailures()))
+    if tableau is None or retried:
         return None
     return record.step_times, record.step_sizes, tableau
 

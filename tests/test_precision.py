@@ -164,7 +164,7 @@ def test_benchmark_reference_repeats_petsc_s_arithmetic_bit_for_bit(method, opti
     func = ReLUField().to(PETSC_DTYPE)
     y0 = torch.randn(8, 6, dtype=PETSC_DTYPE)
     record, tableau = bench_core.forward_record_of(func, y0, method, options, 1e-4, 1e-4,
-                                                   read_tableau=bench_memory.petsc_tableau)
+                                                   read_ts=bench_memory.petsc_tableau)
     assert tableau is not None and tableau[3] == (method != "rk4")  # FSAL: dopri5, bosh3
     assert None not in record.step_sizes and len(record.step_sizes) >= 3
     with torch.no_grad():
