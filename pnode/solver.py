@@ -238,9 +238,16 @@ class Solver:
         return self.ts_type in _RHS_FORM_ADJOINT_TYPES
 
     def detach(self) -> None:
-        """Forget this call's right-hand side and linearizations (their graphs hold the user's tensors)."""
+        """Forget this call once it is over: its right-hand side and linearizations (their graphs hold
+        the user's tensors), its forward record (a copy of every output) and its trajectory (every
+        stored step), so that a pooled solver holds only its PETSc work vectors between calls."""
         self.rhs = None
         self._graphs = None
+        self._record = None
+        self._stage_times, self._sorted_stage_times = {}, None
+        if self._has_trajectory:
+            self.ts.removeTrajectory()  # the next recording solve makes a new one anyway
+            self._has_trajectory = False
         self.jacobian.getPythonContext().linearization = None
         if self.param_jacobian is not None:
             self.param_jacobian.getPythonContext().linearization = None

@@ -771,7 +771,7 @@ def configurations(args: argparse.Namespace) -> List[Config]:
                     families.append(("pnode", 0))
                     if args.checkpoints and method in args.checkpoint_methods:
                         families.append(("pnode-K", 0))
-                        if method in ("euler", "rk4") and steps == 16:
+                        if method in ("euler", "rk4") and steps in args.lean_steps:
                             families += [("pnode-K-lean", n) for n in args.lean_rows if n < STAGES[method]]
                 variants = [(family, graphs, petsc) for family, graphs in families
                             for petsc in ("", "single")[:2 if args.single_python and device == "cpu" else 1]]
@@ -987,11 +987,14 @@ def pnode_checks(look: Rows, args: argparse.Namespace, device: str, petsc: str, 
     for n in look.stage_graphs:
         lean = name("pnode-K-lean", n)
         if row("pnode-K-lean", "rk4", 16, n):
-            checks += [ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
-                                   row("pnode-K-lean", "rk4", 16, n), row("odeint_adjoint", "rk4", 16), "peak_mb",
-                                   1.5),
-                       ratio_check(f"rk4, 16 steps: time {lean} / {store} ≤ 1.5{on}",
-                                   row("pnode-K-lean", "rk4", 16, n), row("pnode", "rk4", 16), "time_s", 1.5)]
+            checks.append(ratio_check(f"rk4, 16 steps: peak memory {lean} / torchdiffeq odeint_adjoint ≤ 1.5{on}",
+                                      row("pnode-K-lean", "rk4", 16, n), row("odeint_adjoint", "rk4", 16),
+                                      "peak_mb", 1.5))
+        for steps in args.lean_steps:
+            if row("pnode-K-lean", "rk4", steps, n):
+                checks.append(ratio_check(f"rk4, {steps} steps: time {lean} / {store} ≤ 1.5{on}",
+                                          row("pnode-K-lean", "rk4", steps, n), row("pnode", "rk4", steps),
+                                          "time_s", 1.5))
     checks.append(dopri5_check(row("pnode", "dopri5", None), row("odeint_adjoint", "dopri5", None), store, tol, on))
     for method in [m for m in METHOD_ORDER if m in args.checkpoint_methods and m not in ADAPTIVE]:
         checks.append(ratio_check(f"{method}, {ckpt}: peak memory at 64 steps / at 4 steps ≤ 1.10{on}",
@@ -1226,8 +1229,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed training steps per row (median)")
     parser.add_argument("--lean-rows", type=_list(int), default=[0],
                         help="stage graphs kept by the extra K rows (options['checkpoint_graphs'] = n; euler and "
-                             "rk4 at 16 steps, n below the method's stage count), comma-separated (default 0: "
+                             "rk4 at --lean-steps, n below the method's stage count), comma-separated (default 0: "
                              "every stage evaluated again)")
+    parser.add_argument("--lean-steps", type=_list(int), default=[16],
+                        help="step counts at which those rows run, comma-separated (default 16)")
     parser.add_argument("--no-lean-rows", dest="lean_rows", action="store_const", const=[],
                         help="leave out those rows")
     parser.add_argument("--single-python", metavar="PYTHON",

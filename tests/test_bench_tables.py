@@ -55,6 +55,19 @@ def test_acceptance_ratios_are_computed_per_petsc_build():
     assert checks[lean] == "1.20"
 
 
+def test_lean_rows_run_at_the_asked_step_counts_and_get_a_time_ratio_at_each():
+    args = bm.parse_args(["--methods", "rk4", "--steps", "16,64", "--only", "pnode", "--lean-rows", "0,2",
+                          "--lean-steps", "16,64", "--no-grad-check"])
+    lean = {(c.steps, c.stage_graphs) for c in bm.configurations(args) if c.family == "pnode-K-lean"}
+    assert lean == {(16, 0), (16, 2), (64, 0), (64, 2)}
+    rows = ROWS + [(bm.Config("pnode", "rk4", 64), _result(4.0, 900.0)),
+                   (bm.Config("pnode-K-lean", "rk4", 64, stage_graphs=2), _result(6.4, 175.0))]
+    checks = {name: value for name, value, _ in bm.acceptance_rows(rows, args, None)}
+    assert checks["rk4, 64 steps: time pnode (K=4, last 2 stage graphs kept) / pnode (store all) ≤ 1.5"] == "1.60"
+    assert checks["rk4, 16 steps: time pnode (K=4, last 2 stage graphs kept) / pnode (store all) ≤ 1.5"] == "1.45"
+    assert not any("64 steps: peak memory" in name for name in checks)  # the memory target is at 16 steps
+
+
 def test_a_run_of_some_rows_reports_only_their_ratios_and_a_failed_row_as_not_measured():
     args = bm.parse_args(["--methods", "rk4", "--steps", "16", "--checkpoints", "0", "--no-lean-rows",
                           "--no-grad-check"])

@@ -288,8 +288,8 @@ def test_disk_trajectory_gives_the_same_gradients(tmp_path):
     directory = tmp_path / "trajectory"
     _, want = gradients("rk4", {"step_size": 0.1})
     _, got = gradients("rk4", {"step_size": 0.1, "ts_trajectory_type": "basic",
-                               "ts_trajectory_dirname": str(directory)})
-    assert any(directory.iterdir())  # the steps went to disk
+                               "ts_trajectory_dirname": str(directory), "ts_trajectory_keep_files": True})
+    assert any(directory.iterdir())  # the steps went to disk (and stay: PETSc deletes them with the trajectory)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-13
 

@@ -5,6 +5,9 @@ PETSc trajectories), checkpoint buffers, and the binomial plan of a fixed-step c
 """
 
 
+import ctypes
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +85,54 @@ def test_every_recording_solve_gets_a_new_trajectory_and_stays_exact(monkeypatch
         for g, r in zip(_grads(ys, w, (y0, *func.parameters())), _grads(ref, w, (y0, *func.parameters()))):
             assert rel_err(g, r) < 1e-12
         assert len(renewals) == n
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _live_heap_bytes():
+    """Bytes the C allocator has handed out and not had back (glibc >= 2.33), or None elsewhere."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    gc.collect()
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@pytest.mark.parametrize("options", [{"step_size": 1 / 16}, {"step_size": 1 / 16, "checkpoints": 2}, None],
+                         ids=["store-all", "checkpointed", "inference"])
+def test_a_pooled_solver_holds_no_trajectory_or_outputs_between_calls(options):
+    # Between calls a pooled solver should hold its PETSc work vectors only, the same after a long
+    # solve as after a short one: not the last solve's trajectory (16 steps of a 1 MB state, with
+    # their stages) nor its copy of the outputs (9 states).
+    if _live_heap_bytes() is None:
+        pytest.skip("needs glibc's mallinfo2 to count live heap bytes")
+    func = MLPField(dim=512).double()
+    y0 = torch.randn(256, 512, dtype=torch.float64)
+    state_bytes = y0.numel() * 8
+
+    def call(t):
+        if options is None:
+            with torch.no_grad():
+                pnode.odeint(func, y0, t, method="rk4", options={"step_size": 1 / 16})
+            return
+        ys = pnode.odeint_adjoint(func, y0.clone().requires_grad_(True), t, method="rk4", options=options)
+        ys.sum().backward()
+
+    short, long = torch.tensor([0.0, 0.125], dtype=torch.float64), torch.linspace(0.0, 1.0, 9, dtype=torch.float64)
+    for _ in range(2):
+        call(short)  # the pooled solver and its work vectors
+    after_short = _live_heap_bytes()
+    call(long)  # one solver serves both: output times are not part of its pool key
+    held = _live_heap_bytes() - after_short
+    assert held < state_bytes, f"a longer call left {held / state_bytes:.1f} more states' worth of memory behind"
 
 
 def test_checkpoint_store_recycles_its_buffers():
