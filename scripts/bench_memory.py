@@ -1117,6 +1117,15 @@ def write_markdown(path: str, body: str, args: argparse.Namespace, command: str)
                  f"`{command}`\n\nMachine: {machine_line(args)}\n\n{body}\n")
 
 
+def _kept_graphs_color(family: str) -> str:
+    """A colour per number of kept stage graphs for 'pnode-K-lean n [single]' (greys on float32 PETSc)."""
+    parts = family.split()
+    graphs = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    shades = ("darkslategray", "tab:gray", "darkgray", "lightslategray") if "single" in parts else (
+        "black", "tab:brown", "peru", "rosybrown")
+    return shades[(graphs - 1) % len(shades)]
+
+
 def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
     """Peak memory and time per step against the number of steps, one line per solver and method."""
     import matplotlib
@@ -1144,7 +1153,7 @@ def plot(rows: Sequence[Tuple[Config, Dict[str, object]]], path: str) -> None:
         points.sort(key=lambda p: p[0])
         adaptive = method in ADAPTIVE
         name = f"{label} {method}" + (" (adaptive)" if adaptive else "") + (f" [{device}]" if device != "cpu" else "")
-        color = colors.get(family, "tab:gray" if "single" in family else "tab:brown")
+        color = colors.get(family) or _kept_graphs_color(family)
         for ax, key in zip(axes, ("peak_mb", "time_s")):
             ax.plot([p[0] for p in points], [max(p[1][key], 1e-3) for p in points], color=color,
                     marker=markers[method], linestyle="--" if device != "cpu" and not adaptive else lines[method],
