@@ -100,7 +100,6 @@ def _live_heap_bytes():
     except (OSError, AttributeError):
         return None
     mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
     gc.collect()
     info = mallinfo2()
     return info.uordblks + info.hblkhd
