@@ -364,21 +364,14 @@ class Solver:
         else:
             ts.setTimeStep(dt)
             self._segment_end = None
-        self._retries = _retries(ts)
+        self._retries = retried_steps(ts)
 
     def _force_next_step(self, ts) -> None:
-        """Replay: give the next step its recorded size (or stop: it took more steps).
-
-        The recorded size repeats the original step bit for bit. Without recorded sizes, the
-        difference of the recorded times is the nearest one can get.
-        """
+        """Replay: give the next step its recorded size, which repeats it bit for bit (or stop: it took more steps)."""
         following = ts.getStepNumber() + 1
         if following >= len(self._forced_times):
             raise self._replay_mismatch(following)
-        if self._forced_sizes is None:
-            ts.setTimeStep(self._forced_times[following] - ts.getTime())
-        else:
-            ts.setTimeStep(self._forced_sizes[following - 1])
+        ts.setTimeStep(self._forced_sizes[following - 1])
 
     def _replay_mismatch(self, steps_taken: int) -> SolverError:
         return SolverError(f"recomputing {len(self._forced_times) - 1} recorded steps took {steps_taken} "
@@ -396,7 +389,7 @@ class Solver:
             return
         self._record.step_times.append(tau)
         self._record.step_sizes.append(self._step_size)
-        if len(self._record.step_sizes) == 1 and _retries(ts) == self._retries:
+        if len(self._record.step_sizes) == 1 and retried_steps(ts) == self._retries:
             self._record.stages = self._evaluations_in_step
         at_output = self._segment_end is not None and _same_time(tau, self._segment_end)
         if self._store is not None and not at_output:
@@ -427,16 +420,15 @@ class Solver:
         if self.param_jacobian is not None:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
-    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, keep_graphs: Optional[int] = 0,
-               copy: bool = True, trajectory: Optional[bool] = None,
-               sizes: Optional[Sequence[float]] = None,
+    def replay(self, rhs: RHS, times: np.ndarray, y_start: torch.Tensor, sizes: Sequence[float],
+               keep_graphs: Optional[int] = 0, copy: bool = True, trajectory: Optional[bool] = None,
                first_derivative: Optional[torch.Tensor] = None, graph_stages: Optional[int] = None) -> torch.Tensor:
         """Take exactly the steps ``times[0] -> times[1] -> ...`` (PETSc time) from ``y_start``.
 
         Used by checkpointing to recompute recorded steps: the same step sizes from the same
         state repeat the original arithmetic, so an adaptive controller accepts every step again.
         ``sizes``: the recorded size of each step (:attr:`ForwardRecord.step_sizes`, ``len(times) - 1``
-        of them); without them a step takes the difference of its times. ``first_derivative``: for
+        of them; the difference of two recorded times can be an ulp off). ``first_derivative``: for
         an FSAL method, the derivative the original first step started from
         (:attr:`pnode.checkpoint.CheckpointStore.derivatives`); the replay's first evaluation writes it instead
         of ``f`` at ``y_start`` (still building that stage's graph when graphs are kept).
@@ -687,7 +679,7 @@ def _nearest(sorted_times: Optional[np.ndarray], tau: float) -> Optional[float]:
     return float(min(sorted_times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau)))
 
 
-def _retries(ts) -> int:
+def retried_steps(ts) -> int:
     """Steps PETSc has retried so far: rejected by the step-size controller, or by a failed nonlinear solve."""
     return ts.getStepRejections() + ts.getSNESFailures()
 

@@ -551,10 +551,12 @@ def petsc_arithmetic_steps(config: Config, solve: Solve, x: torch.Tensor) -> Opt
         return None
     import bench_core
 
+    from pnode.solver import retried_steps
+
     options = {} if config.steps is None else {"step_size": 1.0 / config.steps}
     record, (tableau, retried) = bench_core.forward_record_of(
         solve.func, x, config.method, options, config.tol, config.tol,
-        read_ts=lambda ts: (petsc_tableau(ts), ts.getStepRejections() + ts.getSNESFailures()))
+        read_ts=lambda ts: (petsc_tableau(ts), retried_steps(ts)))
     if tableau is None or retried:
         return None
     return record.step_times, record.step_sizes, tableau

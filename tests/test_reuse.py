@@ -18,6 +18,7 @@ from references import TABLEAUS, rk_solve
 import pnode
 from pnode import checkpoint
 from pnode._compat import PETSc
+from pnode.allocator import _glibc
 from pnode.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
 from pnode.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
 from pnode.methods import resolve_method
@@ -95,10 +96,10 @@ class _MallInfo2(ctypes.Structure):
 
 def _live_heap_bytes():
     """Bytes the C allocator has handed out and not had back (glibc >= 2.33), or None elsewhere."""
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
+    mallinfo2 = libc.mallinfo2
     mallinfo2.restype = _MallInfo2
     gc.collect()
     info = mallinfo2()
@@ -195,7 +196,7 @@ def test_a_solver_without_adjoint_vectors_refuses_to_record():
     solver = Solver(config, 6, 0, PETSc.COMM_SELF, record=False)
     rhs = RHS(MLPField().double(), layout_of(y0.reshape(2, 3)), (), 1.0)
     with pytest.raises(ValueError, match="record=False.*cannot record"):
-        solver.replay(rhs, torch.tensor([0.0, 0.25]).numpy().astype("float64"), y0, trajectory=True)
+        solver.replay(rhs, torch.tensor([0.0, 0.25]).numpy().astype("float64"), y0, [0.25], trajectory=True)
 
 
 @pytest.mark.parametrize("method,fsal", [("dopri5", True), ("bosh3", True), ("adaptive_heun", False), ("rk4", False)])
