@@ -107,11 +107,11 @@ def main(argv=None) -> int:
     if args.model == "thesis":
         model = build_thesis_net(args.arch, data.in_channels, data.num_classes, data.image_size, args.blocks,
                                  args.norm, solver)
-        logger.info("model: thesis %s, %d block(s) per residual stage, %s norm, ODE solver %s", args.arch,
+        logger.info("model: thesis %s, %d block(s) per residual stage, %s norm, ODE solver asked for: %s", args.arch,
                     args.blocks, args.norm, solver.describe())
     else:
         model = build_mnist_style_net("odenet", "conv", data.in_channels, data.num_classes, data.image_size, solver)
-        logger.info("model: classic ODE-Net (MNIST style), ODE solver %s", solver.describe())
+        logger.info("model: classic ODE-Net (MNIST style), ODE solver asked for: %s", solver.describe())
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_decay)
     fit(args, model, optimizer, scheduler, data, logger, started)

@@ -258,10 +258,11 @@ class SolverSettings:
                               rtol=self.tol, atol=self.tol, comm=self.comm)
 
     def describe(self) -> str:
+        """The arguments' choice; PETSc options on the command line can override it (see log_solvers)."""
         adaptive = resolve_method(self.method).adaptive
         if self.step_size is None and adaptive:
-            return f"{self.method}, adaptive, rtol = atol = {self.tol:g}"
-        return f"{self.method}, step {self.step_size or DEFAULT_STEP:g}"
+            return f"{self.method}, adaptive, rtol = atol = {self.tol:g} (before PETSc options)"
+        return f"{self.method}, step {self.step_size or DEFAULT_STEP:g} (before PETSc options)"
 
 
 DEFAULT_STEP = 0.25
@@ -525,9 +526,11 @@ def fit(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optim
     _rewrite_metrics(os.path.join(args.out, "metrics.jsonl"), history)
     params = count_parameters(model)
     logger.info("%s; model: %d parameters; ODE blocks: %s", data.describe(), params,
-                ", ".join(f"{b.prefix}({b.method})" for b in ode_blocks(model)) or "none")
+                ", ".join(b.prefix or "(no prefix)" for b in ode_blocks(model)) or "none")
     for epoch in range(len(history) + 1, args.epochs + 1):
         history.append(run_epoch(args, epoch, model, optimizer, scheduler, data))
+        if epoch == len(history):  # the first epoch of this run: say what PETSc ran, read back from it
+            log_solvers(logger, model)
         save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                           "scheduler": scheduler.state_dict(), "epoch": epoch, "rng": rng_state(),
                                           "history": history, "args": vars(args)})
@@ -574,6 +577,12 @@ def run_epoch(args: argparse.Namespace, epoch: int, model: nn.Module, optimizer:
         test_acc = evaluate(model, eval_batches(data, args.test_batch_size, args.limit_batches))
     return {"epoch": epoch, **stats, "test_acc": test_acc, "lr": lr, "train_time": train_timer.seconds,
             "test_time": test_timer.seconds, "peak_rss_mb": reduce_over_ranks([peak_rss_mb()], "max")[0]}
+
+
+def log_solvers(logger: logging.Logger, model: nn.Module) -> None:
+    """One line per ODE block: the configuration PETSc ran in its latest call and what its adjoint held."""
+    for block in ode_blocks(model):
+        logger.info("ODE block %s: %s", block.prefix or "(no prefix)", block.stats.summary())
 
 
 def log_epoch(logger: logging.Logger, record: dict[str, float], epochs: int, has_ode: bool) -> None:

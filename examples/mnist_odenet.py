@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_mnist_style_net(args.network, args.downsampling_method, data.in_channels, data.num_classes,
                                   data.image_size, solver)
-    logger.info("model: %s with %s downsampling; ODE solver %s (gradients: PETSc discrete adjoint)",
+    logger.info("model: %s with %s downsampling; ODE solver asked for: %s (gradients: PETSc discrete adjoint)",
                 args.network, args.downsampling_method, solver.describe() if args.network == "odenet" else "-")
     optimizer = make_optimizer("sgd", model.parameters(), args.lr * args.batch_size / 128)
     milestones = sorted({max(1, round(f * args.nepochs)) for f in DECAY_FRACTIONS})

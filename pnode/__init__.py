@@ -1,15 +1,19 @@
 """pnode: neural ODEs for PyTorch, integrated and differentiated by PETSc TS/TSAdjoint.
 
 The public surface is small: :func:`odeint` (solve), :func:`odeint_adjoint` (solve, differentiable
-by the discrete adjoint), :class:`ODEBlock`, :func:`available_methods` and the exception types.
+by the discrete adjoint), :func:`odeint_event` (solve until an event, differentiable through the
+event time), :class:`ODEBlock`, :func:`available_methods`, :func:`clear_cache` (drop the pooled
+solvers) and the exception types.
 """
 
 from .errors import InputError, PnodeError, SolverError
+from .events import odeint_event
 from .methods import available_methods
 from .nn import ODEBlock
 from .odeint import odeint, odeint_adjoint
+from .pool import clear_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "ODEBlock", "available_methods", "PnodeError", "InputError",
-           "SolverError", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "ODEBlock", "available_methods", "clear_cache", "PnodeError",
+           "InputError", "SolverError", "__version__"]

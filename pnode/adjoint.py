@@ -1,121 +1,98 @@
 """The autograd function: forward through PETSc TS, backward through PETSc TSAdjoint.
 
-Solvers are pooled by (configuration, sizes, communicator): a forward pass that will be
-differentiated takes a solver out of the pool and the matching backward pass puts it back, so two
-ODE blocks of the same shape in one network never share a trajectory.
+The forward pass checks a solver out of the pool (:mod:`pnode.pool`) and runs the problem's adjoint
+strategy (:mod:`pnode.strategies`) on it; the backward pass runs the strategy's adjoint and puts
+the solver back.
 """
 
 import functools
-from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from .bridge import PETSC_DTYPE, PETSC_EPS, tensor_to_petsc_cpu
-from .checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints
-from .distributed import check_consistent, comm_key, local_sizes
-from .options import database_fingerprint
+from .callbacks import adjoint_step_callbacks, forward_step_callbacks
+from .pool import acquire_solver, release_solver
 from .problem import Problem
 from .rhs import RHS
-from .solver import Solver, expected_steps
-
-_free_solvers: Dict[tuple, List[Solver]] = defaultdict(list)
 
 
-def _pool_key(problem: Problem, param_size: int, record: bool) -> tuple:
-    return (problem.config, local_sizes(problem.comm, problem.layout.numel), param_size, comm_key(problem.comm),
-            record, database_fingerprint())
-
-
-def acquire_solver(problem: Problem, param_size: int, record: bool) -> Tuple[tuple, Solver]:
-    """A solver for ``problem`` from the pool (built on first use); return it with :func:`release_solver`."""
-    key = _pool_key(problem, param_size, record)
-    check_consistent(problem.comm, "the solve", (problem.config, problem.taus.tobytes(), param_size,
-                                                 str(problem.layout.dtype), record))
-    pool = _free_solvers[key]
-    if pool:
-        return key, pool.pop()
-    return key, Solver(problem.config, problem.layout.numel, param_size, problem.comm, record)
-
-
-def release_solver(key: tuple, solver: Solver) -> None:
-    solver.detach()
-    _free_solvers[key].append(solver)
-
-
-def solve_forward(problem: Problem, params, record: bool, store: Optional[CheckpointStore] = None):
-    """Run the forward solve; returns ``(key, solver, ForwardRecord)`` with the solver still checked out.
-
-    ``record``: the solver can run adjoints; it records the trajectory unless a checkpoint ``store``
-    is given (checkpointing later recomputes steps on this same solver, recording one at a time).
-    """
-    param_size = sum(p.numel() for p in params) if record else 0
-    key, solver = acquire_solver(problem, param_size, record)
+def solve_forward(problem: Problem, params, record: bool):
+    """A forward solve without an adjoint; returns ``(key, solver, ForwardRecord)``, the solver checked out."""
+    key, solver = acquire_solver(problem, 0, record)
     rhs = RHS(problem.func, problem.layout, params, problem.direction, problem.counter)
-    y0 = tensor_to_petsc_cpu(problem.y0_flat)
     # on error the solver is dropped, not pooled
-    result = solver.forward(rhs, problem.taus, y0, store, trajectory=record and store is None)
-    return key, solver, result
+    with forward_step_callbacks(problem.callbacks, solver):
+        return key, solver, solver.forward(rhs, problem.taus, tensor_to_petsc_cpu(problem.y0_flat))
 
 
 class AdjointSolve(torch.autograd.Function):
-    """``outputs = AdjointSolve.apply(problem, t, y0_flat, *params)``: ``(n_times, numel)`` in the user's dtype."""
+    """``outputs = AdjointSolve.apply(problem, t, y0_flat, *params)``: ``(n_times, numel)`` in the user's dtype.
+
+    The solve's record (trajectory, kept graphs or checkpoints) follows torch's rules for saved
+    tensors: ``t``, ``y0`` and the parameters are saved for backward, so torch itself refuses a
+    backward pass through a freed graph or through inputs modified in place. A backward pass that
+    frees the graph frees the record when it ends; one that keeps it (``retain_graph=True``,
+    gradcheck, ``autograd.functional.jacobian``) leaves what the next one needs: PETSc's adjoint
+    consumes the trajectory (and checkpointing its checkpoints), so the next backward pass solves
+    again from the saved inputs, which repeats the forward steps bit for bit, and runs the adjoint
+    over that.
+    """
 
     @staticmethod
     def forward(ctx, problem: Problem, t: torch.Tensor, y0_flat: torch.Tensor, *params):
-        # With a checkpoint budget the forward TS records no trajectory; the store keeps some states.
-        store = _checkpoint_store(problem)
-        key, solver, result = solve_forward(problem, params, record=True, store=store)
-        ctx.pooled = (key, solver)
+        ctx.save_for_backward(t, y0_flat, *params)
         ctx.problem = problem
         ctx.params = params
-        ctx.record = result
-        ctx.store = store
-        ctx.outputs = result.outputs
-        return result.outputs.to(device=problem.layout.device, dtype=problem.layout.dtype)
+        _record_solve(ctx, step_callbacks=True)
+        return ctx.outputs.to(device=problem.layout.device, dtype=problem.layout.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_outputs: torch.Tensor):
+        ctx.saved_tensors  # noqa: B018 - torch raises its own error if an earlier backward pass freed them
         problem: Problem = ctx.problem
-        if ctx.pooled is None:
-            raise RuntimeError("pnode: backward through the same ODE solve twice is not supported; "
-                               "run the forward pass again")
+        if ctx.pooled is None:  # an earlier backward pass through the retained graph used the record up
+            _record_solve(ctx, step_callbacks=False)
         key, solver = ctx.pooled
         ctx.pooled = None
         grad64 = grad_outputs.detach().to(device="cpu", dtype=PETSC_DTYPE)
-        if ctx.store is None:
-            grad_y0, before_first, grad_params = solver.adjoint(grad64)
-        else:
-            grad_y0, before_first, grad_params = _checkpointed_adjoint(ctx, solver, grad64)
+        with adjoint_step_callbacks(problem.callbacks, solver):
+            grad_y0, before_first, grad_params = problem.strategy.backward(solver, ctx.forward, grad64)
+        problem.stats.adjoint = ctx.forward.stats
+        ctx.forward = None
         release_solver(key, solver)
         layout = problem.layout
         grad_t = _time_gradient(ctx, grad64, before_first) if ctx.needs_input_grad[1] else None
-        return (None, grad_t, grad_y0.to(device=layout.device, dtype=layout.dtype),
-                *_split_params(grad_params, ctx.params))
+        grads = (None, grad_t, grad_y0.to(device=layout.device, dtype=layout.dtype),
+                 *_split_params(grad_params, ctx.params))
+        if not _graph_retained():
+            ctx.problem = ctx.params = ctx.outputs = None
+        return grads
 
 
-def _checkpoint_store(problem: Problem) -> Optional[CheckpointStore]:
-    """The store of a checkpointed forward pass: the binomial schedule's states when the step count
-    is known (fixed steps), else up to K - 1 states spread evenly; None without a budget."""
-    if not problem.checkpoints:
-        return None
-    steps = expected_steps(problem.config, problem.taus)
-    if steps is None:
-        return CheckpointStore(problem.checkpoints - 1)
-    return CheckpointStore(problem.checkpoints, planned=planned_checkpoints(steps, problem.checkpoints))
+def _record_solve(ctx, step_callbacks: bool) -> None:
+    """The forward pass that an adjoint runs over, by the problem's strategy, on a checked-out solver."""
+    problem: Problem = ctx.problem
+    key, solver = acquire_solver(problem, sum(p.numel() for p in ctx.params), True)
+    rhs = RHS(problem.func, problem.layout, ctx.params, problem.direction, problem.counter)
+    with forward_step_callbacks(problem.callbacks if step_callbacks else None, solver):
+        forward = problem.strategy.forward(solver, problem, rhs, tensor_to_petsc_cpu(problem.y0_flat))
+    problem.stats.record_forward(solver, forward.stats)
+    ctx.pooled = (key, solver)
+    ctx.forward = forward
+    ctx.outputs = forward.record.outputs
 
 
-def _checkpointed_adjoint(ctx, solver: Solver, grad64: torch.Tensor):
-    """The adjoint of a forward solve that kept only a :class:`CheckpointStore` (see pnode.checkpoint).
+def _graph_retained() -> bool:
+    """Whether the running backward pass keeps the graph for another one (``retain_graph``/``create_graph``).
 
-    The forward pass's solver also recomputes and reverses the steps: one TS, one set of vectors.
+    torch exposes this to its own autograd functions only (``torch._C._autograd``); without it the
+    record is kept, and freed with the graph.
     """
-    adjoint = CheckpointedAdjoint(solver, ctx.problem.checkpoints, ctx.problem.checkpoint_graphs)
-    result = adjoint.run(ctx.record, ctx.store, grad64)  # on error the solver is dropped, not pooled
-    ctx.store = ctx.record = None
-    return result
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
 
 
 def _split_params(flat: Optional[torch.Tensor], params) -> Tuple[Optional[torch.Tensor], ...]:

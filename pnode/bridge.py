@@ -59,12 +59,16 @@ class StateLayout:
         return torch.cat([p.reshape(-1) for p in parts])
 
     def unflatten(self, flat: torch.Tensor) -> State:
-        """Split a 1-D tensor (or ``(..., numel)`` tensor) back into the state's shapes."""
-        lead = flat.shape[:-1]
+        """Split a 1-D tensor (or ``(..., numel)`` tensor) back into the state's shapes.
+
+        Shapes are passed to ``reshape`` as one tuple, so 0-dim states (``shape == ()``) come back
+        0-dim (``reshape()`` with no arguments is an error).
+        """
+        lead = tuple(flat.shape[:-1])
         if not self.is_tuple:
-            return flat.reshape(*lead, *self.shapes[0])
+            return flat.reshape(lead + tuple(self.shapes[0]))
         parts = torch.split(flat, self.sizes, dim=-1)
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self.shapes))
+        return tuple(p.reshape(lead + tuple(s)) for p, s in zip(parts, self.shapes))
 
 
 def layout_of(state: State) -> StateLayout:

@@ -39,7 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .solver import ForwardRecord, Solver
+from .evaluation import GraphStore, Linearizer
+from .schedule import ForwardRecord
+from .solver import Replay, Solver
 
 
 def recomputed_steps(m: int, slots: int) -> int:
@@ -184,6 +186,7 @@ class CheckpointedAdjoint:
         """Same contract as :meth:`Solver.adjoint`, for a forward record of ``solver``."""
         self._times = np.asarray(record.step_times, dtype=np.float64)
         self._sizes = record.step_sizes
+        self._stage_times = record.stage_times
         self._fsal = bool(record.fsal)
         # an FSAL step's last stage only hands its derivative on: PETSc's adjoint never linearises it
         self._graph_stages = record.stages - 1 if self._fsal and record.stages else None
@@ -194,7 +197,7 @@ class CheckpointedAdjoint:
         self._held = len(store.states)
         self.peak_stored = self._held
         order = sorted(anchors)
-        self.solver.begin_adjoint(grad_outputs[-1])
+        self.solver.begin_adjoint(grad_outputs[-1] if len(record.taus) > 1 else torch.zeros_like(grad_outputs[0]))
         for lo, hi in zip(reversed(order[:-1]), reversed(order[1:])):
             self._reverse(lo, hi, anchors.pop(lo), self.checkpoints - self._held, store.derivatives.get(lo))
             if store.release(lo):  # its buffer is free now: one more slot
@@ -241,25 +244,24 @@ class CheckpointedAdjoint:
         return self._handoff_buffer.copy_(derivative)
 
     def _replay(self, first: int, last: int, state: torch.Tensor, derivative: Optional[torch.Tensor],
-                **how) -> torch.Tensor:
+                copy: bool = False, graphs: Optional[GraphStore] = None, trajectory: bool = False) -> torch.Tensor:
         """Re-take steps ``first + 1 .. last`` from ``state`` (after step ``first``) with their
         recorded sizes, the first one starting from ``derivative`` when the method is FSAL."""
-        return self.solver.replay(self.rhs, self._times[first:last + 1], state, sizes=self._sizes[first:last],
-                                  first_derivative=derivative if self._fsal else None, **how)
+        replay = Replay(self._times[first:last + 1], self._sizes[first:last],
+                        first_derivative=derivative if self._fsal else None, graphs=graphs,
+                        graph_stages=self._graph_stages if graphs is not None else None, trajectory=trajectory)
+        return self.solver.replay(self.rhs, state, replay, copy=copy)
 
     def _advance(self, first: int, last: int, state: torch.Tensor,
                  derivative: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The state after step ``last`` from ``state`` after step ``first``: a view, valid until the
         next replay (so is :meth:`Solver.last_derivative`, the FSAL derivative of the step after)."""
         self.advanced_steps += last - first
-        return self._replay(first, last, state, derivative, copy=False, trajectory=False)
+        return self._replay(first, last, state, derivative)
 
     def _reverse_one_step(self, first: int, state: torch.Tensor, derivative: Optional[torch.Tensor]) -> None:
         """Re-take step ``first + 1`` from ``state`` with a trajectory, and run TSAdjoint back over it."""
         self.recorded_steps += 1
-        try:
-            self._replay(first, first + 1, state, derivative, keep_graphs=self.keep_graphs, copy=False,
-                         trajectory=True, graph_stages=self._graph_stages)
-            self.solver.adjoint_steps(1)
-        finally:
-            self.solver.drop_graphs()
+        graphs = None if self.keep_graphs == 0 else GraphStore(limit=self.keep_graphs)
+        self._replay(first, first + 1, state, derivative, graphs=graphs, trajectory=True)
+        self.solver.adjoint_steps(1, Linearizer(self.rhs, self.solver.explicit, graphs, self._stage_times))

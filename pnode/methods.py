@@ -3,10 +3,11 @@
 Nothing else in pnode branches on method names; it reads the :class:`Method` record instead.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .errors import InputError
+from .tableaus import DOPRI8, FEHLBERG2, HEUN3, TSIT5, RKTableau, ensure_registered
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Method:
         zero_weight_stage: an RK tableau with a zero weight b_i on a stage that later stages use
             (PETSc 3.18's RK adjoint drops the parameter gradient of such stages).
         description: a one-line description shown by :func:`available_methods`.
+        tableau: for a tableau PETSc does not ship, the tableau pnode registers with PETSc (as
+            ``rk_type``) before the first solve that uses it; None for PETSc's own methods.
     """
 
     name: str
@@ -36,6 +39,12 @@ class Method:
     order: int = 1
     zero_weight_stage: bool = False
     description: str = ""
+    tableau: Optional[RKTableau] = field(default=None, compare=False, repr=False)
+
+
+def _registered_rk(name: str, tableau: RKTableau, adaptive: bool, description: str) -> Method:
+    return Method(name, "rk", rk_type=tableau.name, adaptive=adaptive, order=tableau.order,
+                  zero_weight_stage=tableau.zero_weight_stage, description=description, tableau=tableau)
 
 
 _TABLE: Tuple[Method, ...] = (
@@ -54,6 +63,15 @@ _TABLE: Tuple[Method, ...] = (
     Method("beuler", "beuler", implicit=True, order=1, description="backward Euler (PETSc TS beuler)"),
     Method("theta", "theta", theta=0.5, implicit=True, order=1,
            description="theta method, options={'theta': ...} (PETSc TS theta)"),
+    Method("heun2", "rk", rk_type="2a", order=2, description="Heun's method, fixed steps (PETSc RK 2a)"),
+    _registered_rk("heun3", HEUN3, False, "Heun's third-order method (tableau registered with TSRKRegister)"),
+    _registered_rk("fehlberg2", FEHLBERG2, True, "Fehlberg 2(1) (tableau registered with TSRKRegister)"),
+    _registered_rk("tsit5", TSIT5, True, "Tsitouras 5(4) (tableau registered with TSRKRegister)"),
+    _registered_rk("dopri8", DOPRI8, True, "Prince-Dormand 8(7) (tableau registered with TSRKRegister)"),
+    Method("implicit_euler", "beuler", implicit=True, order=1, description="backward Euler (PETSc TS beuler)"),
+    Method("trapezoid", "cn", implicit=True, order=2, description="trapezoidal rule (PETSc TS cn)"),
+    Method("implicit_midpoint", "theta", theta=0.5, implicit=True, order=2,
+           description="implicit midpoint rule (PETSc TS theta, theta = 0.5, midpoint form)"),
 )
 
 # Every PETSc RK tableau, usable by name (``method='rk:5bs'`` or ``-ts_rk_type``):
@@ -64,15 +82,26 @@ _PETSC_RK: Dict[str, Tuple[bool, int, bool]] = {
     "5bs": (True, 5, True), "6vr": (True, 6, True), "7vr": (True, 7, True), "8vr": (True, 8, True),
 }
 
-# torchdiffeq methods that PETSc cannot serve, with what to use instead.
+_FULLY_IMPLICIT = ("PETSc's fully implicit Runge-Kutta methods (TSIRK) have no adjoint; use 'implicit_midpoint' "
+                   "or 'trapezoid' (A-stable, second order) or 'implicit_euler' (L-stable)")
+_MULTISTEP = "PETSc has no adjoint for multistep methods"
+
+# torchdiffeq methods that PETSc cannot serve with an adjoint, with why and what to use instead.
 _UNAVAILABLE: Dict[str, str] = {
-    "dopri8": "use 'rk:8vr' (Verner 8(7)) for a high-order adaptive RK",
-    "fehlberg2": "use 'adaptive_heun' or 'bosh3'",
-    "explicit_adams": "multistep methods have no PETSc adjoint; use 'rk4' or 'dopri5'",
-    "implicit_adams": "multistep methods have no PETSc adjoint; use 'cn' or 'beuler'",
-    "fixed_adams": "multistep methods have no PETSc adjoint; use 'rk4'",
-    "scipy_solver": "pnode integrates with PETSc only; use 'dopri5', or 'cn'/'beuler' for stiff problems",
-    "heun3": "use 'rk:3' or 'bosh3'",
+    "explicit_adams": f"{_MULTISTEP}; use 'rk4' or 'dopri5'",
+    "implicit_adams": f"{_MULTISTEP}; use 'dopri5', or 'trapezoid'/'implicit_euler' for stiff problems",
+    "fixed_adams": f"{_MULTISTEP}; use 'rk4'",
+    "scipy_solver": "pnode integrates with PETSc only; use 'dopri5', or 'trapezoid'/'implicit_euler' for "
+                    "stiff problems",
+    "radauiia3": _FULLY_IMPLICIT,
+    "radauiia5": _FULLY_IMPLICIT,
+    "gl4": _FULLY_IMPLICIT,
+    "gl6": _FULLY_IMPLICIT,
+    "sdirk2": "PETSc has no DIRK method with this tableau (its 2-stage SDIRKs weigh the stages differently); "
+              "use 'implicit_midpoint' or 'trapezoid' (second order) or 'implicit_euler' (L-stable)",
+    "trbdf2": "PETSc's TR-BDF2 (TSDIRK es213sal) has this tableau, but its adjoint gives wrong gradients for "
+              "an ODE given by its right-hand side (as pnode gives it): it reads the explicit tableau of an "
+              "additive method, which a DIRK method leaves unset; use 'trapezoid' or 'implicit_euler'",
 }
 
 _BY_NAME: Dict[str, Method] = {m.name: m for m in _TABLE}
@@ -98,7 +127,10 @@ def resolve_method(name: Optional[str]) -> Method:
                          f"choose one of: {', '.join(available_methods())}")
     key = name.strip().lower()
     if key in _BY_NAME:
-        return _BY_NAME[key]
+        method = _BY_NAME[key]
+        if method.tableau is not None:
+            _register(method)
+        return method
     if key.startswith("rk:") and key[3:] in _PETSC_RK:
         adaptive, order, zero_weight = _PETSC_RK[key[3:]]
         return Method(key, "rk", rk_type=key[3:], adaptive=adaptive, order=order, zero_weight_stage=zero_weight,
@@ -107,3 +139,12 @@ def resolve_method(name: Optional[str]) -> Method:
     reason = f" ({hint})" if hint else ""
     raise InputError(f"method {name!r} is not available with PETSc{reason}; "
                      f"choose one of: {', '.join(available_methods())}")
+
+
+def _register(method: Method) -> None:
+    try:
+        ensure_registered(method.tableau)
+    except RuntimeError as exc:
+        raise InputError(f"method {method.name!r} needs its tableau registered with PETSc, which failed ({exc}); "
+                         f"choose one of PETSc's own: {', '.join(m.name for m in _TABLE if m.tableau is None)}"
+                         ) from None

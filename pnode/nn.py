@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .odeint import odeint_adjoint
-from .rhs import EvaluationCounter
+from .stats import SolveStats
 
 
 class ODEBlock(nn.Module):
@@ -24,6 +24,9 @@ class ODEBlock(nn.Module):
         nfe_forward: right-hand-side evaluations (and JVPs) in forward solves since the last
             :meth:`reset_nfe` (NFE-F of the classic ODE-Net logs).
         nfe_backward: evaluations with a graph, for VJPs, in backward solves (NFE-B).
+        stats: a :class:`pnode.stats.SolveStats`: the counters, the configuration PETSc ran
+            (``stats.solver``, ``stats.summary()``) and what the adjoint chose and held
+            (``stats.adjoint``) in the latest call.
     """
 
     def __init__(self, func: Callable, t: Sequence[float] = (0.0, 1.0), method: Optional[str] = None,
@@ -38,7 +41,11 @@ class ODEBlock(nn.Module):
         self.rtol = rtol
         self.atol = atol
         self.comm = comm
-        self.counter = EvaluationCounter()
+        self.stats = SolveStats()
+
+    @property
+    def counter(self):
+        return self.stats.counter
 
     @property
     def nfe_forward(self) -> int:
@@ -57,7 +64,7 @@ class ODEBlock(nn.Module):
         ys = odeint_adjoint(self.func, y0, self.t.to(dtype), rtol=self.rtol, atol=self.atol,
                             method=self.method, options=self.options,
                             adjoint_params=tuple(p for p in self.parameters()), comm=self.comm,
-                            _prefix=self.prefix, _counter=self.counter)
+                            _prefix=self.prefix, _stats=self.stats)
         if isinstance(ys, tuple):
             return tuple(y[-1] for y in ys)
         return ys[-1]

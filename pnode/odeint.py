@@ -1,22 +1,29 @@
 """The public entry points ``odeint`` and ``odeint_adjoint`` (torchdiffeq's call, PETSc underneath)."""
 
+import dataclasses
 import warnings
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from ._compat import PETSC_VERSION
-from .adjoint import AdjointSolve, release_solver, solve_forward, zero_weight_param_gradients_ok
+from .adjoint import AdjointSolve, solve_forward, zero_weight_param_gradients_ok
+from .distributed import local_sizes
 from .errors import InputError
-from .problem import check_inputs, resolve_params
+from .pool import release_solver
+from .problem import Problem, check_inputs, resolve_params
 from .rhs import EvaluationCounter
+from .stats import SolveStats
+from .timeplan import segments
 
 Tensors = Union[torch.Tensor, tuple]
 
 
 def odeint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: float = 1e-9,
            method: Optional[str] = None, options: Optional[dict] = None, comm=None,
-           _prefix: Optional[str] = None, _counter: Optional[EvaluationCounter] = None) -> Tensors:
+           _prefix: Optional[str] = None, _stats: Optional[SolveStats] = None,
+           _counter: Optional[EvaluationCounter] = None) -> Tensors:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, with PETSc TS and return ``y`` at every ``t``.
 
     This call only solves; it records no trajectory and gives no gradients. Use
@@ -34,9 +41,16 @@ def odeint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: float = 
         method: a name from :func:`pnode.available_methods` (default ``'dopri5'``, adaptive).
             Fixed-step methods without ``step_size`` take one step per output interval.
         options: pnode keys ``step_size`` (fixed steps of this size), ``first_step``, ``min_step``,
-            ``max_step``, ``max_num_steps``, ``theta``; torchdiffeq's ``safety``/``ifactor``/
-            ``dfactor``; any other key is a PETSc option for this solve (``{'ksp_rtol': 1e-12}``).
+            ``max_step`` (``inf``: no limit), ``max_num_steps``, ``theta``; torchdiffeq's
+            ``safety``/``ifactor``/``dfactor``; ``step_t`` (times every solve must step to),
+            ``jump_t`` (times where ``func`` jumps: the integration restarts there) and
+            ``grid_constructor`` (``grid_constructor(func, y0, t)``: the steps of a fixed-step
+            method), all in ``t``'s time; any other key is a PETSc option for this solve
+            (``{'ksp_rtol': 1e-12}``).
         comm: an mpi4py or petsc4py communicator; each rank passes its shard of the state.
+
+    ``func`` may define torchdiffeq's step callbacks ``callback_step(t0, y0, dt)``,
+    ``callback_accept_step`` and ``callback_reject_step`` (see :mod:`pnode.callbacks`).
 
     Returns:
         ``(len(t), *y0.shape)`` tensor (a tuple of such for a tuple ``y0``), dtype and device of ``y0``.
@@ -45,14 +59,12 @@ def odeint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: float = 
         pnode.InputError: bad arguments (unknown method, non-finite y0, non-monotonic t, ...).
         pnode.SolverError: the solve could not reach the last output time.
     """
-    problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, prefix=_prefix, counter=_counter)
+    problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, prefix=_prefix,
+                           stats=_stats_of(_stats, _counter))
     if torch.is_grad_enabled() and _wants_grad(func, problem.y0_flat):
         warnings.warn("pnode.odeint does not differentiate; use pnode.odeint_adjoint (same arguments) "
                       "for gradients", stacklevel=2)
-    key, solver, result = solve_forward(problem, (), record=False)
-    release_solver(key, solver)
-    layout = problem.layout
-    return layout.unflatten(result.outputs.to(device=layout.device, dtype=layout.dtype))
+    return problem.layout.unflatten(_solve(problem, (), differentiable=False))
 
 
 def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: float = 1e-9,
@@ -60,13 +72,19 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: 
                    adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
                    adjoint_method: Optional[str] = None, adjoint_options: Optional[dict] = None,
                    adjoint_params=None, comm=None, _prefix: Optional[str] = None,
-                   _counter: Optional[EvaluationCounter] = None) -> Tensors:
+                   _stats: Optional[SolveStats] = None, _counter: Optional[EvaluationCounter] = None) -> Tensors:
     """Solve like :func:`odeint`, differentiable by PETSc TSAdjoint (the discrete adjoint).
 
     Gradients are those of the computed solution itself: equal, to round-off, to backpropagating
     through every step the solver took (unlike torchdiffeq's continuous adjoint, which solves a
     second ODE backwards). They flow to ``y0``, to ``adjoint_params`` and to ``t`` when ``t``
     requires grad (the latter by the exact-flow formula ``dL/dt_i = <dL/dy_i, f(t_i, y_i)>``).
+
+    A second backward pass through the same outputs works where torch allows one
+    (``retain_graph=True``, ``torch.autograd.gradcheck``, ``torch.autograd.functional.jacobian``): it
+    solves again from the saved ``y0`` and parameters (the same steps, bit for bit) and runs the
+    adjoint over that. ``func``'s ``callback_step_adjoint`` and ``callback_accept_step_adjoint`` are
+    called for every step of the backward pass (see :mod:`pnode.callbacks`).
 
     Args (beyond :func:`odeint`'s):
         adjoint_params: tensors to differentiate; default ``func.parameters()`` for an
@@ -80,22 +98,50 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: 
     _check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options)
     params = resolve_params(func, adjoint_params)
     problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, params=params, prefix=_prefix,
-                           counter=_counter)
-    layout = problem.layout
+                           stats=_stats_of(_stats, _counter))
     needs_grad = torch.is_grad_enabled() and (
         problem.y0_flat.requires_grad or problem.t.requires_grad or len(params) > 0)
-    if not needs_grad:
-        key, solver, result = solve_forward(problem, (), record=False)
-        release_solver(key, solver)
-        return layout.unflatten(result.outputs.to(device=layout.device, dtype=layout.dtype))
-    if params and problem.config.method.zero_weight_stage and not zero_weight_param_gradients_ok():
+    if needs_grad and params and problem.config.method.zero_weight_stage and not zero_weight_param_gradients_ok():
         raise InputError(
             f"method {problem.config.method.name!r} has a zero-weight RK stage, and this PETSc "
             f"({'.'.join(map(str, PETSC_VERSION))}) drops the parameter gradient of such stages in "
             "TSAdjointStep_RK (fixed in newer PETSc, e.g. 3.26). Use a method without one ('rk4', "
             "'bosh3', 'adaptive_heun', 'euler'), or upgrade petsc4py (bash scripts/setup.sh builds 3.26.1)")
-    outputs = AdjointSolve.apply(problem, problem.t, problem.y0_flat, *params)
-    return layout.unflatten(outputs)
+    return problem.layout.unflatten(_solve(problem, params if needs_grad else (), differentiable=needs_grad))
+
+
+def _solve(problem: Problem, params, differentiable: bool) -> torch.Tensor:
+    """The solution at every output time, ``(len(t), numel)`` in the state's dtype and device.
+
+    An empty state has nothing to integrate (an adaptive controller has no norm to measure it
+    with); an integration with prescribed jumps or step times is split into solves
+    (:func:`pnode.timeplan.segments`), each starting from the state the previous one ended with.
+    """
+    if sum(local_sizes(problem.comm, problem.layout.numel)) == 0:
+        return problem.y0_flat.unsqueeze(0).expand(len(problem.t), -1).clone()
+    if problem.plan is None:
+        return _solve_once(problem, params, differentiable)
+    outputs = [None] * len(problem.t)
+    y0_flat = problem.y0_flat
+    for segment in segments(problem.plan, problem.t):
+        taus = np.ascontiguousarray(problem.direction * segment.t.detach().to("cpu", torch.float64).numpy())
+        piece = _solve_once(dataclasses.replace(problem, y0_flat=y0_flat, t=segment.t, taus=taus, plan=None),
+                            params, differentiable)
+        for row, value in zip(segment.rows, piece):
+            if row >= 0 and outputs[row] is None:
+                outputs[row] = value
+        y0_flat = piece[-1]
+    return torch.stack(outputs)
+
+
+def _solve_once(problem: Problem, params, differentiable: bool) -> torch.Tensor:
+    layout = problem.layout
+    if differentiable:
+        return AdjointSolve.apply(problem, problem.t, problem.y0_flat, *params)
+    key, solver, result = solve_forward(problem, (), record=False)
+    problem.stats.record_forward(solver)
+    release_solver(key, solver)
+    return result.outputs.to(device=layout.device, dtype=layout.dtype)
 
 
 def _check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options) -> None:
@@ -115,3 +161,10 @@ def _wants_grad(func, y0_flat: torch.Tensor) -> bool:
     if y0_flat.requires_grad:
         return True
     return isinstance(func, torch.nn.Module) and any(p.requires_grad for p in func.parameters())
+
+
+def _stats_of(stats: Optional[SolveStats], counter: Optional[EvaluationCounter]) -> SolveStats:
+    """The stats object a call fills (an ODEBlock's, or a new one counting into ``counter``)."""
+    if stats is not None:
+        return stats
+    return SolveStats(counter=counter) if counter is not None else SolveStats()

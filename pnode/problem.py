@@ -15,24 +15,25 @@ from torch import nn
 
 from ._compat import PETSc
 from .bridge import PETSC_EPS, StateLayout, layout_of
+from .callbacks import StepCallbacks, find_step_callbacks
+from .config import LOW_RESOLUTION, SolverConfig
 from .distributed import resolve_comm
 from .errors import InputError
 from .methods import resolve_method
 from .options import get_global_option, option_value
 from .rhs import EvaluationCounter
-from .solver import SolverConfig
+from .stats import SolveStats
+from .timeplan import TimePlan, time_plan
 
 # torchdiffeq options that map onto PETSc's adaptive controller.
 _ADAPT_OPTION_MAP = {"safety": "ts_adapt_safety"}
 # torchdiffeq options pnode cannot honour, with what to do instead.
 _UNSUPPORTED_OPTIONS = {
-    "perturb": "PETSc steps cannot be perturbed; split the integration at the discontinuity instead",
-    "grid_constructor": "use options={'step_size': h}; output times are always hit exactly",
+    "perturb": "PETSc steps cannot be perturbed; pass the discontinuities as options={'jump_t': times}, "
+               "where pnode splits the integration and evaluates f again",
     "interp": "pnode never interpolates: every output time is a step end",
     "norm": "PETSc's controller uses a weighted RMS norm; choose another with "
             "options={'ts_adapt_wnormtype': 'infinity'}",
-    "step_t": "split the integration at those times (call pnode once per interval)",
-    "jump_t": "split the integration at those times (call pnode once per interval)",
     "dtype": "PETSc integrates in its scalar type (float64); the state keeps its own dtype",
 }
 
@@ -54,10 +55,11 @@ class Problem:
         counter: where evaluations are counted.
         checkpoints: pnode's checkpoint budget K (at most K trajectory states held at once, see
             :mod:`pnode.checkpoint`), or ``None``: PETSc's trajectory stores every step.
-        checkpoint_graphs: with checkpoints and an explicit method, how many stage graphs of a
-            re-taken step are kept for the adjoint: ``None`` all (no stage evaluated twice), ``n``
-            the last ``n`` stages' (the adjoint evaluates the others again; fewer graphs held at
-            once, so less memory), 0 none.
+        strategy: the adjoint strategy (:mod:`pnode.strategies`, :mod:`pnode.budget`).
+        stats: what the solves of this call ran and held (shared with an ``ODEBlock``).
+        plan: prescribed step times and jumps (``step_t``, ``jump_t``, ``grid_constructor``), or
+            None (see :mod:`pnode.timeplan`).
+        callbacks: the torchdiffeq step callbacks ``func`` defines, or None (see :mod:`pnode.callbacks`).
     """
 
     func: Callable
@@ -70,12 +72,14 @@ class Problem:
     comm: object
     params: Tuple[torch.Tensor, ...]
     counter: EvaluationCounter
-    checkpoints: Optional[int] = None
-    checkpoint_graphs: Optional[int] = None
+    strategy: object = None
+    stats: Optional[SolveStats] = None
+    plan: Optional[TimePlan] = None
+    callbacks: Optional[StepCallbacks] = None
 
 
 def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), prefix=None,
-                 counter: Optional[EvaluationCounter] = None) -> Problem:
+                 stats: Optional[SolveStats] = None) -> Problem:
     """Validate and canonicalise the arguments of ``odeint``/``odeint_adjoint``.
 
     Raises:
@@ -96,11 +100,41 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
         raise InputError(f"options must be a dict, got {type(options).__name__}")
     opts = dict(options or {})  # the caller's dict is left alone; keys are consumed from this copy
     prefix = "" if not prefix else prefix if prefix.endswith("_") else prefix + "_"
+    strategy = adjoint_strategy(opts, prefix)
+    prescribed = [opts.pop(key, None) for key in ("jump_t", "step_t", "grid_constructor")]
+    resolution = max(float(torch.finfo(layout.dtype).eps), PETSC_EPS)
+    config = _make_config(resolve_method(method), float(rtol), float(atol), opts, prefix, resolution)
+    plan = time_plan(*prescribed, func, y0, t, config.adaptive, config.step_size is not None, config.method.name)
+    callbacks = find_step_callbacks(func, layout, direction, t.dtype, config.adaptive, config.method.name)
+    stats = stats if stats is not None else SolveStats()
+    return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
+                   stats.counter, strategy, stats, plan, callbacks)
+
+
+def adjoint_strategy(opts: Dict[str, object], prefix: str):
+    """The adjoint strategy of ``opts`` (consumes ``adjoint``, ``checkpoints``, ``checkpoint_graphs``,
+    ``memory_budget``; each also ``-[<prefix>]pnode_<key>`` on the command line, which wins)."""
+    from .budget import MemoryBudget, parse_bytes
+    from .strategies import BinomialCheckpoints, KeptGraphs, StoredStates
+
     checkpoints = _checkpoints(opts.pop("checkpoints", None), prefix)
     graphs = _checkpoint_graphs(opts.pop("checkpoint_graphs", True), prefix)
-    config = _make_config(resolve_method(method), float(rtol), float(atol), opts, prefix)
-    return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
-                   counter if counter is not None else EvaluationCounter(), checkpoints, graphs)
+    budget, budget_source = _pnode_option("memory_budget", opts.pop("memory_budget", None), prefix)
+    kind, source = _pnode_option("adjoint", opts.pop("adjoint", None), prefix)
+    kinds = {"graphs": KeptGraphs, "states": StoredStates, None: None}
+    if kind not in kinds:
+        raise InputError(f"{source} must be 'graphs' (keep every stage graph: backprop's speed and memory) or "
+                         f"'states' (store states, re-evaluate f in the backward pass), got {kind!r}")
+    chosen = [name for name, value in (("adjoint", kind), ("checkpoints", checkpoints),
+                                       ("memory_budget", budget)) if value is not None]
+    if len(chosen) > 1:
+        raise InputError(f"options {chosen} each choose how the adjoint holds its data; give one of them "
+                         "(memory_budget picks graphs, states or checkpoints by itself)")
+    if budget is not None:
+        return MemoryBudget(parse_bytes(budget, budget_source), graphs)
+    if checkpoints is not None:
+        return BinomialCheckpoints(checkpoints, graphs)
+    return (kinds[kind] or StoredStates)()
 
 
 def _pnode_option(key: str, value, prefix: str) -> Tuple[object, str]:
@@ -199,15 +233,24 @@ def _check_t(t, layout: StateLayout) -> torch.Tensor:
     return t
 
 
-def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str) -> SolverConfig:
+def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resolution: float) -> SolverConfig:
     """The solver configuration; consumes the keys of ``opts`` (a copy) and takes a normalised prefix."""
     step_size = _positive(opts.pop("step_size", None), "step_size")
     first_step = _positive(opts.pop("first_step", None), "first_step")
     min_step = _positive(opts.pop("min_step", None), "min_step", allow_zero=True)
-    max_step = _positive(opts.pop("max_step", None), "max_step")
+    max_step = _positive(opts.pop("max_step", None), "max_step", allow_inf=True)
     max_num_steps = opts.pop("max_num_steps", None)
     if max_num_steps is not None and (not isinstance(max_num_steps, int) or max_num_steps < 1):
         raise InputError(f"options['max_num_steps'] must be a positive int, got {max_num_steps!r}")
+    implicit_solve, source = _pnode_option("implicit_solve", opts.pop("implicit_solve", "newton"), prefix)
+    if implicit_solve not in ("newton", "linear"):
+        raise InputError(f"{source} must be 'newton' (solve each implicit stage to the Newton tolerance) or "
+                         f"'linear' (one Newton step: a linearly implicit method), got {implicit_solve!r}")
+    default_jvp = "difference" if implicit_solve == "newton" and resolution > LOW_RESOLUTION else "autodiff"
+    jvp, source = _pnode_option("jvp", opts.pop("jvp", default_jvp), prefix)
+    if jvp not in ("autodiff", "difference"):
+        raise InputError(f"{source} must be 'autodiff' (exact Jacobian-vector products) or 'difference' "
+                         f"(one evaluation of f each), got {jvp!r}")
     petsc: Dict[str, object] = {}
     if "theta" in opts:
         petsc["ts_theta_theta"] = opts.pop("theta")
@@ -228,7 +271,8 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str) -> So
                         min_step=min_step, max_step=max_step,
                         max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
                         petsc_options=tuple(sorted((k, option_value(v)) for k, v in petsc.items())),
-                        prefix=prefix)
+                        prefix=prefix, resolution=resolution, implicit_solve=implicit_solve,
+                        jvp=jvp)
 
 
 def _warn_below_resolution(petsc: Dict[str, object]) -> None:
@@ -251,16 +295,23 @@ def _warn_below_resolution(petsc: Dict[str, object]) -> None:
                               stacklevel=4)
 
 
-def _positive(value, name, allow_zero=False):
+def _positive(value, name, allow_zero=False, allow_inf=False):
+    """``value`` as a float checked to be > 0 (>= 0 with ``allow_zero``); None for no value.
+
+    With ``allow_inf``, ``inf`` means no bound (torchdiffeq's default ``max_step``) and gives None.
+    """
     if value is None:
         return None
     try:
         value = float(value)
     except (TypeError, ValueError):
         raise InputError(f"options[{name!r}] must be a number, got {value!r}") from None
+    if allow_inf and value == math.inf:
+        return None
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise InputError(f"options[{name!r}] must be finite and {bound}, got {value!r}")
+        raise InputError(f"options[{name!r}] must be {'> 0 (inf: no limit)' if allow_inf else 'finite and ' + bound}, "
+                         f"got {value!r}")
     return value
 
 

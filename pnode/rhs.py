@@ -6,9 +6,10 @@ axis (``t_user = direction * t_petsc``, so decreasing ``t`` integrates ``-f`` fo
 checks what ``func`` returns, and builds :class:`Linearization` objects for JVPs and VJPs.
 """
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,6 +68,7 @@ class RHS:
         self.params = tuple(params)
         self.direction = direction
         self.counter = counter if counter is not None else EvaluationCounter()
+        self.difference_jvp = False  # set per solve: Jacobian-vector products by differences
 
     def user_time(self, tau: float) -> torch.Tensor:
         return torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
@@ -103,17 +105,18 @@ class RHS:
         user = u.to(device=self.layout.device, dtype=self.layout.dtype, copy=True)
         return Linearization(self, tau, user, key, single_vjp)
 
-    def evaluate_linearized(self, tau: float, u: torch.Tensor,
-                            key: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, "Linearization"]:
+    def evaluate_linearized(self, tau: float, u: torch.Tensor, key: Optional[Tuple[int, int]] = None,
+                            forward: bool = False) -> Tuple[torch.Tensor, "Linearization"]:
         """Evaluate ``f(tau, u)`` with its graph kept, for VJPs at this point later.
 
         Returns the value (flat, the user's dtype and device) and the :class:`Linearization` that
-        holds the graph. Used when a step is re-taken just before its adjoint: the stage
-        evaluations then serve the adjoint's Jacobian products, instead of being evaluated again.
+        holds the graph. The stage evaluations then serve the adjoint's Jacobian products instead
+        of being evaluated again (kept graphs, or a step re-taken just before its adjoint);
+        ``forward``: count it as a forward evaluation.
         """
         lin = self.linearize(tau, u, key, single_vjp=True)
-        _, out = lin._build_graph()
-        return out.detach(), lin
+        lin._build_graph(measure=True, forward=forward)
+        return lin.value, lin
 
     def matches(self, lin: Optional["Linearization"], tau: float, u: torch.Tensor,
                 key: Optional[Tuple[int, int]] = None) -> bool:
@@ -165,16 +168,29 @@ class Linearization:
         self.key = key
         self.single_vjp = single_vjp
         self._graph: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.value: Optional[torch.Tensor] = None  # f at this point, once the graph is built (detached)
+        self.graph_bytes = 0  # bytes the graph holds: saved tensors, input and output
         self._cached_key: Optional[Tuple[int, int]] = None
         self._cached_vjp: Optional[Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]] = None
 
-    def _build_graph(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _build_graph(self, measure: bool = False, forward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate f with its graph (once); ``measure``: sum the bytes it holds into ``graph_bytes``;
+        ``forward``: a forward pass's evaluation (counted as NFE-F, not NFE-B)."""
         if self._graph is None:
-            self.rhs.counter.backward += 1
+            if forward:
+                self.rhs.counter.forward += 1
+            else:
+                self.rhs.counter.backward += 1
             y = self.u.detach().requires_grad_(True)
-            with torch.enable_grad():
+            saved: List[torch.Tensor] = []
+            with torch.enable_grad(), contextlib.ExitStack() as stack:
+                if measure:
+                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_keep(saved), _same))
                 out = self.rhs.call(self.tau, y)
             self._graph = (y, out)
+            self.value = out.detach()
+            if measure:
+                self.graph_bytes = _storage_bytes((*saved, y, out))
         return self._graph
 
     def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
@@ -192,8 +208,11 @@ class Linearization:
         y, out = self._build_graph()
         self.rhs.counter.vjp += 1
         inputs = (y,) + self.rhs.params
-        grads = torch.autograd.grad(out, inputs, grad_outputs=self.rhs.to_user(x),
-                                    retain_graph=not self.single_vjp, allow_unused=True)
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, inputs, grad_outputs=self.rhs.to_user(x),
+                                        retain_graph=not self.single_vjp, allow_unused=True)
+        else:  # f depends on neither the state nor a parameter (f(t) only): every product is zero
+            grads = (None,) * len(inputs)
         if self.single_vjp:
             self._graph = None
         state_grad = grads[0] if grads[0] is not None else torch.zeros_like(y)
@@ -202,9 +221,15 @@ class Linearization:
         return self._cached_vjp
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
-        """``df/du v`` for a flat tangent ``v`` (PETSc dtype, CPU); flat, user dtype and device."""
+        """``df/du v`` for a flat tangent ``v`` (PETSc dtype, CPU); flat, user dtype and device.
+
+        Forward-mode autodiff, or with ``rhs.difference_jvp`` a one-sided difference
+        ``(f(u + h v) - f(u)) / h`` (one evaluation; :meth:`_difference_jvp`).
+        """
         tangent = self.rhs.to_user(v)
         self.rhs.counter.jvp += 1
+        if self.rhs.difference_jvp:
+            return self._difference_jvp(tangent)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 # torch.func.jvp trips torch.jit's deprecation warning internally on some versions
@@ -214,11 +239,53 @@ class Linearization:
         except (RuntimeError, NotImplementedError):
             # Modules without forward-mode AD: J v = d/dw (J^T w)^T v, a double backward.
             y, out = self._build_graph()
+            if not out.requires_grad:
+                return torch.zeros_like(out)
             with torch.enable_grad():
                 w = torch.zeros_like(out, requires_grad=True)
-                (jt_w,) = torch.autograd.grad(out, y, grad_outputs=w, create_graph=True, retain_graph=True)
+                (jt_w,) = torch.autograd.grad(out, y, grad_outputs=w, create_graph=True, retain_graph=True,
+                                              allow_unused=True)
+                if jt_w is None:  # f does not depend on the state
+                    return torch.zeros_like(out)
                 (jv,) = torch.autograd.grad(jt_w, w, grad_outputs=tangent, retain_graph=True)
             return jv
+
+    def _difference_jvp(self, tangent: torch.Tensor) -> torch.Tensor:
+        """``(f(u + h v) - f(u)) / h`` with ``h = sqrt(eps) max(|u|, sqrt(n)) / |v|`` (2-norms, eps of
+        the coarser of the state's dtype and PETSc's): the perturbation is ``sqrt(eps)`` of the state,
+        which balances truncation and round-off (each about ``sqrt(eps)`` relative). ``f(u)`` is
+        the evaluation PETSc just asked for at this point when there was one."""
+        norm_v = float(tangent.norm())
+        if norm_v == 0.0:
+            return torch.zeros_like(tangent)
+        eps = max(float(torch.finfo(self.u.dtype).eps), PETSC_EPS)
+        h = eps ** 0.5 * max(float(self.u.norm()), self.u.numel() ** 0.5) / norm_v
+        with torch.no_grad():
+            if self.value is None:
+                self.value = self.rhs.call(self.tau, self.u)
+            return (self.rhs.call(self.tau, self.u + h * tangent) - self.value) / h
+
+
+def _keep(saved: List[torch.Tensor]):
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+    return pack
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view and its base count once)."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def _describe(out) -> str:

@@ -551,7 +551,7 @@ def petsc_arithmetic_steps(config: Config, solve: Solve, x: torch.Tensor) -> Opt
         return None
     import bench_core
 
-    from pnode.solver import retried_steps
+    from pnode.schedule import retried_steps
 
     options = {} if config.steps is None else {"step_size": 1.0 / config.steps}
     record, (tableau, retried) = bench_core.forward_record_of(

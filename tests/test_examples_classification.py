@@ -7,6 +7,7 @@ Script runs are subprocesses with one torch thread and a few batches (``--limit-
 import importlib
 import itertools
 import json
+import math
 import os
 import pickle
 import shutil
@@ -232,7 +233,8 @@ def test_mnist_odenet_smoke_run(tmp_path):
                       "--adjoint", "True", "--save", out, "--no-progress")
     (record,) = read_metrics(out)
     assert record["nfe_forward"] > 6 and record["nfe_backward"] > 0  # dopri5: >= 1 step of 6 stages + f(t0)
-    assert "ODE solver dopri5, adaptive" in proc.stdout
+    assert "ODE solver asked for: dopri5, adaptive" in proc.stdout
+    assert "ODE block ode_: TS rk 5dp, steps adaptive, adapt basic" in proc.stdout  # read back from PETSc
 
 
 def _final_state(out):
@@ -279,6 +281,34 @@ def test_two_mpi_ranks_take_the_single_process_step(tmp_path):
     (a,), (b,) = two["history"], one["history"]
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     assert a["test_acc"] == b["test_acc"] and a["nfe_forward"] == b["nfe_forward"]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not available")
+def test_the_design_cards_command_on_four_ranks_matches_one_rank(tmp_path):
+    # The command the project is known by, exactly as written, shortened by --epochs/--limit-batches.
+    card = [CIFAR, "-ts_type", "cn", "-ts_trajectory_type", "memory"]
+    short = ["--epochs", "1", "--limit-batches", "2", "--no-progress"]
+    mpi = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "4", sys.executable, *card, *short,
+                          "--out", str(tmp_path / "four")], check=False, capture_output=True, text=True, timeout=600,
+                         env=ENV)
+    assert mpi.returncode == 0, mpi.stdout[-3000:] + mpi.stderr[-3000:]
+    assert "ranks: 4" in mpi.stdout and "epoch   1/1" in mpi.stdout
+    # the log says what PETSc ran, read back from the TS, not the script's --method default
+    assert "ODE block ode32_: TS cn" in mpi.stdout and "trajectory memory" in mpi.stdout
+    run_script(*card, *short, "--threads", "1", "--out", tmp_path / "one", timeout=600)
+    (four,), (one,) = read_metrics(tmp_path / "four"), read_metrics(tmp_path / "one")
+    # Newton and GMRES iterate over the whole distributed state, and their reductions sum in another
+    # order on four ranks: the solves agree to their tolerance (1.2e-5 relative), not to round-off
+    assert four["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("ts_type", ["beuler", "theta"])
+def test_implicit_ts_types_from_the_command_line_train(tmp_path, ts_type):
+    proc = run_script(CIFAR, "-ts_type", ts_type, "--epochs", "1", "--limit-batches", "2", "--no-progress",
+                      "--threads", "1", "--out", tmp_path / ts_type, timeout=600)
+    assert f"ODE block ode32_: TS {ts_type}" in proc.stdout
+    (record,) = read_metrics(tmp_path / ts_type)
+    assert math.isfinite(record["train_loss"]) and record["nfe_forward"] > 0  # the Newton solves converged
 
 
 def test_compare_architectures_quick(tmp_path):

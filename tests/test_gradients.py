@@ -5,11 +5,20 @@ import pytest
 import torch
 from conftest import rel_err, skip_if_zero_weight_broken
 from problems import ConvField, LinearField, MLPField, stable_matrix
-from references import TABLEAUS, rk_solve, theta_linear_solve, theta_newton_solve
+from references import (
+    IMPLICIT_TABLEAUS,
+    TABLEAUS,
+    forced_linear_implicit_solve,
+    rk_solve,
+    theta_linear_solve,
+    theta_newton_solve,
+)
 
 import pnode
 
-EXPLICIT = ["euler", "midpoint", "rk4", "bosh3", "dopri5", "adaptive_heun"]
+# PETSc's own tableaus, then torchdiffeq's that pnode registers with TSRKRegister (heun2 is PETSc's 2a)
+EXPLICIT = ["euler", "midpoint", "rk4", "bosh3", "dopri5", "adaptive_heun", "heun2", "heun3", "fehlberg2", "tsit5",
+            "dopri8"]
 
 
 def _grads(outputs, weights, inputs):
@@ -65,6 +74,32 @@ def test_implicit_linear_matches_exact_implicit_steps(method, theta):
         assert rel_err(got, want) < 1e-9
 
 
+@pytest.mark.parametrize("method", sorted(IMPLICIT_TABLEAUS))
+def test_torchdiffeq_implicit_names_match_exact_steps_of_a_forced_linear_ode(method):
+    # dy/dt = A y + g(t): each stage is one linear solve, done exactly by the reference. The
+    # forcing tells the midpoint rule (g at t + h/2) from the trapezoidal rule (g at t and t + h),
+    # which agree on an autonomous linear ODE.
+    A = stable_matrix(4)
+    func = LinearField(A)
+    v = torch.randn(4, dtype=torch.float64)
+
+    def forcing(t):
+        return torch.cos(3 * torch.as_tensor(t, dtype=torch.float64)) * v
+
+    def forced(t, y):
+        return func(t, y) + forcing(t)
+
+    y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    opts = {"step_size": 0.1, "ksp_rtol": 1e-13, "ksp_atol": 1e-15, "snes_rtol": 1e-13}
+    ys = pnode.odeint_adjoint(forced, y0, t, method=method, options=opts, adjoint_params=(func.A,))
+    ref = forced_linear_implicit_solve(func.A, forcing, y0, t.tolist(), 0.1, IMPLICIT_TABLEAUS[method])
+    assert rel_err(ys, ref) < 1e-10
+    w = torch.randn_like(ref)
+    for got, want in zip(_grads(ys, w, (y0, func.A)), _grads(ref, w, (y0, func.A))):
+        assert rel_err(got, want) < 1e-9
+
+
 @pytest.mark.parametrize("method,theta", [("cn", 0.5), ("beuler", 1.0)])
 def test_implicit_nonlinear_matches_newton_reference(method, theta):
     func = MLPField(dim=2, hidden=4).double()
@@ -81,7 +116,7 @@ def test_implicit_nonlinear_matches_newton_reference(method, theta):
         assert rel_err(got, want) < 1e-8
 
 
-ADAPTIVE = [("dopri5", 1e-11), ("bosh3", 1e-10)]
+ADAPTIVE = [("dopri5", 1e-11), ("bosh3", 1e-10), ("tsit5", 1e-11), ("dopri8", 1e-12)]
 
 
 @pytest.mark.parametrize("method,tol", ADAPTIVE)

@@ -17,13 +17,16 @@ from references import TABLEAUS, rk_solve
 
 import pnode
 from pnode import checkpoint
+from pnode import solver as pnode_solver
 from pnode._compat import PETSc
 from pnode.allocator import _glibc
 from pnode.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
 from pnode.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
+from pnode.config import SolverConfig
 from pnode.methods import resolve_method
 from pnode.rhs import RHS, EvaluationCounter
-from pnode.solver import Solver, SolverConfig, expected_steps
+from pnode.schedule import expected_steps
+from pnode.solver import ForwardPlan, Replay, Solver
 
 
 def _grads(ys, w, wrt):
@@ -74,8 +77,8 @@ def test_every_recording_solve_gets_a_new_trajectory_and_stays_exact(monkeypatch
     # PETSc's memory trajectory is not safe to reuse after a segmented adjoint or for a longer solve:
     # pnode gives every recording solve a new one, also when pooled solvers alternate spans.
     renewals = []
-    original = Solver._renew_trajectory
-    monkeypatch.setattr(Solver, "_renew_trajectory", lambda self: (renewals.append(1), original(self)))
+    original = pnode_solver.renew_trajectory
+    monkeypatch.setattr(pnode_solver, "renew_trajectory", lambda *args: (renewals.append(1), original(*args)))
     func = MLPField(dim=5).double()
     for n, t_end in enumerate((1.0, 1.0, 2.0, 1.0, 0.75), 1):
         y0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
@@ -133,6 +136,32 @@ def test_a_pooled_solver_holds_no_trajectory_or_outputs_between_calls(options):
     call(long)  # one solver serves both: output times are not part of its pool key
     held = _live_heap_bytes() - after_short
     assert held < state_bytes, f"a longer call left {held / state_bytes:.1f} more states' worth of memory behind"
+
+
+@pytest.mark.parametrize("options", [{"step_size": 1 / 16}, {"step_size": 1 / 16, "checkpoints": 2}],
+                         ids=["store-all", "checkpointed"])
+def test_a_backward_pass_that_frees_the_graph_frees_the_record_while_the_outputs_live_on(options):
+    # The outputs (and so the autograd graph with its saved inputs) outlive the backward pass here,
+    # as when a training loop keeps its predictions: the record (the copy of the outputs, the
+    # forward record) must go when the backward pass ends, not when the outputs do.
+    if _live_heap_bytes() is None:
+        pytest.skip("needs glibc's mallinfo2 to count live heap bytes")
+    func = MLPField(dim=512).double()
+    y0 = torch.randn(256, 512, dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 9, dtype=torch.float64)
+
+    def call():
+        ys = pnode.odeint_adjoint(func, y0.clone().requires_grad_(True), t, method="rk4", options=options)
+        ys.sum().backward()
+        return ys
+
+    call()  # the pooled solver and its work vectors
+    before = _live_heap_bytes()
+    kept = call()
+    state_bytes = y0.numel() * 8
+    # what the caller holds: the outputs, and through their graph the leaf y0 and its gradient
+    held = _live_heap_bytes() - before - kept.numel() * kept.element_size() - 2 * state_bytes
+    assert held < state_bytes, f"{held / state_bytes:.1f} states' worth of memory held with the outputs"
 
 
 def test_checkpoint_store_recycles_its_buffers():
@@ -196,7 +225,7 @@ def test_a_solver_without_adjoint_vectors_refuses_to_record():
     solver = Solver(config, 6, 0, PETSc.COMM_SELF, record=False)
     rhs = RHS(MLPField().double(), layout_of(y0.reshape(2, 3)), (), 1.0)
     with pytest.raises(ValueError, match="record=False.*cannot record"):
-        solver.replay(rhs, torch.tensor([0.0, 0.25]).numpy().astype("float64"), y0, [0.25], trajectory=True)
+        solver.replay(rhs, y0, Replay(np.array([0.0, 0.25]), [0.25], trajectory=True))
 
 
 @pytest.mark.parametrize("method,fsal", [("dopri5", True), ("bosh3", True), ("adaptive_heun", False), ("rk4", False)])
@@ -212,7 +241,7 @@ def test_a_checkpointed_forward_tells_fsal_methods_and_keeps_their_reused_deriva
     rhs = RHS(func, layout, (), 1.0)
     store = CheckpointStore(3)
     taus = np.array([0.0, 0.4, 1.0])
-    record = solver.forward(rhs, taus, y0, store, trajectory=False)
+    record = solver.forward(rhs, taus, y0, ForwardPlan(store=store, adjoint=True))
     assert record.fsal is fsal
     if not fsal:
         assert not store.derivatives

@@ -13,7 +13,7 @@ from conftest import rel_err
 from problems import MLPField
 
 import pnode
-from pnode import adjoint as pnode_adjoint
+from pnode import pool as pnode_pool
 from pnode.rhs import Linearization
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,7 +67,7 @@ def rss_mb() -> float:
 
 
 def pooled_solvers() -> int:
-    return sum(len(pool) for pool in pnode_adjoint._free_solvers.values())
+    return pnode_pool.pooled_solvers()
 
 
 @pytest.mark.parametrize("options", [{"step_size": 0.25}, {"step_size": 0.25, "checkpoints": 2}, {}],

@@ -1,0 +1,122 @@
+"""How one solver is configured: :class:`SolverConfig` and the PETSc options pnode derives from it.
+
+The derived options are the lowest layer of :mod:`pnode.options` (``options={...}`` and the command
+line override each of them). For implicit methods they set Newton-Krylov up for a neural
+right-hand side; see :meth:`SolverConfig.derived_options` and ``docs/implicit.md``.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+from .methods import Method
+
+# Newton's relative tolerance, in units of the round-off of the arithmetic f is evaluated in: a
+# float32 network in a float64 PETSc resolves its residual to ~1e-7 of its size, so PETSc's
+# default 1e-8 can never be met there and Newton diverges; 100 units stop well above that noise.
+NEWTON_RTOL_ULPS = 100.0
+# Newton stops when its update is this many round-off units of the state (it only moves in noise).
+NEWTON_STOL_ULPS = 10.0
+# The adjoint's transposed linear solves: tighter than Newton (they carry the gradient), but
+# above the noise floor of the Jacobian products (which run in the state's dtype), and no
+# tighter than unpreconditioned GMRES reaches on stiff systems (it breaks down at 1e-8 on
+# Robertson's kinetics, whose I - h J has a condition number of ~1e8). Ten times PETSc's default.
+ADJOINT_KSP_RTOL_ULPS = 10.0
+ADJOINT_KSP_RTOL_FLOOR = 1e-6
+# Below this resolution (float64 arithmetic) Newton keeps PETSc's accurate linear solves: with
+# Eisenstat-Walker's loose early solves, Newton's step test declared badly scaled stiff systems
+# (Robertson's, species from 1 to 1e-5) converged too early.
+LOW_RESOLUTION = 1e-10
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Everything that fixes how a TS is configured (hashable: it is part of the cache key).
+
+    Times are in PETSc's (increasing) time units, i.e. absolute values of the user's steps.
+
+    Attributes:
+        resolution: the relative round-off of the arithmetic f is evaluated in: machine epsilon of
+            the coarser of the state's dtype and PETSc's real type (1.2e-7 for a float32 state,
+            2.2e-16 for float64 on a default PETSc). Newton and Krylov tolerances scale with it.
+        implicit_solve: ``'newton'`` (solve each implicit step to the Newton tolerance) or
+            ``'linear'`` (one Newton step from the previous state: a linearly implicit method of
+            the same order; PETSc's ``ksponly``).
+        jvp: how Newton-Krylov's Jacobian-vector products are taken: ``'autodiff'`` (forward-mode
+            AD, exact, about three evaluations of f each) or ``'difference'`` (one evaluation of f,
+            accurate to about the square root of ``resolution``; the Newton residual itself is
+            exact, so only the convergence rate feels it). The adjoint's products are VJPs either way.
+    """
+
+    method: Method
+    rtol: float
+    atol: float
+    step_size: Optional[float] = None
+    first_step: Optional[float] = None
+    min_step: Optional[float] = None
+    max_step: Optional[float] = None
+    max_num_steps: int = 2**31 - 1
+    petsc_options: Tuple[Tuple[str, str], ...] = ()
+    prefix: str = ""
+    resolution: float = 2.220446049250313e-16
+    implicit_solve: str = "newton"
+    jvp: str = "autodiff"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method.adaptive and self.step_size is None
+
+    @property
+    def adjoint_ksp_rtol(self) -> float:
+        """Relative tolerance of an implicit adjoint step's transposed linear solve: the ``ksp_rtol``
+        the caller gave, else ``max(1e-6, 10 * resolution)``."""
+        given = dict(self.petsc_options).get("ksp_rtol")
+        if given is not None:
+            return float(given)
+        return max(ADJOINT_KSP_RTOL_FLOOR, ADJOINT_KSP_RTOL_ULPS * self.resolution)
+
+    def derived_options(self) -> Dict[str, object]:
+        """The PETSc options that express ``method`` and the step settings (lowest precedence)."""
+        opts: Dict[str, object] = {"ts_type": self.method.ts_type,
+                                   "ts_adapt_type": "basic" if self.adaptive else "none",
+                                   "ts_trajectory_type": "memory"}
+        if self.method.rk_type is not None:
+            opts["ts_rk_type"] = self.method.rk_type
+        if self.method.theta is not None:
+            opts["ts_theta_theta"] = self.method.theta
+        opts.update(self.newton_options())
+        return opts
+
+    def newton_options(self) -> Dict[str, object]:
+        """Newton-Krylov on matrix-free shell Jacobians, scaled to what f's arithmetic resolves.
+
+        - GMRES without a preconditioner (a shell has no entries to build one from);
+        - Newton's relative tolerance ``100 * resolution`` (at least PETSc's 1e-8) and a step
+          tolerance of ``10 * resolution``: a float32 network cannot get its residual below
+          ~1e-7 of its size, where PETSc's defaults would make every solve fail;
+        - for float32 arithmetic, Eisenstat-Walker forcing: early Newton iterations solve their
+          linear systems loosely (float64 states, and a ``ksp_rtol`` the caller sets, keep that
+          tolerance);
+        - a full Newton step (no line search): each step starts from the previous state, close to
+          the solution, and a backtracking search in round-off noise only fails;
+        - with ``implicit_solve='linear'``, one Newton step (``ksponly``) whose linear solve meets
+          the same relative tolerance.
+        """
+        rtol = max(1e-8, NEWTON_RTOL_ULPS * self.resolution)
+        opts: Dict[str, object] = {"ksp_type": "gmres", "pc_type": "none"}
+        if self.implicit_solve == "linear":
+            opts.update({"snes_type": "ksponly", "ksp_rtol": rtol})
+            return opts
+        opts.update({"snes_type": "newtonls", "snes_linesearch_type": "basic",
+                     "snes_rtol": rtol, "snes_stol": max(1e-8, NEWTON_STOL_ULPS * self.resolution),
+                     "snes_max_it": 20})
+        if self.resolution > LOW_RESOLUTION and not self._ksp_rtol_given():
+            opts["snes_ksp_ew"] = "true"
+        return opts
+
+    def _ksp_rtol_given(self) -> bool:
+        """Whether the caller set the linear tolerance (``options`` or the command line), which
+        Eisenstat-Walker would otherwise override."""
+        from .options import get_global_option
+
+        names = ("ksp_rtol", self.prefix + "ksp_rtol")
+        return "ksp_rtol" in dict(self.petsc_options) or any(get_global_option(n) is not None for n in names)

@@ -1,0 +1,256 @@
+"""How one solve evaluates and linearises f: plain evaluations, kept stage graphs, and their lookup.
+
+PETSc calls the right-hand side and its Jacobians through :class:`pnode.solver.Solver`; what a call
+does there is decided by the values of this module that the call carries:
+
+* :class:`Evaluator`: how each evaluation of f is done (without a graph, or keeping the graph
+  for a later VJP in a :class:`GraphStore`; a replayed FSAL step's first derivative given);
+* :class:`GraphStore`: the kept graphs of one solve, found again by stage time and state;
+* :class:`StageTimes`: the times f was evaluated at in a forward pass, so that the adjoint
+  linearises f at exactly those times (PETSc's adjoint recomputes them, an ulp away);
+* :class:`Linearizer`: the linearization the Jacobian shells use at a point: the current one, a
+  kept graph, or a new one.
+"""
+
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .bridge import PETSC_EPS, tensor_into_vec, vec_key, vec_view
+from .rhs import RHS, Linearization, same_stage_time
+
+# Relative distance, in round-off units of f's arithmetic, within which a re-taken stage is the
+# forward pass's stage (a step size an ulp off, carried through a few stages).
+_ROUND_OFF_ULPS = 1000.0
+
+
+class GraphStore:
+    """Stage graphs kept by a forward pass (or a re-taken step) for the adjoint's VJPs.
+
+    Args:
+        limit: keep at most the ``limit`` latest graphs (each new one drops the oldest: the
+            adjoint reverses stages last to first, so it uses the latest first); None: no limit.
+        max_bytes: keep at most this many bytes of graphs, dropping the oldest; None: no limit.
+
+    Attributes:
+        held_bytes: bytes the kept graphs hold (saved activations plus stage inputs and outputs).
+        built_bytes: bytes of every graph built into the store, kept or dropped since.
+        built: graphs built into the store.
+    """
+
+    def __init__(self, limit: Optional[int] = None, max_bytes: Optional[int] = None):
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.graphs: List[Linearization] = []
+        self.held_bytes = self.built_bytes = self.built = 0
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def make_room(self) -> None:
+        """Drop the oldest graphs so that one more fits under the count limit (before building it)."""
+        while self.limit is not None and self.graphs and len(self.graphs) >= self.limit:
+            self._drop(0)
+
+    def add(self, lin: Linearization) -> None:
+        self.graphs.append(lin)
+        self.held_bytes += lin.graph_bytes
+        self.built_bytes += lin.graph_bytes
+        self.built += 1
+        while self.max_bytes is not None and self.graphs and self.held_bytes > self.max_bytes:
+            self._drop(0)
+
+    def _drop(self, i: int) -> Linearization:
+        lin = self.graphs.pop(i)
+        self.held_bytes -= lin.graph_bytes
+        return lin
+
+    def find(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Linearization]:
+        """The kept graph at ``(tau, u)``, or None (see :meth:`_locate`).
+
+        It stays in the store: an FSAL method's first stage is the previous step's last, whose
+        value PETSc's re-take of that step asks for again (its graph, once used, is freed).
+        """
+        i = self._locate(rhs, tau, u, key)
+        return None if i is None else self.graphs[i]
+
+    def value_at(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[torch.Tensor]:
+        """f at ``(tau, u)`` from a kept graph (its output, detached), leaving the graph in place."""
+        i = self._locate(rhs, tau, u, key)
+        return None if i is None else self.graphs[i].value
+
+    def _locate(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[int]:
+        """Index of the graph at ``(tau, u)``: the same point (latest first), else the nearest graph at
+        the same stage time whose state lies within round-off of ``u``.
+
+        PETSc re-takes a step from a solution-only trajectory with the difference of two recorded
+        times as its size, which can be an ulp off the size it took: the re-taken stages then lie a
+        few ulps from the forward pass's. They are the same stages, and the adjoint must use the
+        forward pass's graphs for them (which makes the gradient that of the steps taken).
+        """
+        near, best = None, _ROUND_OFF_ULPS * max(PETSC_EPS, float(torch.finfo(rhs.layout.dtype).eps))
+        user = None
+        for i in range(len(self.graphs) - 1, -1, -1):
+            lin = self.graphs[i]
+            if not same_stage_time(lin.tau, tau):
+                continue
+            if key is not None and key == lin.key:
+                return i
+            user = rhs.to_user(u) if user is None else user
+            distance = float((lin.u - user).norm()) / max(float(user.norm()), 1e-300)
+            if distance == 0.0:
+                return i
+            if distance < best:
+                near, best = i, distance
+        return near
+
+    def clear(self) -> None:
+        self.graphs = []
+        self.held_bytes = 0
+
+
+class StageTimes:
+    """The PETSc times a forward pass evaluated f at, by the address of the stage Vec, and step ends."""
+
+    def __init__(self):
+        self.by_vec: Dict[int, List[float]] = {}
+        self.step_ends: List[float] = []
+        self._sorted: Optional[Dict[object, np.ndarray]] = None
+
+    def add(self, address: int, tau: float) -> None:
+        self.by_vec.setdefault(address, []).append(tau)
+        self._sorted = None
+
+    def forward_time(self, tau: float, address: int) -> float:
+        """The forward pass's time for the adjoint's stage time ``tau`` at the stage Vec at ``address``.
+
+        PETSc's RK adjoint recomputes a stage time as ``t_end - (1 - c_i) h``, which can round an
+        ulp away from the forward's ``t + c_i h``; f is linearised at the time it was evaluated at,
+        so that a time-dependent f gets the same gradient from a stored and from a re-taken step.
+        The times evaluated at the same stage Vec come first (two stages can lie an ulp apart:
+        dopri5's two with c = 1 in a float32 PETSc), then the step ends (an FSAL step's first
+        stage, which reused the previous step's last evaluation, was evaluated at none: a re-taken
+        step evaluates it at its start), then any forward time.
+        """
+        if self._sorted is None:
+            every = [t for times in self.by_vec.values() for t in times]
+            self._sorted = {key: np.unique(np.asarray(times, dtype=np.float64)) for key, times in
+                            [*self.by_vec.items(), ("steps", self.step_ends), ("every", every)]}
+        for key in (address, "steps", "every"):
+            nearest = _nearest(self._sorted.get(key), tau)
+            if nearest is not None and same_stage_time(nearest, tau):
+                return nearest
+        return tau
+
+
+def _nearest(sorted_times: Optional[np.ndarray], tau: float) -> Optional[float]:
+    """The entry of ``sorted_times`` nearest to ``tau`` (None when there is none)."""
+    if sorted_times is None or not len(sorted_times):
+        return None
+    i = int(np.searchsorted(sorted_times, tau))
+    return float(min(sorted_times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau)))
+
+
+Observer = Callable[[object, float, object, object], None]
+
+
+class Evaluator:
+    """How one solve evaluates f at PETSc's request (the right-hand-side callback).
+
+    Args:
+        rhs: the right-hand side of this call.
+        graphs: keep each evaluation's graph here (None: evaluate without a graph).
+        graph_stages: keep graphs of the first ``graph_stages`` evaluations of each step only
+            (an FSAL method's adjoint never linearises its last stage); None: all.
+        first_derivative: the derivative the first evaluation writes instead of f (a re-taken
+            FSAL step starts from the one the original step reused; its graph is still built).
+        cached: kept graphs whose outputs serve evaluations at their points (PETSc re-taking a
+            step to recover its stages for the adjoint evaluates f where the forward pass did).
+        observer: called as ``observer(ts, tau, u, last_output)`` before each evaluation, with the
+            Vec the previous evaluation wrote (the forward pass records step sizes, stage times and
+            FSAL reuse there).
+    """
+
+    def __init__(self, rhs: RHS, graphs: Optional[GraphStore] = None, graph_stages: Optional[int] = None,
+                 first_derivative: Optional[torch.Tensor] = None, cached: Optional[GraphStore] = None,
+                 observer: Optional[Observer] = None):
+        self.rhs = rhs
+        self.graphs = graphs
+        self.graph_stages = graph_stages
+        self.first_derivative = first_derivative
+        self.cached = cached
+        self.observer = observer
+        self.stage = 0
+        self.last_output = None  # the Vec the latest evaluation was written into
+        self._last = None  # (tau, Vec key of the point, value) of the latest evaluation
+
+    def step_started(self) -> None:
+        self.stage = 0
+
+    def evaluate(self, ts, tau: float, u, f) -> None:
+        """Write f at ``(tau, u)`` into ``f`` (Vecs), as this call evaluates it."""
+        if self.observer is not None:
+            self.observer(ts, tau, u, self.last_output)
+        given, self.first_derivative = self.first_derivative, None
+        stage, self.stage = self.stage, self.stage + 1
+        view = vec_view(u)
+        if self.cached is not None and given is None:
+            given = self.cached.value_at(self.rhs, tau, view, vec_key(u))
+        if self.graphs is not None and (self.graph_stages is None or stage < self.graph_stages):
+            self.graphs.make_room()  # before the new graph is built: at most the limit at once
+            value, lin = self.rhs.evaluate_linearized(tau, view, vec_key(u), forward=self.observer is not None)
+            self.graphs.add(lin)
+            given = value if given is None else given
+        elif given is None:
+            given = self.rhs.evaluate(tau, view)
+        tensor_into_vec(given, f)
+        self.last_output = f
+        self._last = (tau, vec_key(u), given)
+
+    def value_at(self, tau: float, key) -> Optional[torch.Tensor]:
+        """The latest evaluation's value (user dtype) if it was at ``(tau, key)``, else None."""
+        if self._last is not None and self._last[0] == tau and self._last[1] == key:
+            return self._last[2]
+        return None
+
+
+class Linearizer:
+    """The linearization of f that the Jacobian shells use at a point PETSc asks about.
+
+    Args:
+        rhs: the right-hand side of this call.
+        explicit: explicit RK adjoints take one cotangent per stage (the graph may be freed by it).
+        graphs: kept stage graphs to use before building a new linearization (found and removed).
+        stage_times: in an adjoint, the forward pass's stage times to linearise at (None: as asked).
+        evaluated: ``evaluated(tau, key)`` gives f at a point PETSc just had evaluated, or None (a
+            Newton iteration's difference JVPs start from it instead of evaluating it again).
+    """
+
+    def __init__(self, rhs: RHS, explicit: bool, graphs: Optional[GraphStore] = None,
+                 stage_times: Optional[StageTimes] = None, evaluated=None):
+        self.rhs = rhs
+        self.evaluated = evaluated
+        self.explicit = explicit
+        self.graphs = graphs
+        self.stage_times = stage_times
+        self._last = None  # (tau, Vec key, linearization) of the latest point asked about
+
+    def at(self, current: Optional[Linearization], tau: float, u) -> Linearization:
+        """The linearization at ``(tau, u)`` (``u`` a Vec); ``current``: the one the shells hold."""
+        key, view = vec_key(u), vec_view(u)
+        if self._last is not None and self._last[:2] == (tau, key):
+            return self._last[2]  # PETSc asks twice per stage (J^T, then J_p^T) at an unchanged Vec
+        if self.rhs.matches(current, tau, view, key):
+            return current
+        lin = self.graphs.find(self.rhs, tau, view, key) if self.graphs is not None else None
+        if lin is None:
+            if self.stage_times is not None:
+                tau_f = self.stage_times.forward_time(tau, key[0])
+            else:
+                tau_f = tau
+            lin = self.rhs.linearize(tau_f, view, key, single_vjp=self.explicit)
+            if self.evaluated is not None:
+                lin.value = self.evaluated(tau, key)
+        self._last = (tau, key, lin)
+        return lin

@@ -1,0 +1,189 @@
+"""Adjoint strategies: how a forward pass keeps what its discrete adjoint needs, and how it is reversed.
+
+Every strategy gives the same gradients (PETSc's TSAdjoint of the steps taken); they differ in what
+they hold between the forward and the backward pass, and so in memory and time:
+
+* :class:`KeptGraphs` (``adjoint='graphs'``): every stage evaluation keeps its autograd graph and
+  the adjoint's vector-Jacobian products use it; f is never evaluated again. PETSc's trajectory keeps
+  the states only (it re-takes a step to recover its stages, served from the kept graphs' outputs).
+  Backprop's speed at about backprop's memory.
+* :class:`StoredStates` (``adjoint='states'``, the default): PETSc keeps every step's state and
+  stages; the adjoint evaluates f once more at each stage for its VJP. A fraction of backprop's
+  memory, at about torchdiffeq's adjoint's time.
+* :class:`BinomialCheckpoints` (``checkpoints=K``): at most K states held, the rest recomputed
+  with the binomial (Revolve) schedule (:mod:`pnode.checkpoint`). Memory flat in the step count.
+* :class:`MemoryBudget` (``memory_budget='2GB'``): picks among these per call from measured costs,
+  keeping graphs while they fit, then states, then checkpoints.
+
+The interface (each a sibling, no shared mode): ``forward(solver, problem, rhs, y0) -> Forward``
+runs the forward pass on a checked-out :class:`pnode.solver.Solver`; ``backward(solver, forward,
+grad_outputs) -> (grad_y0, adjoint_before_first_output, grad_params)`` runs its adjoint.
+Implicit methods keep no graphs (each stage is a Newton solve), so ``'graphs'`` stores states there.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from .checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints
+from .evaluation import GraphStore, Linearizer
+from .schedule import ForwardRecord, expected_steps
+from .solver import ForwardPlan, Solver
+
+Gradients = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+
+
+@dataclass
+class AdjointStats:
+    """What a strategy chose and held for one call (read after it, e.g. ``ODEBlock.stats.adjoint``).
+
+    Attributes:
+        strategy: ``'graphs'``, ``'states'`` or ``'checkpoints'``.
+        steps: steps the forward pass took.
+        graphs_kept: stage graphs kept for the adjoint (all of them: ``steps * stages``).
+        graph_bytes: bytes those graphs held (saved activations, stage inputs and outputs).
+        states_stored: steps whose state PETSc's trajectory (or the checkpoint store) kept.
+        stored_bytes: bytes of those states (with their stages where the trajectory keeps them).
+        checkpoints: K of a checkpointed pass (None otherwise).
+        recomputed_steps: steps re-taken to reach checkpoints in the backward pass.
+        budget_bytes: the memory budget the choice was made under (None without one).
+    """
+
+    strategy: str
+    steps: int = 0
+    graphs_kept: int = 0
+    graph_bytes: int = 0
+    states_stored: int = 0
+    stored_bytes: int = 0
+    checkpoints: Optional[int] = None
+    recomputed_steps: int = 0
+    budget_bytes: Optional[int] = None
+
+    @property
+    def held_bytes(self) -> int:
+        return self.graph_bytes + self.stored_bytes
+
+
+@dataclass
+class Forward:
+    """What a forward pass leaves for its backward pass."""
+
+    record: ForwardRecord
+    stats: AdjointStats
+    graphs: Optional[GraphStore] = None
+    store: Optional[CheckpointStore] = None
+    solution_only: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def state_bytes(solver: Solver) -> int:
+    """Bytes of one state-sized PETSc vector on this rank."""
+    return solver.solution.getLocalSize() * solver.solution.getArray(readonly=True).itemsize
+
+
+def adjoint_over_outputs(solver: Solver, record: ForwardRecord, grad_outputs: torch.Tensor,
+                         linearizer: Linearizer, cached: Optional[GraphStore] = None) -> Gradients:
+    """TSAdjoint back through a recorded trajectory, output interval by output interval, adding each
+    output's cotangent at its step. Returns ``(grad_y0, adjoint_before_first_output, grad_params)``."""
+    # with a single output time there is no step: its cotangent is added once, below
+    solver.begin_adjoint(grad_outputs[-1] if len(record.taus) > 1 else torch.zeros_like(grad_outputs[0]))
+    for i in range(len(record.taus) - 1, 0, -1):
+        solver.adjoint_steps(record.step_of_output[i] - record.step_of_output[i - 1], linearizer, cached)
+        if i > 1:
+            solver.add_to_adjoint_state(grad_outputs[i - 1])
+    before_first = solver.adjoint_state_tensor()
+    return before_first + grad_outputs[0], before_first, solver.param_gradient_tensor()
+
+
+class StoredStates:
+    """PETSc's trajectory keeps every state and stage; the adjoint re-evaluates f for each VJP."""
+
+    name = "states"
+
+    def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
+        record = solver.forward(rhs, problem.taus, y0, ForwardPlan(trajectory=True, adjoint=True))
+        stages = record.stages or 1
+        stats = AdjointStats("states", steps=record.steps, states_stored=record.steps,
+                             stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
+        return Forward(record, stats)
+
+    def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
+        linearizer = Linearizer(solver.rhs, solver.explicit, None, forward.record.stage_times)
+        return adjoint_over_outputs(solver, forward.record, grad_outputs, linearizer)
+
+
+class KeptGraphs:
+    """Every stage keeps its graph for the adjoint's VJPs; PETSc's trajectory keeps states only.
+
+    Args:
+        graph_bytes: keep at most this many bytes of graphs (the latest ones: the adjoint uses
+            them first), storing every stage in the trajectory for the rest; None: all graphs,
+            states only in the trajectory.
+    """
+
+    name = "graphs"
+
+    def __init__(self, graph_bytes: Optional[int] = None):
+        self.graph_bytes = graph_bytes
+
+    def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
+        if not solver.explicit:
+            forward = StoredStates().forward(solver, problem, rhs, y0)
+            forward.stats.strategy = "states"
+            return forward
+        graphs = GraphStore(max_bytes=self.graph_bytes)
+        solution_only = self.graph_bytes is None
+        plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, adjoint=True)
+        record = solver.forward(rhs, problem.taus, y0, plan)
+        per_state = (1 if solution_only else 1 + (record.stages or 1)) * state_bytes(solver)
+        stats = AdjointStats("graphs", steps=record.steps, graphs_kept=len(graphs), graph_bytes=graphs.held_bytes,
+                             states_stored=record.steps, stored_bytes=record.steps * per_state)
+        return Forward(record, stats, graphs=graphs, solution_only=solution_only)
+
+    def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
+        if forward.graphs is None:
+            return StoredStates().backward(solver, forward, grad_outputs)
+        linearizer = Linearizer(solver.rhs, True, forward.graphs, forward.record.stage_times)
+        cached = forward.graphs if forward.solution_only else None
+        try:
+            return adjoint_over_outputs(solver, forward.record, grad_outputs, linearizer, cached)
+        finally:
+            forward.graphs.clear()
+
+
+class BinomialCheckpoints:
+    """At most ``checkpoints`` states held; the backward pass recomputes the rest (binomial schedule).
+
+    Args:
+        checkpoints: K >= 1.
+        graphs: stage graphs of a re-taken step kept for its adjoint (None: all; n: the last n).
+    """
+
+    name = "checkpoints"
+
+    def __init__(self, checkpoints: int, graphs: Optional[int] = None):
+        self.checkpoints = checkpoints
+        self.graphs = graphs
+
+    def store_for(self, problem) -> CheckpointStore:
+        """The binomial schedule's states when the step count is known (fixed steps), else up to
+        K - 1 states spread evenly."""
+        steps = expected_steps(problem.config, problem.taus)
+        if steps is None:
+            return CheckpointStore(self.checkpoints - 1)
+        return CheckpointStore(self.checkpoints, planned=planned_checkpoints(steps, self.checkpoints))
+
+    def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
+        store = self.store_for(problem)
+        record = solver.forward(rhs, problem.taus, y0, ForwardPlan(store=store, adjoint=True))
+        stats = AdjointStats("checkpoints", steps=record.steps, checkpoints=self.checkpoints,
+                             states_stored=len(store.states),
+                             stored_bytes=(len(store.states) + len(store.derivatives)) * state_bytes(solver))
+        return Forward(record, stats, store=store)
+
+    def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
+        adjoint = CheckpointedAdjoint(solver, self.checkpoints, self.graphs)
+        result = adjoint.run(forward.record, forward.store, grad_outputs)
+        forward.stats.recomputed_steps = adjoint.advanced_steps
+        return result

@@ -1,0 +1,138 @@
+"""Setting a TS up: its callbacks and options, a new trajectory per recording solve, the first step."""
+
+import numpy as np
+import torch
+
+from ._compat import PETSc, has_revolve
+from .bridge import PETSC_DTYPE
+from .config import SolverConfig
+from .errors import InputError
+from .options import scoped_options
+from .rhs import RHS
+
+# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
+_RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
+
+
+def configure_ts(solver, config: SolverConfig, record: bool):
+    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist)."""
+    ts = PETSc.TS().create(comm=solver.comm)
+    ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
+    ts.setRHSFunction(solver.rhs_function, None)  # explicit RK writes its stages; others get one made when needed
+    ts.setRHSJacobian(solver.rhs_jacobian, solver.jacobian, solver.jacobian)
+    ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
+    ts.setTolerances(rtol=config.rtol, atol=config.atol)
+    ts.setMaxSteps(config.max_num_steps)
+    ts.setErrorIfStepFails(False)
+    ts.setPreStep(solver.pre_step)
+    ts.setPostStep(solver.post_step)
+    if config.adaptive and (config.min_step is not None or config.max_step is not None):
+        ts.setStepLimits(config.min_step or 0.0, config.max_step or PETSc.INFINITY)
+    if record:
+        ts.setSaveTrajectory()
+    if config.prefix:
+        ts.setOptionsPrefix(config.prefix)
+    with scoped_options(config.prefix, dict(config.petsc_options), config.derived_options()) as user_names:
+        if record:
+            _check_revolve(config.prefix)
+        ts.setFromOptions()
+        _check_used(user_names)
+        solver.resolved_options = _resolved(config.prefix)
+    if ts.getType() not in _RHS_FORM_ADJOINT_TYPES:
+        ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
+    if solver.param_jacobian is not None:
+        # Explicit RK adjoints read dG/dp of the right-hand side; implicit ones (theta, cn,
+        # beuler, ...) read dF/dp of F(udot, u) = udot - G(u), i.e. -dG/dp. Handing implicit
+        # types the RHS form would make PETSc zero and AXPY into a copy of the shell.
+        if ts.getType() in _RHS_FORM_ADJOINT_TYPES:
+            ts.setRHSJacobianP(solver.param_jacobian_rhs, solver.param_jacobian)
+        else:
+            ts.setIJacobianP(solver.param_jacobian_implicit, solver.param_jacobian)
+    return ts
+
+
+def _resolved(prefix: str) -> dict:
+    """Options PETSc objects do not report back through petsc4py, as the layers resolved them."""
+    db = PETSc.Options()
+    return {name: db.getString(prefix + name) for name in ("ts_adapt_type", "ts_trajectory_type")
+            if db.hasName(prefix + name)}
+
+
+def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> None:
+    """Give the TS a new trajectory, set up by the recording solve that follows.
+
+    PETSc's memory trajectory sizes itself for the first solve it records (with fixed steps:
+    from that solve's span and first step) and keeps its stack from one solve to the next. A
+    later, longer solve on the same pooled TS (a longer span, or a checkpointing TS that recorded
+    one step before) overran it, and reusing it after an adjoint run output interval by output
+    interval left its stack inconsistent: PETSc crashed, at the latest when the TS was destroyed.
+    A new trajectory costs ~0.03 ms (re-reading the options restores its type and settings) plus
+    the allocation of its vectors. ``solution_only``: store states, not stages (PETSc re-takes a
+    step to recover them), unless the options say otherwise.
+    """
+    ts.removeTrajectory()
+    ts.setSaveTrajectory()
+    derived = dict(config.derived_options())
+    if solution_only:
+        derived["ts_trajectory_solution_only"] = "true"
+    with scoped_options(config.prefix, dict(config.petsc_options), derived):
+        ts.setFromOptions()
+
+
+def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, comm) -> float:
+    """The first step's size: ``step_size``, the output interval, ``first_step``, or an estimate."""
+    if config.step_size is not None:
+        return config.step_size
+    if not config.adaptive:
+        return float(taus[1] - taus[0])
+    step = config.first_step
+    if step is None:
+        step = initial_step(rhs, config.rtol, config.atol, config.method.order, float(taus[0]), y0, comm,
+                            span=float(taus[-1] - taus[0]))
+    # TSAdapt bounds the steps it chooses, not the one it is given: bound the first as torchdiffeq does
+    return min(max(step, config.min_step or 0.0), config.max_step or float("inf"))
+
+
+def initial_step(rhs: RHS, rtol: float, atol: float, order: int, tau0: float, y0: torch.Tensor, comm,
+                 span: float = float("inf")) -> float:
+    """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), in PETSc's weighted RMS norm,
+    at most ``span`` (``y0``: the initial state, flat, PETSc dtype, CPU; ``order``: the method's)."""
+    scale = atol + rtol * y0.abs()
+    f0 = rhs.evaluate(tau0, y0).to("cpu", PETSC_DTYPE)
+    d0, d1 = _rms(y0 / scale, comm), _rms(f0 / scale, comm)
+    h0 = min(1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1, span)
+    f1 = rhs.evaluate(tau0 + h0, y0 + h0 * f0).to("cpu", PETSC_DTYPE)
+    d2 = _rms((f1 - f0) / scale, comm) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    return min(100 * h0, h1, span)
+
+
+def _rms(x: torch.Tensor, comm) -> float:
+    local = np.array([float(torch.sum(x * x)), float(x.numel())])
+    if comm.getSize() > 1:
+        local = comm.tompi4py().allreduce(local)
+    return float(np.sqrt(local[0] / max(local[1], 1.0)))
+
+
+def _check_used(names) -> None:
+    db = PETSc.Options()
+    used = getattr(db, "used", None)
+    if used is None:
+        return
+    unused = [n for n in names if not used(n)]
+    if unused:
+        raise InputError(f"options {unused} were not used by PETSc: they are neither pnode options "
+                         "(step_size, first_step, min_step, max_step, max_num_steps, theta, adjoint, checkpoints, "
+                         "checkpoint_graphs, memory_budget, implicit_solve) nor PETSc options this solver reads; "
+                         "check the spelling (PETSc names are e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
+
+
+def _check_revolve(prefix: str) -> None:
+    """Refuse PETSc's limited-memory trajectory up front on a build without Revolve (it fails mid-solve)."""
+    db = PETSc.Options()
+    asked = [prefix + name for name in ("ts_trajectory_max_cps_ram", "ts_trajectory_max_cps_disk")
+             if db.hasName(prefix + name)]
+    if asked and not has_revolve():
+        raise InputError(f"-{asked[0]} needs PETSc configured with Revolve, which this PETSc lacks; use pnode's "
+                         "own checkpointing instead: options={'checkpoints': K} or -pnode_checkpoints K "
+                         "(at most K states held, binomial schedule, same gradients)")

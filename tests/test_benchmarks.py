@@ -1,0 +1,92 @@
+"""Smoke test of the benchmark package: quick runs in a subprocess, and the JSON and markdown they write.
+
+The benchmark code is not imported here: each entry point runs as ``python -m benchmarks...``, as
+a person runs it, and its rows run in processes of their own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STRATEGY_ROWS = ("odenet/rk4-16/torchdiffeq-odeint", "odenet/rk4-16/pnode:default")
+# Solve tolerances a float32 network in a float64 PETSc can reach, so the implicit row converges
+# whatever pnode's own defaults are; rk4 and cn at 4 steps keep the test short (beuler runs the
+# same code with theta = 1).
+IMPLICIT_OPTIONS = '{"snes_rtol": 1e-4, "ksp_rtol": 1e-6}'
+IMPLICIT_ARGS = ("--steps", "4", "--options", IMPLICIT_OPTIONS, "--rows", "odenet/rk4-4/*", "odenet/cn-4/*")
+
+
+def run_benchmark(module, out_dir, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--threads", "1", "--out", str(out_dir), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def load(out_dir, stem):
+    with open(os.path.join(out_dir, stem + ".json")) as fh:
+        doc = json.load(fh)
+    with open(os.path.join(out_dir, stem + ".md")) as fh:
+        return doc, fh.read()
+
+
+def check_measured(entry):
+    result = entry["result"]
+    assert "error" not in result, (entry["id"], result)
+    assert result["time_s"] > 0 and len(result["times_s"]) == 1
+    assert result["peak_mb"] > 0 and result["held_mb"] >= -5  # allocator noise of a few MB at toy sizes
+    assert result["memory"]
+
+
+@pytest.fixture(scope="module")
+def strategies(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("strategies")
+    stdout = run_benchmark("benchmarks.strategies", out_dir, "--rows", *STRATEGY_ROWS)
+    return (*load(out_dir, "strategies"), stdout, out_dir)
+
+
+def test_strategies_rows_json(strategies):
+    doc, _, _, out_dir = strategies
+    assert [entry["id"] for entry in doc["rows"]] == list(STRATEGY_ROWS)
+    for entry in doc["rows"]:
+        check_measured(entry)
+    odeint, pnode = doc["rows"]
+    assert odeint["result"]["grad_error"] is None  # it is the reference of its own steps
+    assert pnode["result"]["grad_error"] < 1e-5  # autograd through the same rk4 steps, pnode's arithmetic
+    assert pnode["result"]["steps"] == 16
+    assert pnode["result"]["evaluations"]["forward"]["f"] == 64  # 16 steps x 4 stages
+    assert os.path.exists(os.path.join(out_dir, "strategies-odenet.png"))
+
+
+def test_strategies_markdown(strategies):
+    doc, markdown, stdout, _ = strategies
+    assert markdown == stdout.rstrip("\n") + "\n"
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| row | time / step (s) | time × odeint |")
+    odeint_line = next(line for line in table if line.startswith("| torchdiffeq odeint |"))
+    assert odeint_line.split(" | ")[2] == "1.000"  # time over its own
+    assert any(line.startswith("| pnode default |") for line in table)
+    assert doc["command"] in markdown
+
+
+def test_implicit(tmp_path):
+    run_benchmark("benchmarks.implicit", tmp_path, *IMPLICIT_ARGS)
+    doc, markdown = load(tmp_path, "implicit")
+    assert [(e["method"], e["steps"]) for e in doc["rows"]] == [("rk4", 4), ("cn", 4)]
+    for entry in doc["rows"]:
+        check_measured(entry)
+        assert entry["result"]["steps"] == 4
+    rk4, cn = (entry["result"] for entry in doc["rows"])
+    assert rk4["grad_error"] < 1e-5
+    assert cn["grad_error"] < 1e-4  # Newton to 1e-4 relative; the reference solves each step to round-off
+    assert cn["newton_per_step"] >= 1 and cn["krylov_per_step"] >= cn["newton_per_step"]
+    assert cn["solver"]["snes_rtol"] == pytest.approx(1e-4) and cn["solver"]["ksp_rtol"] == pytest.approx(1e-6)
+    lines = markdown.splitlines()
+    assert any(line.startswith("| cn (pnode snes_rtol=0.0001, ksp_rtol=1e-06) |") for line in lines)
+    assert os.path.exists(os.path.join(tmp_path, "implicit-time.png"))

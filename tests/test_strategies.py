@@ -1,0 +1,193 @@
+"""Adjoint strategies: kept graphs, stored states, binomial checkpoints and a memory budget give the
+same gradients (bit for bit where the arithmetic is the same), against autograd through the same
+steps; their choices and bookkeeping against stubs; the bounded solver pool."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err, skip_if_zero_weight_broken
+from problems import LinearField, MLPField, stable_matrix
+from references import TABLEAUS, rk_solve
+
+import pnode
+from pnode import pool
+from pnode.budget import MeasuredCosts, MemoryBudget, parse_bytes
+from pnode.evaluation import GraphStore
+from pnode.stats import SolveStats
+from pnode.strategies import BinomialCheckpoints, KeptGraphs
+
+STRATEGIES = [{"adjoint": "states"}, {"adjoint": "graphs"}, {"checkpoints": 3}, {"memory_budget": "1GB"},
+              {"memory_budget": 3000}]
+
+
+def _gradients(method, options, t=(0.0, 0.3, 1.0), rtol=1e-6, atol=1e-8, seed=0):
+    torch.manual_seed(seed)
+    func = MLPField(dim=5).double()
+    y0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    stats = SolveStats()
+    ys = pnode.odeint_adjoint(func, y0, torch.tensor(t, dtype=torch.float64), method=method, rtol=rtol, atol=atol,
+                              options=options, _stats=stats)
+    weights = torch.linspace(-1, 1, ys.numel(), dtype=torch.float64).reshape(ys.shape)
+    return ys, torch.autograd.grad((ys * weights).sum(), (y0, *func.parameters())), stats
+
+
+@pytest.mark.parametrize("method,fixed", [("euler", {"step_size": 0.1}), ("rk4", {"step_size": 0.1}),
+                                          ("midpoint", {"step_size": 0.1}), ("adaptive_heun", {}), ("bosh3", {}),
+                                          ("rk4", {"step_size": 0.3}), ("cn", {"step_size": 0.2}),
+                                          ("beuler", {"step_size": 0.2})])
+def test_every_strategy_gives_the_same_gradient_bit_for_bit(method, fixed):
+    skip_if_zero_weight_broken(method)
+    reference = None
+    for options in STRATEGIES:
+        ys, grads, _ = _gradients(method, {**fixed, **options})
+        if reference is None:
+            reference = (ys, grads)
+            continue
+        assert torch.equal(ys, reference[0])
+        implicit = method in ("cn", "beuler")  # Newton solves re-taken by checkpoints agree to their tolerance
+        for got, want in zip(grads, reference[1]):
+            assert torch.equal(got, want) if not implicit else rel_err(got, want) < 1e-7, options
+
+
+def test_fsal_strategies_agree_to_round_off():
+    """dopri5 reuses a step's last stage as the next step's first: kept graphs linearise it where it was
+    evaluated (the last stage's state), stored states at the stored solution; the two are the same point
+    up to round-off in the sums that form them."""
+    skip_if_zero_weight_broken("dopri5")
+    _, states, _ = _gradients("dopri5", {"adjoint": "states"})
+    for options in STRATEGIES[1:]:
+        _, grads, _ = _gradients("dopri5", options)
+        for got, want in zip(grads, states):
+            assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "bosh3"])
+def test_kept_graphs_equal_autograd_through_the_same_steps_and_evaluate_nothing_twice(method):
+    ys, grads, stats = _gradients(method, {"step_size": 0.1, "adjoint": "graphs"})
+    torch.manual_seed(0)
+    func = MLPField(dim=5).double()
+    y0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    ref = rk_solve(func, y0, [0.0, 0.3, 1.0], 0.1, TABLEAUS[method])
+    weights = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    want = torch.autograd.grad((ref * weights).sum(), (y0, *func.parameters()))
+    assert rel_err(ys, ref) < 1e-13
+    for got, w in zip(grads, want):
+        assert rel_err(got, w) < 1e-12
+    a = stats.adjoint
+    assert a.strategy == "graphs" and a.graphs_kept == stats.counter.forward  # every evaluation kept its graph
+    stages = len(TABLEAUS[method][0]) - (method == "bosh3")  # FSAL: one stage reused from the step before
+    assert a.graphs_kept == a.steps * stages + (method == "bosh3")
+    assert stats.counter.backward == 0  # no evaluation of f in the backward pass
+    assert stats.adjoint.graph_bytes > 0
+
+
+def test_implicit_methods_keep_states_when_graphs_are_asked_for():
+    _, _, stats = _gradients("cn", {"step_size": 0.2, "adjoint": "graphs"})
+    assert stats.adjoint.strategy == "states" and stats.adjoint.graphs_kept == 0
+
+
+def test_a_memory_budget_buys_speed_monotonically():
+    """From a budget below the stored states to one above every graph: checkpoints, then fewer and
+    fewer re-evaluated stages, then none; what is held stays within the budget."""
+    evaluations, chosen = [], []
+    for budget in (2000, 6000, 9000, 20000, 200000):
+        for _ in range(2):  # the second call uses the costs the first measured
+            _, _, stats = _gradients("rk4", {"step_size": 0.05, "memory_budget": budget})
+        a = stats.adjoint
+        chosen.append(a.strategy)
+        evaluations.append(stats.counter.forward + stats.counter.backward)
+        assert a.budget_bytes == budget and a.held_bytes <= budget
+    assert chosen[0] == "checkpoints" and chosen[-1] == "graphs"
+    assert all(b <= a for a, b in zip(evaluations, evaluations[1:])) and evaluations[-1] < evaluations[0]
+
+
+def _stub(steps, state_bytes, costs=None, adaptive=False):
+    solver = SimpleNamespace(solution=SimpleNamespace(getLocalSize=lambda: state_bytes // 8,
+                                                      getArray=lambda readonly: np.zeros(1)),
+                             measured_costs=costs)
+    method = SimpleNamespace(rk_type="4", adaptive=adaptive)
+    config = SimpleNamespace(method=method, adaptive=adaptive, step_size=None if adaptive else 1.0 / steps)
+    problem = SimpleNamespace(config=config, taus=np.array([0.0, 1.0]))
+    return solver, problem
+
+
+def test_budget_choice_against_stubs():
+    solver, problem = _stub(10, 800, MeasuredCosts(graph_bytes_per_step=5000, stages=4, steps=10))
+    assert isinstance(MemoryBudget(10 * (800 + 5000)).choose(solver, problem), KeptGraphs)
+    assert MemoryBudget(10 * (800 + 5000)).choose(solver, problem).graph_bytes is None  # all graphs
+    partial = MemoryBudget(10 * 5 * 800 + 7000).choose(solver, problem)
+    assert isinstance(partial, KeptGraphs) and partial.graph_bytes == 7000
+    checkpointed = MemoryBudget(3 * 800).choose(solver, problem)
+    assert isinstance(checkpointed, BinomialCheckpoints) and checkpointed.checkpoints == 3
+    solver.measured_costs = None  # first call: no measurement, states and the graphs that fit
+    first = MemoryBudget(10 * 5 * 800 + 100).choose(solver, problem)
+    assert isinstance(first, KeptGraphs) and first.graph_bytes == 100
+
+
+@pytest.mark.parametrize("text,value", [("2GB", 2 * 10**9), ("512 MiB", 512 * 2**20), ("1.5e3", 1500), (4096, 4096)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", -5, "3 parsecs", True])
+def test_bad_budget_is_reported(bad):
+    with pytest.raises(pnode.InputError, match="memory_budget.*positive size"):
+        _gradients("rk4", {"step_size": 0.1, "memory_budget": bad})
+
+
+def test_conflicting_strategy_options_are_reported():
+    with pytest.raises(pnode.InputError, match="give one of them"):
+        _gradients("rk4", {"step_size": 0.1, "adjoint": "graphs", "checkpoints": 4})
+    with pytest.raises(pnode.InputError, match="'graphs'.*'states'"):
+        _gradients("rk4", {"step_size": 0.1, "adjoint": "backprop"})
+
+
+class _Lin:
+    def __init__(self, tau, u, nbytes=10):
+        self.tau, self.u, self.key, self.graph_bytes, self.value = tau, u, None, nbytes, u * 2
+
+
+class _RHS:
+    layout = SimpleNamespace(dtype=torch.float64)
+
+    @staticmethod
+    def to_user(u):
+        return u
+
+    @staticmethod
+    def matches(lin, tau, u, key):
+        return False
+
+
+def test_graph_store_limits_and_finds_the_nearest_stage_against_stubs():
+    store = GraphStore(limit=3)
+    for i in range(5):
+        store.make_room()
+        store.add(_Lin(0.1 * i, torch.full((4,), float(i))))
+    assert [lin.tau for lin in store.graphs] == pytest.approx([0.2, 0.3, 0.4]) and store.built == 5
+    # same time, a state within round-off: the forward pass's stage; far off: none
+    assert store.find(_RHS, 0.3, torch.full((4,), 3.0) * (1 + 1e-15), None) is store.graphs[1]
+    assert store.find(_RHS, 0.3, torch.full((4,), 3.1), None) is None
+    assert torch.equal(store.value_at(_RHS, 0.4, torch.full((4,), 4.0), None), torch.full((4,), 8.0))
+    by_bytes = GraphStore(max_bytes=25)
+    for i in range(4):
+        by_bytes.add(_Lin(float(i), torch.zeros(1)))
+    assert len(by_bytes) == 2 and by_bytes.held_bytes == 20 and by_bytes.built_bytes == 40
+
+
+def test_the_pool_stays_under_its_bound_over_400_batch_sizes():
+    func = LinearField(stable_matrix(3))
+    pool.set_pool_limit("2MB")
+    try:
+        for batch in range(1, 401):
+            y0 = torch.randn(batch, 3, dtype=torch.float64, requires_grad=True)
+            pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 0.5], dtype=torch.float64), method="rk4",
+                                 options={"step_size": 0.25})[-1].sum().backward()
+            assert pool.pool_bytes() <= 2 * 10**6
+        assert pool.pooled_solvers() > 1
+        pool.clear_cache()
+        assert pool.pooled_solvers() == 0 and pool.pool_bytes() == 0
+    finally:
+        pool.set_pool_limit("1GB")
