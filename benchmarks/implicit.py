@@ -7,7 +7,7 @@ memory, each implicit row reports Newton iterations and Krylov iterations per st
 solve (PETSc's counts), VJPs per step of the adjoint (one per Krylov iteration of its transposed
 solves, plus those of the explicit and parameter terms), the Newton and Krylov tolerances the TS
 ran with (read back from PETSc), and the gradient error against autograd through the same implicit
-steps solved to round-off (:mod:`benchmarks.references`).
+steps solved to round-off (:mod:`pnode.testing.references`).
 
 Writes ``implicit.json``, ``implicit.md`` (printed too) and ``implicit-time.png`` (time per
 training step against the number of steps) to ``--out``::

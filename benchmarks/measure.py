@@ -25,7 +25,7 @@ its own and no other row's solvers, caches or heap layout are in it. The worker:
    f); for pnode rows, one more forward solve gives the steps taken and, for implicit methods,
    Newton and Krylov iterations and tolerances read from its PETSc TS;
 5. computes the relative gradient error (of ``dL/dy0`` and of ``dL/dparams``, the larger counts)
-   against autograd through the same steps (:mod:`benchmarks.references`); torchdiffeq
+   against autograd through the same steps (:mod:`pnode.testing.references`); torchdiffeq
    ``odeint_adjoint`` against torchdiffeq ``odeint`` with the same method and steps.
 
 The worker prints one line ``BENCHMARK_RESULT {json}``; a row that fails (an option pnode does not
@@ -242,7 +242,7 @@ def timed_steps(problem, solve: CountedSolve, count: int) -> List[float]:
 def solve_record(row: Row, problem, solve: CountedSolve) -> Optional[Dict[str, object]]:
     """``step_times`` of the row's solver (the fixed grid, or pnode's accepted steps), and for pnode rows
     what :func:`pnode_forward_solve` reads; None for adaptive torchdiffeq rows (not recorded)."""
-    from benchmarks import references
+    from pnode.testing import references
 
     if row.library == "pnode":
         return pnode_forward_solve(row, problem, solve.solver_options())
@@ -267,21 +267,22 @@ def step_counts(record: Optional[Dict[str, object]], counts: Dict[str, Dict[str,
 
 def reference_solve(row: Row, problem, record: Optional[Dict[str, object]]) -> Optional[Callable]:
     """The solve that a row's gradient is compared with (None for torchdiffeq odeint: it is one)."""
-    from benchmarks import references
+    from pnode.testing import references
+    from pnode.testing.petsc_arithmetic import petsc_real_dtype
 
     if row.library == "torchdiffeq-odeint":
         return None
     if row.library == "torchdiffeq-adjoint":
         return CountedSolve(Row(**{**asdict(row), "library": "torchdiffeq-odeint"}), problem)
-    times, real = record["step_times"], references.petsc_real_dtype()
+    times, real = record["step_times"], petsc_real_dtype()
     func = references.in_dtype(problem.func, problem.x.dtype)
     return lambda y0: references.reference(func, y0.to(real), times, row.method).to(y0.dtype)
 
 
 def gradient_error(row: Row, problem, solve: CountedSolve, record: Optional[Dict[str, object]]) -> Dict[str, object]:
     """``grad_error``: the larger relative error of ``dL/dy0`` and ``dL/dparams`` against the reference."""
-    from benchmarks.references import relative_error
     from benchmarks.workloads import gradients
+    from pnode.testing.references import relative_error
 
     reference = reference_solve(row, problem, record)
     if reference is None:
@@ -296,7 +297,7 @@ def measure_row(row: Row, settings: Settings) -> Dict[str, object]:
     import torch
 
     from benchmarks import workloads
-    from benchmarks.references import THETA
+    from pnode.testing.references import THETA
 
     torch.set_num_threads(settings.threads)
     problem = workloads.build(row.workload, settings.quick)

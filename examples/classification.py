@@ -429,14 +429,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def reduce_over_ranks(values: Sequence[float], op: str = "sum") -> list[float]:
-    """Sum (or max) a few numbers over MPI_COMM_WORLD."""
-    if distributed.size() == 1:
-        return list(values)
-    from mpi4py import MPI
-
-    mpi_op = {"sum": MPI.SUM, "max": MPI.MAX}[op]
-    return list(distributed.world().tompi4py().allreduce(np.asarray(values, dtype=np.float64), op=mpi_op))
+def peak_rss_over_ranks() -> float:
+    """The largest peak resident memory (MB) of any rank."""
+    return distributed.gather_metrics({"peak_rss_mb": peak_rss_mb()}, op="max")["peak_rss_mb"]
 
 
 def local_shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +470,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, sho
             nfe_f += sum(b.nfe_forward for b in blocks) / len(blocks)
             nfe_b += sum(b.nfe_backward for b in blocks) / len(blocks)
         n_batches += 1
-    loss_sum, correct, seen = reduce_over_ranks([loss_sum, correct, seen])
+    totals = distributed.gather_metrics({"loss_sum": loss_sum, "correct": correct, "seen": seen})
+    loss_sum, correct, seen = totals["loss_sum"], totals["correct"], totals["seen"]
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "nfe_forward": nfe_f / max(n_batches, 1), "nfe_backward": nfe_b / max(n_batches, 1)}
 
@@ -489,8 +485,8 @@ def evaluate(model: nn.Module, batches) -> float:
         x, y = local_shard(x, y)
         correct += float((model(x).argmax(1) == y).sum())
         seen += len(y)
-    correct, seen = reduce_over_ranks([correct, seen])
-    return correct / max(seen, 1)
+    totals = distributed.gather_metrics({"correct": correct, "seen": seen})
+    return totals["correct"] / max(totals["seen"], 1)
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -520,7 +516,7 @@ def fit(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optim
     epoch), ``<out>/curves.png`` and ``<out>/summary.json``, all on rank 0.
     """
     started = time.perf_counter() if started is None else started
-    rss_start = reduce_over_ranks([peak_rss_mb()], "max")[0]
+    rss_start = peak_rss_over_ranks()
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
     history = restore(checkpoint_path, model, optimizer, scheduler, logger) if args.resume else []
     _rewrite_metrics(os.path.join(args.out, "metrics.jsonl"), history)
@@ -576,7 +572,7 @@ def run_epoch(args: argparse.Namespace, epoch: int, model: nn.Module, optimizer:
     with Timer() as test_timer:
         test_acc = evaluate(model, eval_batches(data, args.test_batch_size, args.limit_batches))
     return {"epoch": epoch, **stats, "test_acc": test_acc, "lr": lr, "train_time": train_timer.seconds,
-            "test_time": test_timer.seconds, "peak_rss_mb": reduce_over_ranks([peak_rss_mb()], "max")[0]}
+            "test_time": test_timer.seconds, "peak_rss_mb": peak_rss_over_ranks()}
 
 
 def log_solvers(logger: logging.Logger, model: nn.Module) -> None:

@@ -18,15 +18,7 @@ from typing import Any, Dict, Iterable, Optional
 import numpy as np
 import torch
 
-
-def rank_and_size():
-    """(rank, size) of MPI_COMM_WORLD, or (0, 1) without MPI."""
-    try:
-        from petsc4py import PETSc
-
-        return PETSc.COMM_WORLD.getRank(), PETSc.COMM_WORLD.getSize()
-    except ImportError:
-        return 0, 1
+from pnode import distributed
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,7 +50,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
 def setup_run(args: argparse.Namespace, name: str) -> logging.Logger:
     """Create the run directory, seed everything (per rank), set threads, return a rank-0 logger."""
-    rank, size = rank_and_size()
+    rank, size = distributed.rank(), distributed.size()
     if args.out is None:
         args.out = os.path.join("runs", name)
     if args.threads or size > 1:
@@ -85,7 +77,7 @@ def setup_run(args: argparse.Namespace, name: str) -> logging.Logger:
 
 def progress(iterable: Iterable, desc: str = "", enabled: bool = True, total: Optional[int] = None):
     """A tqdm progress bar on rank 0 (plain iteration elsewhere or when disabled)."""
-    if not enabled or rank_and_size()[0] != 0:
+    if not enabled or distributed.rank() != 0:
         return iterable
     try:
         from tqdm import tqdm
@@ -96,7 +88,7 @@ def progress(iterable: Iterable, desc: str = "", enabled: bool = True, total: Op
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     """Write ``state`` with torch.save atomically (temp file + rename), on rank 0 only."""
-    if rank_and_size()[0] != 0:
+    if distributed.rank() != 0:
         return
     tmp = f"{path}.tmp.{os.getpid()}"
     torch.save(state, tmp)
@@ -139,7 +131,7 @@ class Timer:
 
 def append_jsonl(path: str, record: Dict[str, Any]) -> None:
     """Append one JSON record per line (metrics history), on rank 0 only."""
-    if rank_and_size()[0] != 0:
+    if distributed.rank() != 0:
         return
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -153,6 +145,9 @@ def insert_petsc_options(argv=None) -> Dict[str, str]:
     own list, so the examples insert the options themselves; call this before the first solve.
     Options already in the database are left as they are. Returns what was added.
     """
+    import pnode
+
+    pnode.init()  # PETSc reads sys.argv, as at any first solve
     from petsc4py import PETSc
 
     tokens = list(sys.argv[1:] if argv is None else argv)

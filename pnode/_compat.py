@@ -18,27 +18,82 @@ _INSTALL_HINT = (
 )
 
 
-def import_petsc():
-    """Return the initialised ``petsc4py.PETSc`` module, or raise an ImportError that says how to install it.
+_PETSC = None  # the initialised petsc4py.PETSc module, once something used it
 
-    PETSc reads ``sys.argv`` once, at initialisation, so command-line options such as ``-ts_type cn``
-    reach every solver pnode creates.
+
+def init(argv=None) -> None:
+    """Initialise PETSc for pnode, reading PETSc options from ``argv`` (default: ``sys.argv``).
+
+    pnode calls this itself on first use (the first solve, or the first ``PETSc`` attribute pnode
+    reads), so command-line options such as ``-ts_type cn`` reach every solver without any call.
+    Call it explicitly to take options from somewhere else, e.g. in a notebook
+    ``pnode.init(["-ts_type", "cn"])``. ``argv`` is a list of words like ``sys.argv``; a first word
+    that starts with ``-`` is an option, not a program name. When PETSc is already initialised (by
+    an earlier call, or by code that imported ``petsc4py.PETSc`` itself), the options are added to
+    PETSc's options database instead, where they reach the solvers created afterwards.
+
+    Initialising also applies pnode's BLAS thread policy: the OpenBLAS that PETSc links runs on one
+    thread unless ``OPENBLAS_NUM_THREADS`` is set (see :func:`_single_thread_petsc_blas`).
+    Importing pnode does neither.
     """
+    global _PETSC
+    words = list(sys.argv if argv is None else argv)
+    if words and str(words[0]).startswith("-"):
+        program = sys.argv[0] if sys.argv and sys.argv[0] and not sys.argv[0].startswith("-") else sys.executable
+        words.insert(0, program)
+    if _PETSC is not None or "petsc4py.PETSc" in sys.modules:
+        module = _import_initialised(None)
+        if argv is not None and len(words) > 1:
+            module.Options().insertString(" ".join(str(word) for word in words[1:]))
+    else:
+        module = _import_initialised(words)
+    if _PETSC is None:
+        _PETSC = module
+        # later reads of PETSc.X find the real module's attribute directly, without __getattr__
+        vars(PETSc).update({name: getattr(module, name) for name in dir(module) if not name.startswith("__")})
+        _single_thread_petsc_blas()
+
+
+def _import_initialised(words):
+    """``petsc4py.PETSc``, initialised with ``words`` unless somebody initialised it already."""
     try:
         import petsc4py
     except ImportError as exc:  # pragma: no cover - exercised only without petsc4py
         raise ImportError(_INSTALL_HINT) from exc
-    # Importing petsc4py.PETSc initialises PETSc without arguments, after which init() is a no-op:
-    # only call init(sys.argv) when nobody has imported PETSc yet (else their choice stands).
-    if "petsc4py.PETSc" not in sys.modules:
-        args = list(sys.argv)
-        if "-options_left" not in args:
+    # Importing petsc4py.PETSc initialises PETSc without arguments, after which petsc4py.init() is a
+    # no-op: only call it when nobody has imported PETSc yet (else their choice stands).
+    if words is not None and "petsc4py.PETSc" not in sys.modules:
+        if "-options_left" not in words:
             # the script's own flags (--epochs 10, pytest's -q) are not PETSc's: don't list them at exit
-            args += ["-options_left", "no"]
-        petsc4py.init(args)
-    from petsc4py import PETSc
+            words = words + ["-options_left", "no"]
+        petsc4py.init(words)
+    from petsc4py import PETSc as module
 
-    return PETSc
+    return module
+
+
+def petsc():
+    """The initialised ``petsc4py.PETSc`` module (initialising it from ``sys.argv`` on first use)."""
+    if _PETSC is None:
+        init()
+    return _PETSC
+
+
+class _LazyPETSc:
+    """Stands for ``petsc4py.PETSc`` in pnode's modules: the first attribute read initialises PETSc.
+
+    ``from ._compat import PETSc`` then costs nothing at import, and ``PETSc.TS()`` behaves as the
+    real module's.
+    """
+
+    def __getattr__(self, name):
+        return getattr(petsc(), name)
+
+    def __repr__(self) -> str:
+        return "<petsc4py.PETSc, initialised on first use>" if _PETSC is None else repr(_PETSC)
+
+
+PETSc = _LazyPETSc()
 
 
 def _single_thread_petsc_blas() -> None:
@@ -64,19 +119,29 @@ def _single_thread_petsc_blas() -> None:
             pass
 
 
-PETSc = import_petsc()
-_single_thread_petsc_blas()
-
-PETSC_VERSION = PETSc.Sys.getVersion()  # e.g. (3, 26, 1)
-
 PETSC_ERR_PYTHON = 101
 """The error code PETSc reports for an exception in a Python callback (``PETSC_ERR_PYTHON``)."""
 
-_REAL = ctypes.c_float if PETSc.RealType().itemsize == 4 else ctypes.c_double
-_INT = ctypes.c_int64 if PETSc.IntType().itemsize == 8 else ctypes.c_int32
 # PETSc reads these real values as "keep the current value" / "use the default" (PETSC_CURRENT,
 # PETSC_DETERMINE, as PETSc 3.26 does), not as times.
 _SENTINEL_REALS = (-1.0, -2.0)
+
+
+def petsc_version():
+    """PETSc's version, e.g. ``(3, 26, 1)``."""
+    return tuple(PETSc.Sys.getVersion())
+
+
+@functools.lru_cache(maxsize=None)
+def _real():
+    """ctypes type of PETSc's real."""
+    return ctypes.c_float if PETSc.RealType().itemsize == 4 else ctypes.c_double
+
+
+@functools.lru_cache(maxsize=None)
+def _int():
+    """ctypes type of PETSc's integer."""
+    return ctypes.c_int64 if PETSc.IntType().itemsize == 8 else ctypes.c_int32
 
 
 def converged_reason_name(reason: int) -> str:
@@ -139,7 +204,7 @@ def _petsc_function(name: str, restype, argtypes):
 
 
 def _reals(values):
-    return None if values is None else (_REAL * len(values))(*values)
+    return None if values is None else (_real() * len(values))(*values)
 
 
 def register_rk_tableau(name: str, order: int, a, b, c, b_embedded=None) -> None:
@@ -154,9 +219,9 @@ def register_rk_tableau(name: str, order: int, a, b, c, b_embedded=None) -> None
     Raises:
         RuntimeError: this PETSc does not export ``TSRKRegister``, or it failed.
     """
-    pointer = ctypes.POINTER(_REAL)
-    register = _petsc_function("TSRKRegister", ctypes.c_int,
-                               [ctypes.c_char_p, _INT, _INT, pointer, pointer, pointer, pointer, _INT, pointer])
+    pointer, integer = ctypes.POINTER(_real()), _int()
+    register = _petsc_function("TSRKRegister", ctypes.c_int, [ctypes.c_char_p, integer, integer, pointer, pointer,
+                                                              pointer, pointer, integer, pointer])
     if register is None:
         raise RuntimeError("this PETSc library does not export TSRKRegister")
     error = register(name.encode(), order, len(b), _reals(a), _reals(b), _reals(c), _reals(b_embedded), 0, None)
@@ -164,26 +229,32 @@ def register_rk_tableau(name: str, order: int, a, b, c, b_embedded=None) -> None
         raise RuntimeError(f"TSRKRegister({name!r}) failed with PETSc error code {error}")
 
 
-PRE_STAGE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, _REAL)
-"""C type of a ``TSSetPreStage`` callback: ``(TS, stage_time) -> PetscErrorCode``."""
+@functools.lru_cache(maxsize=None)
+def pre_stage_type():
+    """C type of a ``TSSetPreStage`` callback: ``(TS, stage_time) -> PetscErrorCode``."""
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, _real())
 
-ADJOINT_MONITOR = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, _INT, _REAL, ctypes.c_void_p, _INT,
-                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
-"""C type of a ``TSAdjointMonitorSet`` callback: ``(TS, step, time, u, numcost, lambda, mu, ctx)``."""
+
+@functools.lru_cache(maxsize=None)
+def adjoint_monitor_type():
+    """C type of a ``TSAdjointMonitorSet`` callback: ``(TS, step, time, u, numcost, lambda, mu, ctx)``."""
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, _int(), _real(), ctypes.c_void_p, _int(),
+                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 
 def set_pre_stage(ts, callback) -> None:
-    """``TSSetPreStage`` (petsc4py does not wrap it): ``callback`` a :data:`PRE_STAGE`, or None to remove.
+    """``TSSetPreStage`` (petsc4py does not wrap it): ``callback`` a :func:`pre_stage_type`, or None to remove.
 
     The caller keeps ``callback`` alive while it is set.
     """
-    fn = _petsc_function("TSSetPreStage", ctypes.c_int, [ctypes.c_void_p, PRE_STAGE])
-    if fn is None or fn(ctypes.c_void_p(ts.handle), callback if callback is not None else PRE_STAGE()):
+    hook_type = pre_stage_type()
+    fn = _petsc_function("TSSetPreStage", ctypes.c_int, [ctypes.c_void_p, hook_type])
+    if fn is None or fn(ctypes.c_void_p(ts.handle), callback if callback is not None else hook_type()):
         raise RuntimeError("TSSetPreStage is not available in this PETSc library")
 
 
 def set_adjoint_monitor(ts, callback) -> None:
-    """``TSAdjointMonitorSet`` with a :data:`ADJOINT_MONITOR` (kept alive by the caller), or
+    """``TSAdjointMonitorSet`` with a :func:`adjoint_monitor_type` (kept alive by the caller), or
     ``TSAdjointMonitorCancel`` when ``callback`` is None (petsc4py wraps neither)."""
     handle = ctypes.c_void_p(ts.handle)
     if callback is None:
@@ -191,7 +262,7 @@ def set_adjoint_monitor(ts, callback) -> None:
         error = fn is None or fn(handle)
     else:
         fn = _petsc_function("TSAdjointMonitorSet", ctypes.c_int,
-                             [ctypes.c_void_p, ADJOINT_MONITOR, ctypes.c_void_p, ctypes.c_void_p])
+                             [ctypes.c_void_p, adjoint_monitor_type(), ctypes.c_void_p, ctypes.c_void_p])
         error = fn is None or fn(handle, callback, None, None)
     if error:
         raise RuntimeError("TSAdjointMonitorSet is not available in this PETSc library")

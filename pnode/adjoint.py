@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .bridge import PETSC_DTYPE, PETSC_EPS, tensor_to_petsc_cpu
+from .bridge import petsc_dtype, petsc_eps, tensor_to_petsc_cpu
 from .callbacks import adjoint_step_callbacks, forward_step_callbacks
 from .pool import acquire_solver, release_solver
 from .problem import Problem
@@ -57,7 +57,7 @@ class AdjointSolve(torch.autograd.Function):
             _record_solve(ctx, step_callbacks=False)
         key, solver = ctx.pooled
         ctx.pooled = None
-        grad64 = grad_outputs.detach().to(device="cpu", dtype=PETSC_DTYPE)
+        grad64 = grad_outputs.detach().to(device="cpu", dtype=petsc_dtype())
         with adjoint_step_callbacks(problem.callbacks, solver):
             grad_y0, before_first, grad_params = problem.strategy.backward(solver, ctx.forward, grad64)
         problem.stats.adjoint = ctx.forward.stats
@@ -146,4 +146,4 @@ def zero_weight_param_gradients_ok() -> bool:
                            params=(p,))
     outputs = AdjointSolve.apply(problem, problem.t, problem.y0_flat, p)
     (grad,) = torch.autograd.grad(outputs[-1].sum(), p)
-    return abs(float(grad) - (h + h * h * 0.7)) < max(1e-12, 100 * PETSC_EPS)
+    return abs(float(grad) - (h + h * h * 0.7)) < max(1e-12, 100 * petsc_eps())

@@ -7,6 +7,7 @@ Reading a Vec gives a zero-copy CPU view; tensors of another dtype or on a CUDA 
 staged through the host at this boundary and nowhere else.
 """
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
@@ -16,13 +17,20 @@ import torch
 
 from ._compat import PETSc
 
-PETSC_DTYPE = torch.from_numpy(np.zeros(1, dtype=PETSc.ScalarType)).dtype
-"""The torch dtype matching PETSc's scalar (``torch.float64`` for a default real build)."""
 
-PETSC_EPS = float(np.finfo(PETSc.RealType).eps)
-"""Machine epsilon of PETSc's real type (2.2e-16 in a default build, 1.2e-7 with ``--with-precision=single``).
+@functools.lru_cache(maxsize=None)
+def petsc_dtype() -> torch.dtype:
+    """The torch dtype matching PETSc's scalar (``torch.float64`` for a default real build)."""
+    return torch.from_numpy(np.zeros(1, dtype=PETSc.ScalarType)).dtype
 
-PETSc keeps times in this type too, so time comparisons and round-off tolerances scale with it."""
+
+@functools.lru_cache(maxsize=None)
+def petsc_eps() -> float:
+    """Machine epsilon of PETSc's real type (2.2e-16 in a default build, 1.2e-7 with ``--with-precision=single``).
+
+    PETSc keeps times in this type too, so time comparisons and round-off tolerances scale with it.
+    """
+    return float(np.finfo(PETSc.RealType).eps)
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -125,4 +133,4 @@ def tensor_into_vec(tensor: torch.Tensor, vec) -> None:
 
 def tensor_to_petsc_cpu(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as a contiguous CPU tensor of PETSc's scalar dtype (no copy when it already is one)."""
-    return tensor.detach().to(device="cpu", dtype=PETSC_DTYPE).contiguous()
+    return tensor.detach().to(device="cpu", dtype=petsc_dtype()).contiguous()

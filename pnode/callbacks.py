@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._compat import ADJOINT_MONITOR, PETSC_ERR_PYTHON, PRE_STAGE, set_adjoint_monitor, set_pre_stage
+from ._compat import PETSC_ERR_PYTHON, adjoint_monitor_type, pre_stage_type, set_adjoint_monitor, set_pre_stage
 from .bridge import StateLayout, vec_to_tensor
 
 _NAMES = {"step": "callback_step", "accept": "callback_accept_step", "reject": "callback_reject_step"}
@@ -139,7 +139,7 @@ def forward_step_callbacks(callbacks: Optional[StepCallbacks], solver) -> Iterat
         attempts.begin(key, callbacks.time(callbacks.direction * ts.getTime()), callbacks.state(ts.getSolution()),
                        callbacks.time(abs(ts.getTimeStep())))
 
-    hook = PRE_STAGE(lambda ts_handle, stage_time: attempts.guarded(attempt))
+    hook = pre_stage_type()(lambda ts_handle, stage_time: attempts.guarded(attempt))
     set_pre_stage(ts, hook)
     try:
         yield
@@ -167,7 +167,7 @@ def adjoint_step_callbacks(callbacks: Optional[StepCallbacks], solver) -> Iterat
             attempts.begin(None, callbacks.time(callbacks.direction * time), callbacks.state(solver.adjoint_state),
                            callbacks.time(abs(ts.getTimeStep())))
 
-    hook = ADJOINT_MONITOR(lambda ts_handle, step, time, *rest: attempts.guarded(lambda: monitor(step, time)))
+    hook = adjoint_monitor_type()(lambda ts_handle, step, time, *rest: attempts.guarded(lambda: monitor(step, time)))
     set_adjoint_monitor(ts, hook)
     try:
         yield

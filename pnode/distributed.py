@@ -266,8 +266,10 @@ def allreduce_mean(value: float, comm: Optional[object] = None) -> float:
     return allreduce_sum(value, comm) / size(comm)
 
 
-def gather_metrics(metrics: Mapping[str, float], comm=None, average: bool = False) -> Dict[str, float]:
-    """Sum (or, with ``average``, average) each value of ``metrics`` over the ranks, in one message.
+def gather_metrics(metrics: Mapping[str, float], comm=None, average: bool = False,
+                   op: str = "sum") -> Dict[str, float]:
+    """Reduce each value of ``metrics`` over the ranks, in one message: their sum (``op='sum'``; with
+    ``average``, the sum over the number of ranks) or their largest (``op='max'``, e.g. peak memory).
 
     For accuracy over the whole data set, reduce counts and divide afterwards::
 
@@ -277,6 +279,9 @@ def gather_metrics(metrics: Mapping[str, float], comm=None, average: bool = Fals
     Every rank must pass the same keys (``InputError`` on every rank otherwise); the result is
     the same on every rank.
     """
+    if op not in ("sum", "max") or (average and op != "sum"):
+        raise InputError(f"gather_metrics: op must be 'sum' or 'max' (average only with 'sum'), got op={op!r}, "
+                         f"average={average}")
     comm = _helper_comm(comm)
     names = sorted(metrics)
     values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)
@@ -284,7 +289,7 @@ def gather_metrics(metrics: Mapping[str, float], comm=None, average: bool = Fals
         from mpi4py import MPI
 
         check_consistent(comm, "the metric names", names, "Every rank must pass the same metric names")
-        comm.tompi4py().Allreduce(MPI.IN_PLACE, values.numpy(), op=MPI.SUM)
+        comm.tompi4py().Allreduce(MPI.IN_PLACE, values.numpy(), op=MPI.SUM if op == "sum" else MPI.MAX)
         if average:
             values.div_(comm.getSize())
     return dict(zip(names, values.tolist()))

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .bridge import PETSC_EPS, tensor_into_vec, vec_key, vec_view
+from .bridge import petsc_eps, tensor_into_vec, vec_key, vec_view
 from .rhs import RHS, Linearization, same_stage_time
 
 # Relative distance, in round-off units of f's arithmetic, within which a re-taken stage is the
@@ -89,7 +89,7 @@ class GraphStore:
         few ulps from the forward pass's. They are the same stages, and the adjoint must use the
         forward pass's graphs for them (which makes the gradient that of the steps taken).
         """
-        near, best = None, _ROUND_OFF_ULPS * max(PETSC_EPS, float(torch.finfo(rhs.layout.dtype).eps))
+        near, best = None, _ROUND_OFF_ULPS * max(petsc_eps(), float(torch.finfo(rhs.layout.dtype).eps))
         user = None
         for i in range(len(self.graphs) - 1, -1, -1):
             lin = self.graphs[i]

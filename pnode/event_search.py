@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ._compat import PETSc, converged_reason_name
-from .bridge import PETSC_DTYPE, PETSC_EPS, StateLayout, tensor_into_vec, tensor_to_petsc_cpu, vec_key, vec_view
+from .bridge import StateLayout, petsc_dtype, petsc_eps, tensor_into_vec, tensor_to_petsc_cpu, vec_key, vec_view
 from .distributed import check_consistent
 from .errors import CallbackErrorTrap, InputError, SolverError
 from .operators import RHSJacobianShell, create_shell
@@ -158,7 +158,7 @@ class EventSearch:
         self.solution = PETSc.Vec().createMPI((layout.numel, PETSc.DECIDE), comm=comm)
         self.jacobian = create_shell(RHSJacobianShell(self.trap), layout.numel, layout.numel, comm)
         self.step_times: List[float] = []
-        self.accepted_state = torch.empty(layout.numel, dtype=PETSC_DTYPE)
+        self.accepted_state = torch.empty(layout.numel, dtype=petsc_dtype())
         self.accepted_signs: Optional[np.ndarray] = None
         self.pending_signs: Optional[np.ndarray] = None
         self.base: Optional[Tuple[int, torch.Tensor]] = None
@@ -193,7 +193,7 @@ class EventSearch:
             ts.setFromOptions()
             # after setFromOptions: the handler reads -ts_event_* and the adaptor's step limits
             ts.setEventHandler([0] * count, [True] * count, self._indicator, self._post_event)
-            default = 1e-4 if PETSC_EPS > 1e-10 else 1e-6  # TSSetEventHandler's own default
+            default = 1e-4 if petsc_eps() > 1e-10 else 1e-6  # TSSetEventHandler's own default
             tolerance = PETSc.Options().getReal(cfg.prefix + "ts_event_tol", default)
             _check_search_options_used(user_names)
         ts.setEventTolerances(tolerance)  # the value _indicator's copy of PETSc's sign rule uses

@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .bridge import PETSC_EPS, StateLayout
+from .bridge import StateLayout, petsc_eps
 from .distributed import check_consistent
 from .errors import InputError, SolverError
 from .event_search import DEFAULT_MAX_NUM_STEPS, SEARCH_ONLY_PREFIXES, EventFunction, EventSearch, Located
@@ -364,7 +364,7 @@ def _newton(solves: StepSolves, events: EventFunction, located: Located, index: 
         if event.slope == 0.0 or not math.isfinite(event.slope):
             raise _grazing(solves.direction * event.tau, index, event.slope)
         correction = -value / event.slope
-        if abs(correction) <= 4 * PETSC_EPS * max(abs(event.tau), step):
+        if abs(correction) <= 4 * petsc_eps() * max(abs(event.tau), step):
             return event
         previous = (event, value)
         step += correction

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from ._compat import PETSC_VERSION
+from ._compat import petsc_version
 from .adjoint import AdjointSolve, solve_forward, zero_weight_param_gradients_ok
 from .distributed import local_sizes
 from .errors import InputError
@@ -104,7 +104,7 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: 
     if needs_grad and params and problem.config.method.zero_weight_stage and not zero_weight_param_gradients_ok():
         raise InputError(
             f"method {problem.config.method.name!r} has a zero-weight RK stage, and this PETSc "
-            f"({'.'.join(map(str, PETSC_VERSION))}) drops the parameter gradient of such stages in "
+            f"({'.'.join(map(str, petsc_version()))}) drops the parameter gradient of such stages in "
             "TSAdjointStep_RK (fixed in newer PETSc, e.g. 3.26). Use a method without one ('rk4', "
             "'bosh3', 'adaptive_heun', 'euler'), or upgrade petsc4py (bash scripts/setup.sh builds 3.26.1)")
     return problem.layout.unflatten(_solve(problem, params if needs_grad else (), differentiable=needs_grad))

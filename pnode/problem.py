@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._compat import PETSc
-from .bridge import PETSC_EPS, StateLayout, layout_of
+from .bridge import StateLayout, layout_of, petsc_eps
 from .callbacks import StepCallbacks, find_step_callbacks
 from .config import LOW_RESOLUTION, SolverConfig
 from .distributed import resolve_comm
@@ -102,7 +102,7 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
     prefix = "" if not prefix else prefix if prefix.endswith("_") else prefix + "_"
     strategy = adjoint_strategy(opts, prefix)
     prescribed = [opts.pop(key, None) for key in ("jump_t", "step_t", "grid_constructor")]
-    resolution = max(float(torch.finfo(layout.dtype).eps), PETSC_EPS)
+    resolution = max(float(torch.finfo(layout.dtype).eps), petsc_eps())
     config = _make_config(resolve_method(method), float(rtol), float(atol), opts, prefix, resolution)
     plan = time_plan(*prescribed, func, y0, t, config.adaptive, config.step_size is not None, config.method.name)
     callbacks = find_step_callbacks(func, layout, direction, t.dtype, config.adaptive, config.method.name)
@@ -281,7 +281,7 @@ def _warn_below_resolution(petsc: Dict[str, object]) -> None:
     In a single-precision PETSc a ``ksp_rtol`` of 1e-8 cannot be reached: every linear solve then
     runs to ``ksp_max_it`` (many JVPs per step) instead of stopping at float32 round-off.
     """
-    floor = 4 * PETSC_EPS
+    floor = 4 * petsc_eps()
     for key, value in petsc.items():
         if key.endswith(("ksp_rtol", "snes_rtol")):
             try:

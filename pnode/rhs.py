@@ -13,17 +13,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bridge import PETSC_EPS, StateLayout
+from .bridge import StateLayout, petsc_eps
 from .errors import InputError
-
-# Relative difference below which two PETSc times denote the same stage time (a few hundred ulps
-# of PETSc's real type, which holds the times).
-_TIME_MATCH = max(1e-13, 100 * PETSC_EPS)
 
 
 def same_stage_time(a: float, b: float) -> bool:
-    """Whether two PETSc times denote the same stage time (they differ by round-off only)."""
-    return abs(a - b) <= _TIME_MATCH * max(1.0, abs(b))
+    """Whether two PETSc times denote the same stage time: they differ by round-off only (a relative
+    difference of a few hundred ulps of PETSc's real type, which holds the times)."""
+    return abs(a - b) <= max(1e-13, 100 * petsc_eps()) * max(1.0, abs(b))
 
 
 @dataclass
@@ -258,7 +255,7 @@ class Linearization:
         norm_v = float(tangent.norm())
         if norm_v == 0.0:
             return torch.zeros_like(tangent)
-        eps = max(float(torch.finfo(self.u.dtype).eps), PETSC_EPS)
+        eps = max(float(torch.finfo(self.u.dtype).eps), petsc_eps())
         h = eps ** 0.5 * max(float(self.u.norm()), self.u.numel() ** 0.5) / norm_v
         with torch.no_grad():
             if self.value is None:

@@ -19,14 +19,18 @@ import numpy as np
 import torch
 
 from ._compat import PETSc
-from .bridge import PETSC_EPS, vec_key, vec_view
+from .bridge import petsc_eps, vec_key, vec_view
 from .config import SolverConfig
 from .evaluation import StageTimes
 
-# A step is stretched to the output time when it would stop short by less than this fraction of
-# itself: avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0 in
-# float64, 1e-7 in a single-precision PETSc, whose times are float32).
-SLIVER = max(1e-8, 100 * PETSC_EPS)
+
+def sliver() -> float:
+    """A step is stretched to the output time when it would stop short by less than this fraction of itself.
+
+    It avoids a spurious round-off-sized step (0.1 + 0.1 + ... falls 1e-16 short of 1.0 in
+    float64, 1e-7 in a single-precision PETSc, whose times are float32).
+    """
+    return max(1e-8, 100 * petsc_eps())
 
 
 def same_time(a: float, b: float) -> bool:
@@ -35,7 +39,7 @@ def same_time(a: float, b: float) -> bool:
     PETSc adds a step to its time in its own real type; in a single-precision build that sum can
     differ from the same sum in Python's float64 by an ulp.
     """
-    return abs(a - b) <= 4 * PETSC_EPS * max(1.0, abs(a), abs(b))
+    return abs(a - b) <= 4 * petsc_eps() * max(1.0, abs(a), abs(b))
 
 
 def retried_steps(ts) -> int:
@@ -55,7 +59,7 @@ def expected_steps(config: SolverConfig, taus: np.ndarray) -> Optional[int]:
     if config.step_size is None:
         return len(taus) - 1
     lengths = np.diff(np.asarray(taus, dtype=np.float64))
-    return int(sum(np.floor(length / config.step_size - SLIVER) + 1 for length in lengths))
+    return int(sum(np.floor(length / config.step_size - sliver()) + 1 for length in lengths))
 
 
 @dataclass
@@ -158,7 +162,7 @@ class OutputSchedule:
             # PETSc would instead split the last two steps before its final time evenly.
             dt = self.config.step_size
         remaining = self.record.taus[len(self.record.step_of_output)] - tau
-        if dt >= remaining or remaining - dt < SLIVER * dt:
+        if dt >= remaining or remaining - dt < sliver() * dt:
             ts.setTimeStep(remaining)
             self.segment_end, self.uncut_step = tau + remaining, dt
         else:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._compat import PETSc, converged_reason_name, set_max_time
-from .bridge import PETSC_DTYPE, tensor_into_vec, vec_view, writable_view
+from .bridge import petsc_dtype, tensor_into_vec, vec_view, writable_view
 from .config import SolverConfig
 from .errors import CallbackErrorTrap, SolverError
 from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
@@ -206,7 +206,7 @@ class Solver:
         self._use(rhs)
         record = ForwardRecord(taus=taus, step_of_output=[0], step_times=[float(taus[0])],
                                stage_times=StageTimes() if plan.adjoint else None)
-        record.outputs = torch.empty((len(taus), y0.numel()), dtype=PETSC_DTYPE)
+        record.outputs = torch.empty((len(taus), y0.numel()), dtype=petsc_dtype())
         record.outputs[0].copy_(y0)
         if len(taus) == 1:
             return record

@@ -68,18 +68,18 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from bench_core import ODEFunc
     from mpi4py import MPI
 
     import pnode
     from pnode.distributed import average_gradients, broadcast_parameters, rank, size, world
+    from pnode.testing.networks import ODENetFunc
 
     method, mode = args.worker.split(",")
     options = {} if method == "dopri5" else {"step_size": 1.0 / args.steps}
     if method == "cn":
         options["snes_rtol"] = 1e-4
     torch.manual_seed(0)  # the same weights and the same samples on every rank (see the docstring)
-    block = pnode.ODEBlock(ODEFunc(args.channels), t=(0.0, 1.0), method=method, options=options,
+    block = pnode.ODEBlock(ODENetFunc(args.channels), t=(0.0, 1.0), method=method, options=options,
                            rtol=args.tol, atol=args.tol, comm=world() if mode == "distributed" else None)
     broadcast_parameters(block)
     x = torch.randn(args.batch, args.channels, args.size, args.size)

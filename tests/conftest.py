@@ -30,3 +30,24 @@ def skip_if_zero_weight_broken(method):
 
     if resolve_method(method).zero_weight_stage and not zero_weight_ok():
         pytest.skip(f"{method}: this PETSc's RK adjoint mishandles zero-weight stages (pnode raises instead)")
+
+
+class CheckpointSpy:
+    """Records each checkpointed adjoint pnode runs, to read its counters afterwards.
+
+    ``runs``: the ``CheckpointedAdjoint`` objects, in order; ``stored``: for each, the steps whose
+    states its store held when the reverse pass began.
+    """
+
+    def __init__(self, monkeypatch):
+        from pnode import checkpoint
+
+        self.runs, self.stored = [], []
+        original = checkpoint.CheckpointedAdjoint.run
+
+        def run(adjoint, record, store, grad):
+            self.runs.append(adjoint)
+            self.stored.append(sorted(store.states))
+            return original(adjoint, record, store, grad)
+
+        monkeypatch.setattr(checkpoint.CheckpointedAdjoint, "run", run)

@@ -10,13 +10,13 @@ from functools import lru_cache
 
 import pytest
 import torch
-from conftest import rel_err, skip_if_zero_weight_broken
+from conftest import CheckpointSpy, rel_err, skip_if_zero_weight_broken
 from problems import ConvField, MLPField
-from references import TABLEAUS, rk_solve
 
 import pnode
 from pnode import checkpoint
 from pnode._compat import PETSc
+from pnode.testing.references import TABLEAUS, rk_solve
 
 T3 = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
 
@@ -119,24 +119,9 @@ def test_store_keeps_at_most_capacity_states_evenly_spread():
             assert max(gaps) <= 2 * store.stride
 
 
-class Spy:
-    """Records the CheckpointedAdjoint objects pnode creates, to read their counters."""
-
-    def __init__(self, monkeypatch):
-        self.runs = []
-        original = checkpoint.CheckpointedAdjoint.run
-        spy = self
-
-        def run(adjoint, *args):
-            spy.runs.append(adjoint)
-            return original(adjoint, *args)
-
-        monkeypatch.setattr(checkpoint.CheckpointedAdjoint, "run", run)
-
-
 @pytest.mark.parametrize("checkpoints", [1, 2, 4, 8])
 def test_memory_stays_within_the_budget_and_each_step_is_reversed_once(monkeypatch, checkpoints):
-    spy = Spy(monkeypatch)
+    spy = CheckpointSpy(monkeypatch)
     steps = 64
     func = MLPField().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
@@ -256,7 +241,7 @@ def set_option(name, value):
 
 
 def test_command_line_sets_checkpoints_and_prefix_overrides(monkeypatch):
-    spy = Spy(monkeypatch)
+    spy = CheckpointSpy(monkeypatch)
     func = MLPField().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)

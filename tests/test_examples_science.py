@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from problems import LinearField
 
 import pnode
 
@@ -93,15 +93,6 @@ def test_resumed_run_equals_uninterrupted_run(module, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CNF
-class LinearField(nn.Module):
-    def __init__(self, A):
-        super().__init__()
-        self.A = nn.Parameter(A)
-
-    def forward(self, t, z):
-        return z @ self.A.T
-
-
 def test_cnf_exact_trace_of_a_linear_field():
     # dz/dt = A z: delta(T) = -tr(A) T exactly, z(T) = expm(A T) z0, and d delta(T)/dA = -T I per
     # sample; the last one differentiates the trace itself inside TSAdjoint (create_graph path).

@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import rel_err, skip_if_zero_weight_broken
 from problems import ConvField, LinearField, MLPField, stable_matrix
-from references import (
+
+import pnode
+from pnode.testing.references import (
     IMPLICIT_TABLEAUS,
     TABLEAUS,
     forced_linear_implicit_solve,
@@ -13,8 +15,6 @@ from references import (
     theta_linear_solve,
     theta_newton_solve,
 )
-
-import pnode
 
 # PETSc's own tableaus, then torchdiffeq's that pnode registers with TSRKRegister (heun2 is PETSc's 2a)
 EXPLICIT = ["euler", "midpoint", "rk4", "bosh3", "dopri5", "adaptive_heun", "heun2", "heun3", "fehlberg2", "tsit5",

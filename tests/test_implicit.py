@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import rel_err
 from problems import ConvField, LinearField, MLPField, stable_matrix
-from references import theta_linear_solve, theta_newton_solve
 
 import pnode
+from pnode.testing.references import theta_linear_solve, theta_newton_solve
 
 
 def _grads(out, weights, inputs):

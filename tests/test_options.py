@@ -9,10 +9,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 from conftest import rel_err
-from references import TABLEAUS, rk_solve
 
 import pnode
 from pnode._compat import PETSc
+from pnode.testing.references import TABLEAUS, rk_solve
 
 T = torch.tensor([0.0, 1.0], dtype=torch.float64)
 

@@ -11,12 +11,10 @@ import gc
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import CheckpointSpy, rel_err
 from problems import MLPField
-from references import TABLEAUS, rk_solve
 
 import pnode
-from pnode import checkpoint
 from pnode import solver as pnode_solver
 from pnode._compat import PETSc
 from pnode.allocator import _glibc
@@ -27,6 +25,7 @@ from pnode.methods import resolve_method
 from pnode.rhs import RHS, EvaluationCounter
 from pnode.schedule import expected_steps
 from pnode.solver import ForwardPlan, Replay, Solver
+from pnode.testing.references import TABLEAUS, rk_solve
 
 
 def _grads(ys, w, wrt):
@@ -189,28 +188,16 @@ def test_expected_steps_is_what_the_solver_takes(t, step):
     assert expected_steps(config, taus) == len(record.step_times) - 1
 
 
-class Spy:
-    def __init__(self, monkeypatch):
-        self.runs = []
-        original = checkpoint.CheckpointedAdjoint.run
-
-        def run(adjoint, record, store, grad):
-            self.runs.append((adjoint, sorted(store.states)))
-            return original(adjoint, record, store, grad)
-
-        monkeypatch.setattr(checkpoint.CheckpointedAdjoint, "run", run)
-
-
 @pytest.mark.parametrize("steps", [16, 64, 100])
 @pytest.mark.parametrize("checkpoints", [2, 4, 8])
 def test_fixed_steps_store_the_binomial_plan_and_recompute_near_the_bound(monkeypatch, steps, checkpoints):
-    spy = Spy(monkeypatch)
+    spy = CheckpointSpy(monkeypatch)
     func = MLPField().double()
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="euler",
                               options={"step_size": 1 / steps, "checkpoints": checkpoints})
     ys[-1].sum().backward()
-    ((adjoint, stored),) = spy.runs
+    (adjoint,), (stored,) = spy.runs, spy.stored
     assert stored == planned_checkpoints(steps, checkpoints)
     assert adjoint.peak_stored <= checkpoints
     # Griewank & Walther's minimum, less the forward pass itself: pnode's forward pass ends at the

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import rel_err, skip_if_zero_weight_broken
 from problems import LinearField, MLPField, stable_matrix
-from references import TABLEAUS, rk_solve
 
 import pnode
 from pnode import pool
@@ -17,6 +16,7 @@ from pnode.budget import MeasuredCosts, MemoryBudget, parse_bytes
 from pnode.evaluation import GraphStore
 from pnode.stats import SolveStats
 from pnode.strategies import BinomialCheckpoints, KeptGraphs
+from pnode.testing.references import TABLEAUS, rk_solve
 
 STRATEGIES = [{"adjoint": "states"}, {"adjoint": "graphs"}, {"checkpoints": 3}, {"memory_budget": "1GB"},
               {"memory_budget": 3000}]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import rel_err, skip_if_zero_weight_broken
 from problems import MLPField, stable_matrix
-from references import TABLEAUS, rk_solve
 
 import pnode
+from pnode.testing.references import TABLEAUS, rk_solve
 
 torchdiffeq = pytest.importorskip("torchdiffeq")
 

@@ -1,10 +1,27 @@
-"""Independent references for pnode's tests: hand-written Butcher tableaus and implicit steps in torch.
+"""Independent references: hand-written Butcher tableaus and implicit steps, integrated in torch.
 
-Nothing here imports pnode. Integrating with these under torch autograd gives "backprop through
-the same steps", which a discrete adjoint must reproduce to round-off.
+Nothing here imports the rest of pnode. Integrating with these under torch autograd gives
+"backprop through the same steps", which a discrete adjoint must reproduce to round-off.
+
+* Explicit Runge-Kutta: the textbook tableaus (:data:`TABLEAUS`) on a fixed grid
+  (:func:`rk_solve`) or over given step times (:func:`rk_reference`, e.g. the steps an adaptive
+  solve accepted).
+* Implicit methods: the theta method on a linear ODE solved exactly (:func:`theta_linear_solve`),
+  on a nonlinear one by autograd-differentiated Newton (:func:`theta_newton_solve`) or by
+  fixed-point iteration with the implicit function theorem's derivative (:func:`theta_reference`),
+  and diagonally implicit RK stages on a forced linear ODE (:func:`forced_linear_implicit_solve`).
+
+A reference can run in pnode's mixed arithmetic (:func:`in_dtype`): on a float64 PETSc pnode sums
+the steps of a float32 state in float64 and evaluates the network in float32. The ODE-Net block's
+ReLUs make the gradient jump where a pre-activation crosses zero, so a reference that rounded
+differently would differ by 1e-5 to 1e-3 without either being wrong.
 """
 
+from typing import Callable, List, Sequence
+
 import torch
+
+Func = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Explicit tableaus (c, A, b) of the textbook methods, written out from the literature.
 TABLEAUS = {
@@ -73,6 +90,7 @@ IMPLICIT_TABLEAUS = {
 
 
 def rk_step(f, t, y, h, tableau):
+    """One explicit RK step of size ``h`` from ``y`` at ``t`` with ``tableau = (c, A, b)``."""
     c, a, b = tableau
     k = []
     for i in range(len(c)):
@@ -185,3 +203,106 @@ def forced_linear_implicit_solve(A, forcing, y0, times, h, tableau):
                 y = y + dt * bi * ki
         outs.append(y)
     return torch.stack(outs)
+
+
+THETA = {"cn": 0.5, "beuler": 1.0}
+"""The implicit methods a reference exists for, and their theta."""
+
+
+def in_dtype(func: Func, dtype: torch.dtype) -> Func:
+    """``func`` on states of any dtype, evaluated in ``dtype``: each input cast to ``dtype`` on its way
+    in, the result cast back to the state's dtype on its way out (what pnode does at its Vecs)."""
+    def cast(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return func(torch.as_tensor(t, dtype=dtype), y.to(dtype)).to(y.dtype)
+    return cast
+
+
+def rk_reference(func: Func, y0: torch.Tensor, times: Sequence[float], method: str) -> torch.Tensor:
+    """``y(times[-1])`` by explicit RK steps from each time to the next, differentiable."""
+    y = y0
+    for t0, t1 in zip(times[:-1], times[1:]):
+        y = rk_step(func, t0, y, t1 - t0, TABLEAUS[method])
+    return y
+
+
+def fixed_point(update: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, tol: float,
+                max_iter: int = 500) -> torch.Tensor:
+    """Iterate ``x = update(x)`` until the relative change is below ``tol`` or stalls at round-off.
+
+    Raises:
+        RuntimeError: no convergence in ``max_iter`` iterations (the step is too large for a
+            fixed-point iteration: ``h theta L >= 1`` for a Lipschitz constant ``L`` of f).
+    """
+    x, previous = start, float("inf")
+    for _ in range(max_iter):
+        new = update(x)
+        change = float((new - x).norm() / new.norm().clamp_min(1e-300))
+        x = new
+        if change <= tol or (change >= previous and change < tol**0.5):
+            return x
+        previous = change
+    raise RuntimeError(f"fixed-point iteration of an implicit step did not converge in {max_iter} iterations "
+                       f"(relative change {change:.1e}); the step is too large for it")
+
+
+def theta_step(func: Func, y: torch.Tensor, t0: float, t1: float, theta: float, tol: float) -> torch.Tensor:
+    """One theta step from ``y`` at ``t0`` to ``t1``, solved to ``tol``, with its exact derivative.
+
+    The value comes from fixed-point iteration without a graph. Autograd then sees one more
+    application ``z = y + h ((1 - theta) f(t0, y) + theta f(t1, z*))``, whose incoming cotangent
+    ``g`` a hook replaces by ``u = (I - h theta J(z*))^-T g`` (fixed-point iteration of
+    ``u = g + h theta J^T u`` with VJPs): the implicit function theorem's derivative of ``z*``.
+    """
+    h = t1 - t0
+    t_start, t_end = torch.tensor(t0, dtype=y.dtype), torch.tensor(t1, dtype=y.dtype)
+    explicit = y + (1 - theta) * h * func(t_start, y) if theta < 1 else y
+    with torch.no_grad():
+        fixed = explicit.detach()
+        solution = fixed_point(lambda z: fixed + theta * h * func(t_end, z), y.detach(), tol)
+    solution.requires_grad_(True)
+    with torch.enable_grad():
+        f_end = func(t_end, solution)
+    step = explicit + theta * h * f_end
+
+    def through_solution(g: torch.Tensor) -> torch.Tensor:
+        def transpose_update(u: torch.Tensor) -> torch.Tensor:
+            return g + theta * h * torch.autograd.grad(f_end, solution, u, retain_graph=True)[0]
+        return fixed_point(transpose_update, g, tol)
+
+    if step.requires_grad:
+        step.register_hook(through_solution)
+    return step
+
+
+def theta_reference(func: Func, y0: torch.Tensor, times: Sequence[float], method: str) -> torch.Tensor:
+    """``y(times[-1])`` by implicit theta steps (``method``: 'cn' or 'beuler'), differentiable.
+
+    Each step is solved to a few ulps of the state's dtype (the fixed-point iteration stops when
+    its change stalls at round-off).
+    """
+    tol = 8 * torch.finfo(y0.dtype).eps
+    y = y0
+    for t0, t1 in zip(times[:-1], times[1:]):
+        y = theta_step(func, y, t0, t1, THETA[method], tol)
+    return y
+
+
+def reference(func: Func, y0: torch.Tensor, times: Sequence[float], method: str) -> torch.Tensor:
+    """Autograd through ``method``'s steps between consecutive ``times``."""
+    if method in THETA:
+        return theta_reference(func, y0, times, method)
+    if method in TABLEAUS:
+        return rk_reference(func, y0, times, method)
+    raise ValueError(f"no reference for method {method!r}; explicit: {sorted(TABLEAUS)}, implicit: {sorted(THETA)}")
+
+
+def fixed_grid(t_end: float, steps: int) -> List[float]:
+    """``steps + 1`` equally spaced times from 0 to ``t_end``."""
+    return [t_end * i / steps for i in range(steps + 1)]
+
+
+def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """``||got - want|| / ||want||`` over all the tensors together (float64 sums)."""
+    num = sum(float((g.double() - w.double()).norm() ** 2) for g, w in zip(got, want)) ** 0.5
+    den = sum(float(w.double().norm() ** 2) for w in want) ** 0.5
+    return num / den

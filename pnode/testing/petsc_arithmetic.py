@@ -1,0 +1,105 @@
+"""A reference in PETSc's own arithmetic: explicit RK steps rounded exactly as ``TSStep_RK`` rounds them.
+
+On a single-precision PETSc, pnode's forward pass sums stages in float32 in PETSc's order; a
+torch reference that summed differently would round differently and, through the ODE-Net block's
+ReLUs, give gradients that differ by 1e-4 without either being wrong. :func:`petsc_rk_reference`
+repeats PETSc's sums (:func:`petsc_maxpy`) with PETSc's own tableau (:func:`petsc_tableau`) over
+the steps a forward solve recorded (:func:`forward_record_of`), so autograd through it is "backprop
+through the same steps in the same arithmetic".
+"""
+
+import ctypes
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def petsc_real_dtype() -> torch.dtype:
+    """The torch dtype of PETSc's real scalars (float64 for a default build)."""
+    from petsc4py import PETSc
+
+    return {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}[np.dtype(PETSc.RealType)]
+
+
+def petsc_tableau(ts) -> Optional[tuple]:
+    """``(A, b, c, fsal)`` of an explicit RK ``ts`` as PETSc holds them (``TSRKGetTableau``), as NumPy
+    arrays of PETSc's real type; None when this PETSc does not export it. PETSc's ``c`` are its own
+    row sums of ``A`` in its real type (``0.79999995`` for dopri5's 4/5 in float32), which only PETSc
+    can say."""
+    from petsc4py import PETSc
+
+    try:
+        get = ctypes.CDLL(PETSc.__file__).TSRKGetTableau  # libpetsc is a dependency: dlsym finds it
+    except (OSError, AttributeError):
+        return None
+    int_t = ctypes.c_int64 if PETSc.IntType().itemsize == 8 else ctypes.c_int32
+    real = ctypes.POINTER(ctypes.c_float if PETSc.RealType().itemsize == 4 else ctypes.c_double)
+    s, fsal = int_t(), ctypes.c_int()
+    a, b, c = real(), real(), real()
+    if get(ctypes.c_void_p(ts.handle), ctypes.byref(s), ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
+           None, None, None, ctypes.byref(fsal)) != 0:
+        return None
+    n = s.value
+
+    def as_array(pointer, count):
+        return np.array([pointer[i] for i in range(count)], dtype=PETSc.RealType)
+
+    return as_array(a, n * n).reshape(n, n), as_array(b, n), as_array(c, n), bool(fsal.value)
+
+
+def petsc_maxpy(y: torch.Tensor, weights: Sequence[torch.Tensor], ks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """PETSc's ``VecMAXPY(y, n, w, k)`` as it rounds: the first ``n % 4`` terms summed left to right and
+    added to ``y``, then each group of four the same way (its unrolled AXPY kernels)."""
+    n = len(weights)
+    first = n % 4
+    groups = ([range(first)] if first else []) + [range(j, j + 4) for j in range(first, n, 4)]
+    for group in groups:
+        terms = [weights[j] * ks[j] for j in group]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        y = y + total
+    return y
+
+
+def petsc_rk_reference(func: Callable, y0: torch.Tensor, times: Sequence[float], sizes: Sequence[float],
+                       tableau: tuple) -> torch.Tensor:
+    """The explicit RK steps of PETSc's ``TSStep_RK`` in its own arithmetic, differentiable.
+
+    Step ``n`` starts at ``times[n]`` with PETSc's own size ``sizes[n]``; stage ``i`` is
+    ``y + sum_j (h a_ij) k_j`` summed as :func:`petsc_maxpy`, at time ``t + h c_i``, every product
+    and sum rounded to PETSc's real type (the tableau's dtype; ``y0`` must be of it too) as PETSc
+    rounds it; an FSAL method's first stage after the first step is the previous step's last. Its
+    forward pass equals pnode's bit for bit on either precision (``tests/test_precision.py``).
+    """
+    a, b, c, fsal = tableau
+    real = a.dtype.type
+    y, last = y0, None
+    for t, h in zip(times, sizes):
+        t, h = real(t), real(h)
+        ks = []
+        for i in range(len(b)):
+            weights = [torch.tensor(real(h * a[i, j])) for j in range(i)]
+            stage = petsc_maxpy(y, weights, ks)
+            if i == 0 and fsal and last is not None:
+                ks.append(last)
+            else:
+                ks.append(func(torch.tensor(real(t + real(h * c[i]))), stage))
+        y = petsc_maxpy(y, [torch.tensor(real(h * bj)) for bj in b], ks)
+        last = ks[-1]
+    return y
+
+
+def forward_record_of(func, y0: torch.Tensor, method: str, options, rtol: float, atol: float, read_ts=None):
+    """pnode's forward solve of ``func`` from ``y0`` over t = [0, 1]: its ``ForwardRecord`` (step times
+    and sizes), and what ``read_ts(ts)`` reads from its TS after the solve (None without one)."""
+    from pnode.adjoint import release_solver, solve_forward
+    from pnode.problem import check_inputs
+
+    problem = check_inputs(func, y0, torch.tensor([0.0, 1.0], dtype=y0.dtype), rtol, atol, method, options, None)
+    key, solver, record = solve_forward(problem, (), record=False)
+    try:
+        return record, (read_ts(solver.ts) if read_ts is not None else None)
+    finally:
+        release_solver(key, solver)
