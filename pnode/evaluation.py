@@ -12,13 +12,14 @@ does there is decided by the values of this module that the call carries:
   kept graph, or a new one.
 """
 
-from typing import Callable, Dict, List, Optional
+import bisect
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .bridge import petsc_eps, tensor_into_vec, vec_key, vec_view
-from .rhs import RHS, Linearization, same_stage_time
+from .rhs import RHS, Linearization, same_stage_time, stage_time_tolerance
 
 # Relative distance, in round-off units of f's arithmetic, within which a re-taken stage is the
 # forward pass's stage (a step size an ulp off, carried through a few stages).
@@ -42,8 +43,13 @@ class GraphStore:
     def __init__(self, limit: Optional[int] = None, max_bytes: Optional[int] = None):
         self.limit = limit
         self.max_bytes = max_bytes
-        self.graphs: List[Linearization] = []
+        self.graphs: List[Linearization] = []  # oldest first
         self.held_bytes = self.built_bytes = self.built = 0
+        # (stage time, serial) of every kept graph, sorted: a lookup bisects to the few graphs at
+        # its stage time instead of scanning them all (a solve keeps hundreds)
+        self._times: List[Tuple[float, int]] = []
+        self._by_serial: Dict[int, Linearization] = {}
+        self._serials: List[int] = []  # parallel to self.graphs
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -51,18 +57,24 @@ class GraphStore:
     def make_room(self) -> None:
         """Drop the oldest graphs so that one more fits under the count limit (before building it)."""
         while self.limit is not None and self.graphs and len(self.graphs) >= self.limit:
-            self._drop(0)
+            self._drop_oldest()
 
     def add(self, lin: Linearization) -> None:
+        serial = self.built
         self.graphs.append(lin)
+        self._serials.append(serial)
+        self._by_serial[serial] = lin
+        bisect.insort(self._times, (float(lin.tau), serial))
         self.held_bytes += lin.graph_bytes
         self.built_bytes += lin.graph_bytes
         self.built += 1
         while self.max_bytes is not None and self.graphs and self.held_bytes > self.max_bytes:
-            self._drop(0)
+            self._drop_oldest()
 
-    def _drop(self, i: int) -> Linearization:
-        lin = self.graphs.pop(i)
+    def _drop_oldest(self) -> Linearization:
+        lin, serial = self.graphs.pop(0), self._serials.pop(0)
+        del self._by_serial[serial]
+        del self._times[bisect.bisect_left(self._times, (float(lin.tau), serial))]
         self.held_bytes -= lin.graph_bytes
         return lin
 
@@ -72,17 +84,23 @@ class GraphStore:
         It stays in the store: an FSAL method's first stage is the previous step's last, whose
         value PETSc's re-take of that step asks for again (its graph, once used, is freed).
         """
-        i = self._locate(rhs, tau, u, key)
-        return None if i is None else self.graphs[i]
+        return self._locate(rhs, tau, u, key)
 
     def value_at(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[torch.Tensor]:
         """f at ``(tau, u)`` from a kept graph (its output, detached), leaving the graph in place."""
-        i = self._locate(rhs, tau, u, key)
-        return None if i is None else self.graphs[i].value
+        lin = self._locate(rhs, tau, u, key)
+        return None if lin is None else lin.value
 
-    def _locate(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[int]:
-        """Index of the graph at ``(tau, u)``: the same point (latest first), else the nearest graph at
-        the same stage time whose state lies within round-off of ``u``.
+    def _at_stage_time(self, tau: float) -> List[Linearization]:
+        """The kept graphs at stage time ``tau`` (up to round-off), latest first."""
+        width = stage_time_tolerance(tau)
+        lo = bisect.bisect_left(self._times, (tau - width, -1))
+        hi = bisect.bisect_right(self._times, (tau + width, self.built))
+        return [self._by_serial[serial] for _, serial in sorted(self._times[lo:hi], key=lambda e: -e[1])]
+
+    def _locate(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Linearization]:
+        """The graph at ``(tau, u)``: the same point (latest first), else the nearest graph at the same
+        stage time whose state lies within round-off of ``u``.
 
         PETSc re-takes a step from a solution-only trajectory with the difference of two recorded
         times as its size, which can be an ulp off the size it took: the re-taken stages then lie a
@@ -91,22 +109,19 @@ class GraphStore:
         """
         near, best = None, _ROUND_OFF_ULPS * max(petsc_eps(), float(torch.finfo(rhs.layout.dtype).eps))
         user = None
-        for i in range(len(self.graphs) - 1, -1, -1):
-            lin = self.graphs[i]
-            if not same_stage_time(lin.tau, tau):
-                continue
+        for lin in self._at_stage_time(float(tau)):
             if key is not None and key == lin.key:
-                return i
+                return lin
             user = rhs.to_user(u) if user is None else user
             distance = float((lin.u - user).norm()) / max(float(user.norm()), 1e-300)
             if distance == 0.0:
-                return i
+                return lin
             if distance < best:
-                near, best = i, distance
+                near, best = lin, distance
         return near
 
     def clear(self) -> None:
-        self.graphs = []
+        self.graphs, self._serials, self._times, self._by_serial = [], [], [], {}
         self.held_bytes = 0
 
 

@@ -17,10 +17,15 @@ from .bridge import StateLayout, petsc_eps
 from .errors import InputError
 
 
+def stage_time_tolerance(tau: float) -> float:
+    """How far apart two PETSc times near ``tau`` may lie and still denote the same stage time: a few
+    hundred ulps of PETSc's real type (which holds the times), relative to ``max(1, |tau|)``."""
+    return max(1e-13, 100 * petsc_eps()) * max(1.0, abs(tau))
+
+
 def same_stage_time(a: float, b: float) -> bool:
-    """Whether two PETSc times denote the same stage time: they differ by round-off only (a relative
-    difference of a few hundred ulps of PETSc's real type, which holds the times)."""
-    return abs(a - b) <= max(1e-13, 100 * petsc_eps()) * max(1.0, abs(b))
+    """Whether two PETSc times denote the same stage time (they differ by round-off only)."""
+    return abs(a - b) <= stage_time_tolerance(b)
 
 
 @dataclass

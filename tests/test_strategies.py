@@ -177,6 +177,37 @@ def test_graph_store_limits_and_finds_the_nearest_stage_against_stubs():
     assert len(by_bytes) == 2 and by_bytes.held_bytes == 20 and by_bytes.built_bytes == 40
 
 
+def test_graph_store_lookups_compare_only_the_graphs_at_their_stage_time():
+    class CountingRHS(_RHS):
+        calls = 0
+
+        @classmethod
+        def to_user(cls, u):
+            cls.calls += 1
+            return u
+
+    store = GraphStore()
+    times = [0.0, 0.5, 0.5, 1.0, 1.0 + 1e-15, 1.5] * 100  # re-taken stages an ulp apart, out of order
+    for i, tau in enumerate(times):
+        store.add(_Lin(tau + 2 * (i // 6), torch.full((4,), float(i))))
+    # of the graphs at one stage time, the one at the same state (times within round-off match)
+    found = store.find(CountingRHS, 2.0 * 99 + 0.5, torch.full((4,), 596.0), None)
+    assert found is store.graphs[596] and CountingRHS.calls == 1
+    assert store.find(CountingRHS, 2.0 * 99 + 1.0, torch.full((4,), 598.0), None) is store.graphs[598]
+    assert store.find(CountingRHS, 2.0 * 99 + 1.0, torch.full((4,), 597.0), None) is store.graphs[597]
+    assert store.find(CountingRHS, 2.0 * 99 + 0.75, torch.full((4,), 596.0), None) is None
+    keyed = store.graphs[3]
+    keyed.key = ("vec", 7)
+    assert store.find(CountingRHS, keyed.tau, torch.zeros(4), ("vec", 7)) is keyed
+    # dropping the oldest keeps the index in step with the graphs
+    bounded = GraphStore(limit=2)
+    for i, tau in enumerate([0.3, 0.1, 0.2]):
+        bounded.make_room()
+        bounded.add(_Lin(tau, torch.full((1,), float(i))))
+    assert bounded.find(_RHS, 0.3, torch.zeros(1), None) is None
+    assert bounded.find(_RHS, 0.1, torch.ones(1), None) is bounded.graphs[0]
+
+
 def test_the_pool_stays_under_its_bound_over_400_batch_sizes():
     func = LinearField(stable_matrix(3))
     pool.set_pool_limit("2MB")
