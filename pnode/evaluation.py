@@ -24,6 +24,13 @@ from .rhs import RHS, Linearization, same_stage_time, stage_time_tolerance
 # Relative distance, in round-off units of f's arithmetic, within which a re-taken stage is the
 # forward pass's stage (a step size an ulp off, carried through a few stages).
 _ROUND_OFF_ULPS = 1000.0
+# Entries of a state compared first, to tell another stage at the same time apart cheaply.
+_SAMPLE = 4096
+
+
+def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` (0 when equal)."""
+    return float((a - b).norm()) / max(float(b.norm()), 1e-300)
 
 
 class GraphStore:
@@ -50,6 +57,7 @@ class GraphStore:
         self._times: List[Tuple[float, int]] = []
         self._by_serial: Dict[int, Linearization] = {}
         self._serials: List[int] = []  # parallel to self.graphs
+        self._hit = None  # (tau, Vec key, serial) of the latest lookup that found a graph
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -91,12 +99,12 @@ class GraphStore:
         lin = self._locate(rhs, tau, u, key)
         return None if lin is None else lin.value
 
-    def _at_stage_time(self, tau: float) -> List[Linearization]:
-        """The kept graphs at stage time ``tau`` (up to round-off), latest first."""
+    def _at_stage_time(self, tau: float) -> List[Tuple[Linearization, int]]:
+        """(graph, serial) of the kept graphs at stage time ``tau`` (up to round-off), latest first."""
         width = stage_time_tolerance(tau)
         lo = bisect.bisect_left(self._times, (tau - width, -1))
         hi = bisect.bisect_right(self._times, (tau + width, self.built))
-        return [self._by_serial[serial] for _, serial in sorted(self._times[lo:hi], key=lambda e: -e[1])]
+        return [(self._by_serial[serial], serial) for _, serial in sorted(self._times[lo:hi], key=lambda e: -e[1])]
 
     def _locate(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Linearization]:
         """The graph at ``(tau, u)``: the same point (latest first), else the nearest graph at the same
@@ -106,22 +114,41 @@ class GraphStore:
         times as its size, which can be an ulp off the size it took: the re-taken stages then lie a
         few ulps from the forward pass's. They are the same stages, and the adjoint must use the
         forward pass's graphs for them (which makes the gradient that of the steps taken).
+        A lookup at the point of the previous one (PETSc evaluates a re-taken stage, then asks for
+        its Jacobian at the unchanged Vec) gives the same graph without comparing states again.
         """
-        near, best = None, _ROUND_OFF_ULPS * max(petsc_eps(), float(torch.finfo(rhs.layout.dtype).eps))
-        user = None
-        for lin in self._at_stage_time(float(tau)):
+        if key is not None and self._hit is not None and self._hit[:2] == (tau, key):
+            lin = self._by_serial.get(self._hit[2])
+            if lin is not None:
+                return lin
+        found = self._nearest(rhs, float(tau), u, key)
+        self._hit = None if found is None or key is None else (tau, key, found[1])
+        return None if found is None else found[0]
+
+    def _nearest(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Tuple[Linearization, int]]:
+        """(graph, serial) for :meth:`_locate`, or None. A graph of another stage at the same time is
+        told apart on a strided sample of the state first (thousands of entries, not the whole)."""
+        tolerance = _ROUND_OFF_ULPS * max(petsc_eps(), float(torch.finfo(rhs.layout.dtype).eps))
+        near, best = None, tolerance
+        stride = max(1, u.numel() // _SAMPLE)
+        sample = user = None
+        for lin, serial in self._at_stage_time(tau):
             if key is not None and key == lin.key:
-                return lin
-            user = rhs.to_user(u) if user is None else user
-            distance = float((lin.u - user).norm()) / max(float(user.norm()), 1e-300)
+                return lin, serial
+            sample = rhs.to_user(u[::stride]) if sample is None else sample
+            if _relative_distance(lin.u[::stride], sample) > 10 * tolerance:
+                continue  # another stage: far off on the sample already
+            if user is None:
+                user = sample if stride == 1 else rhs.to_user(u)
+            distance = _relative_distance(lin.u, user)
             if distance == 0.0:
-                return lin
+                return lin, serial
             if distance < best:
-                near, best = lin, distance
+                near, best = (lin, serial), distance
         return near
 
     def clear(self) -> None:
-        self.graphs, self._serials, self._times, self._by_serial = [], [], [], {}
+        self.graphs, self._serials, self._times, self._by_serial, self._hit = [], [], [], {}, None
         self.held_bytes = 0
 
 

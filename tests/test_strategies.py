@@ -199,6 +199,23 @@ def test_graph_store_lookups_compare_only_the_graphs_at_their_stage_time():
     keyed = store.graphs[3]
     keyed.key = ("vec", 7)
     assert store.find(CountingRHS, keyed.tau, torch.zeros(4), ("vec", 7)) is keyed
+    # a large state: the other stage at the same time is told apart on a sample, without a full
+    # conversion or comparison; a second lookup at the same point and Vec compares nothing
+    big = GraphStore()
+    base = torch.linspace(1.0, 2.0, 50_000, dtype=torch.float64)
+    big.add(_Lin(0.5, base * (1 + 1e-15)))
+    big.add(_Lin(0.5, base + 1e-3))
+    sizes = []
+
+    class SizedRHS(_RHS):
+        @staticmethod
+        def to_user(u):
+            sizes.append(u.numel())
+            return u
+
+    assert big.find(SizedRHS, 0.5, base.clone(), ("vec", 1)) is big.graphs[0]
+    assert sorted(sizes) == [len(base[::12]), 50_000]
+    assert big.find(SizedRHS, 0.5, base.clone(), ("vec", 1)) is big.graphs[0] and len(sizes) == 2
     # dropping the oldest keeps the index in step with the graphs
     bounded = GraphStore(limit=2)
     for i, tau in enumerate([0.3, 0.1, 0.2]):
