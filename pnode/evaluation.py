@@ -13,6 +13,7 @@ does there is decided by the values of this module that the call carries:
 """
 
 import bisect
+from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -26,6 +27,8 @@ from .rhs import RHS, Linearization, same_stage_time, stage_time_tolerance
 _ROUND_OFF_ULPS = 1000.0
 # Entries of a state compared first, to tell another stage at the same time apart cheaply.
 _SAMPLE = 4096
+# Lookups remembered by point (a step's stages, and some).
+_RECENT_HITS = 32
 
 
 def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +60,7 @@ class GraphStore:
         self._times: List[Tuple[float, int]] = []
         self._by_serial: Dict[int, Linearization] = {}
         self._serials: List[int] = []  # parallel to self.graphs
-        self._hit = None  # (tau, Vec key, serial) of the latest lookup that found a graph
+        self._hits: "OrderedDict[tuple, int]" = OrderedDict()  # (tau, Vec key) -> serial, recent lookups
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -114,15 +117,18 @@ class GraphStore:
         times as its size, which can be an ulp off the size it took: the re-taken stages then lie a
         few ulps from the forward pass's. They are the same stages, and the adjoint must use the
         forward pass's graphs for them (which makes the gradient that of the steps taken).
-        A lookup at the point of the previous one (PETSc evaluates a re-taken stage, then asks for
-        its Jacobian at the unchanged Vec) gives the same graph without comparing states again.
+        A lookup at the point of a recent one (PETSc evaluates a re-taken step's stages, then asks
+        for their Jacobians at the unchanged Vecs) gives the same graph without comparing states.
         """
-        if key is not None and self._hit is not None and self._hit[:2] == (tau, key):
-            lin = self._by_serial.get(self._hit[2])
+        if key is not None and (tau, key) in self._hits:
+            lin = self._by_serial.get(self._hits[tau, key])
             if lin is not None:
                 return lin
         found = self._nearest(rhs, float(tau), u, key)
-        self._hit = None if found is None or key is None else (tau, key, found[1])
+        if found is not None and key is not None:
+            self._hits[tau, key] = found[1]
+            while len(self._hits) > _RECENT_HITS:
+                self._hits.popitem(last=False)
         return None if found is None else found[0]
 
     def _nearest(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Tuple[Linearization, int]]:
@@ -136,8 +142,8 @@ class GraphStore:
             if key is not None and key == lin.key:
                 return lin, serial
             sample = rhs.to_user(u[::stride]) if sample is None else sample
-            if _relative_distance(lin.u[::stride], sample) > 10 * tolerance:
-                continue  # another stage: far off on the sample already
+            if stride > 1 and _relative_distance(lin.u[::stride], sample) > tolerance:
+                continue  # another stage: off on the sample already (a miss only costs a new evaluation)
             if user is None:
                 user = sample if stride == 1 else rhs.to_user(u)
             distance = _relative_distance(lin.u, user)
@@ -148,7 +154,7 @@ class GraphStore:
         return near
 
     def clear(self) -> None:
-        self.graphs, self._serials, self._times, self._by_serial, self._hit = [], [], [], {}, None
+        self.graphs, self._serials, self._times, self._by_serial, self._hits = [], [], [], {}, OrderedDict()
         self.held_bytes = 0
 
 
