@@ -86,15 +86,25 @@ def layout_of(state: State) -> StateLayout:
     return StateLayout(tuple(p.shape for p in parts), is_tuple, parts[0].dtype, parts[0].device)
 
 
+_READ_ONLY_WARNING_SEEN = False
+
+
 def vec_view(vec) -> torch.Tensor:
     """A CPU tensor that shares memory with the local part of ``vec`` (no copy).
 
     Valid while ``vec`` lives and its storage is not replaced; callers copy what they keep.
     """
+    global _READ_ONLY_WARNING_SEEN
+    array = vec.getArray(readonly=True)
+    if _READ_ONLY_WARNING_SEEN:
+        return torch.from_numpy(array)
+    # PETSc hands out a read-only NumPy view, which pnode never writes through. torch warns about
+    # such arrays once per process: silence that once (catching warnings costs more than the view).
     with warnings.catch_warnings():
-        # PETSc hands out a read-only NumPy view; pnode never writes through it.
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(vec.getArray(readonly=True))
+        view = torch.from_numpy(array)
+    _READ_ONLY_WARNING_SEEN = True
+    return view
 
 
 def vec_to_tensor(vec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
