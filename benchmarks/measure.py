@@ -25,7 +25,8 @@ its own and no other row's solvers, caches or heap layout are in it. The worker:
    f); for pnode rows, one more forward solve gives the steps taken and, for implicit methods,
    Newton and Krylov iterations and tolerances read from its PETSc TS;
 5. computes the relative gradient error (of ``dL/dy0`` and of ``dL/dparams``, the larger counts)
-   against autograd through the same steps (:mod:`pnode.testing.references`); torchdiffeq
+   against autograd through the same steps (explicit RK: PETSc's own sums,
+   :mod:`pnode.testing.petsc_arithmetic`; implicit: :mod:`pnode.testing.references`); torchdiffeq
    ``odeint_adjoint`` against torchdiffeq ``odeint`` with the same method and steps.
 
 The worker prints one line ``BENCHMARK_RESULT {json}``; a row that fails (an option pnode does not
@@ -202,14 +203,18 @@ def pnode_forward_solve(row: Row, problem, options: Mapping[str, object]) -> Dic
     """
     from pnode.adjoint import release_solver, solve_forward
     from pnode.problem import check_inputs
+    from pnode.testing.petsc_arithmetic import petsc_tableau
 
     tol = 1e-7 if row.tol is None else row.tol  # pnode's default rtol; fixed steps do not use it
     pnode_problem = check_inputs(problem.func, problem.x, problem.t, tol, tol, row.method, dict(options), None)
     key, solver, record = solve_forward(pnode_problem, (), record=False)
     try:
-        result: Dict[str, object] = {"step_times": [float(t) for t in record.step_times]}
+        result: Dict[str, object] = {"step_times": [float(t) for t in record.step_times],
+                                     "step_sizes": [float(h) for h in record.step_sizes]}
         if not solver.explicit:
             result.update(implicit_solve(solver.ts))
+        elif solver.ts.getType() == "rk":
+            result["tableau"] = petsc_tableau(solver.ts)
         return result
     finally:
         release_solver(key, solver)
@@ -268,7 +273,7 @@ def step_counts(record: Optional[Dict[str, object]], counts: Dict[str, Dict[str,
 def reference_solve(row: Row, problem, record: Optional[Dict[str, object]]) -> Optional[Callable]:
     """The solve that a row's gradient is compared with (None for torchdiffeq odeint: it is one)."""
     from pnode.testing import references
-    from pnode.testing.petsc_arithmetic import petsc_real_dtype
+    from pnode.testing.petsc_arithmetic import petsc_real_dtype, petsc_rk_reference
 
     if row.library == "torchdiffeq-odeint":
         return None
@@ -276,6 +281,9 @@ def reference_solve(row: Row, problem, record: Optional[Dict[str, object]]) -> O
         return CountedSolve(Row(**{**asdict(row), "library": "torchdiffeq-odeint"}), problem)
     times, real = record["step_times"], petsc_real_dtype()
     func = references.in_dtype(problem.func, problem.x.dtype)
+    if record.get("tableau") is not None:  # explicit RK: PETSc's own sums, bit for bit
+        sizes, tableau = record["step_sizes"], record["tableau"]
+        return lambda y0: petsc_rk_reference(func, y0.to(real), times, sizes, tableau).to(y0.dtype)
     return lambda y0: references.reference(func, y0.to(real), times, row.method).to(y0.dtype)
 
 

@@ -130,7 +130,8 @@ DEFINITIONS = (
     "steps. NFE-F: evaluations of f (and JVPs) in the forward pass; "
     "NFE-B: evaluations of f with a graph in the backward pass (+ those without, recomputing checkpointed steps). "
     "Grad error: relative error of dL/dy0 or dL/dparams, the larger, against autograd through the same steps in "
-    "pnode's arithmetic; for torchdiffeq odeint_adjoint, against torchdiffeq odeint (ref).")
+    "pnode's arithmetic (explicit RK: PETSc's own sums, bit for bit); for torchdiffeq odeint_adjoint, against "
+    "torchdiffeq odeint (ref).")
 
 
 # ---------------------------------------------------------------------------- strategies
