@@ -4,6 +4,7 @@ Rows, each in its own process (:mod:`benchmarks.measure`), ratios from this one 
 
 * workloads and solvers: the ODE-Net block with rk4 at 16 and at 64 steps and dopri5 at
   rtol = atol = 1e-3; the small state (MLP) with dopri5 at rtol = atol = 1e-5 and rk4 at 50 steps;
+  ``f(t, y) = a y`` on the small state with rk4 at 50 steps (each solver's own cost per stage);
 * for each of them torchdiffeq ``odeint`` (backprop through the solver), torchdiffeq
   ``odeint_adjoint`` (continuous adjoint), and pnode with each of :data:`STRATEGIES` (the default,
   kept graphs, stored states, K = 4 binomial checkpoints with and without the stage graphs);
@@ -26,7 +27,7 @@ from benchmarks import cli
 from benchmarks.measure import Row, Settings, run_rows
 
 SOLVERS = (("odenet", "rk4", 16, None), ("odenet", "rk4", 64, None), ("odenet", "dopri5", None, 1e-3),
-           ("small", "dopri5", None, 1e-5), ("small", "rk4", 50, None))
+           ("small", "dopri5", None, 1e-5), ("small", "rk4", 50, None), ("scale", "rk4", 50, None))
 """(workload, method, fixed steps or None, tolerance or None) of each solver configuration."""
 STRATEGIES = ({}, {"adjoint": "graphs"}, {"adjoint": "states"}, {"checkpoints": 4},
               {"checkpoints": 4, "checkpoint_graphs": 0})
@@ -85,7 +86,7 @@ def budgets_for(entries: Sequence[Dict[str, object]], series: Row) -> List[int]:
 
 
 def budget_rows(series: Row, budgets: Sequence[int]) -> List[Row]:
-    return [Row(series.workload, "pnode", series.method, series.steps, series.tol, {"memory_budget": f"{mb}MB"})
+    return [Row(series.workload, "pnode", series.method, series.steps, series.tol, {"memory_budget": f"{mb}MiB"})
             for mb in budgets]
 
 

@@ -5,6 +5,8 @@
   float32, integrated over t in [0, 1].
 * ``small``: a small state: the MLP 2 -> 64 -> 64 -> 2 with tanh activations (autonomous), on a
   batch of 256 states of 2, float32, integrated over t in [0, 5].
+* ``scale``: ``f(t, y) = a y`` on the small workload's states: f costs next to nothing, so a
+  training step measures what each solver itself spends per stage.
 
 With ``quick=True`` the same networks run at toy sizes (batch 8; 8 channels for the ODE-Net
 block), for smoke tests.
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnode.testing.networks import MLPFunc, ODENetFunc
+from pnode.testing.networks import MLPFunc, ODENetFunc, ScaleFunc
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Workload:
     """A network and the shape of its states, full size and quick.
 
     Attributes:
-        name: 'odenet' or 'small'.
+        name: 'odenet', 'small' or 'scale'.
         t_end: the span is [0, t_end] (the network's time units).
         make_func: ``make_func(quick)`` builds the ODE function.
         state_shape: ``state_shape(quick)``: the shape of a batch of states.
@@ -57,6 +59,9 @@ WORKLOADS: Dict[str, Workload] = {
                        "t in [0, {t_end}]"),
     "small": Workload("small", 5.0, lambda quick: MLPFunc(), lambda quick: (8, 2) if quick else (256, 2),
                       "MLP 2-64-64-2 with tanh, state {shape}, float32, t in [0, {t_end}]"),
+    "scale": Workload("scale", 5.0, lambda quick: ScaleFunc(), lambda quick: (8, 2) if quick else (256, 2),
+                      "f(t, y) = a y (one parameter; the solvers' own cost per stage), state {shape}, float32, "
+                      "t in [0, {t_end}]"),
 }
 
 

@@ -1,8 +1,10 @@
 """A memory budget: one setting that spans the curve from backprop's speed to constant memory.
 
 ``options={'memory_budget': '2GB'}`` (or bytes as an int, or ``-pnode_memory_budget 2GB``) bounds
-what pnode holds for the adjoint between the forward and the backward pass: kept stage graphs and
-stored states. :class:`MemoryBudget` chooses per call, from costs measured on earlier calls of the
+what pnode holds for the adjoint between the forward and the backward pass: its solver's PETSc
+vectors, kept stage graphs and stored states. Not counted: the transient of one step (the
+network's activations while one stage is evaluated or differentiated, and the graphs of one
+re-taken step). :class:`MemoryBudget` chooses per call, from costs measured on earlier calls of the
 same solver (a kept graph's bytes per step, the stages per step) and the step count (known for
 fixed steps; for adaptive ones, the previous call's):
 
@@ -74,21 +76,28 @@ class MemoryBudget:
             steps = costs.steps if costs is not None else None
         one = state_bytes(solver)
         stages = costs.stages if costs is not None else RK_STAGES.get(problem.config.method.rk_type, 1)
+        available = self.available(solver)
         if steps is None:  # adaptive, first call: keep graphs within the budget, store every state
-            return KeptGraphs(graph_bytes=self.budget // 2)
-        if costs is not None and steps * (one + costs.graph_bytes_per_step) <= self.budget:
+            return KeptGraphs(graph_bytes=available // 2)
+        if costs is not None and steps * (one + costs.graph_bytes_per_step) <= available:
             return KeptGraphs()
         every_stage = steps * (1 + stages) * one
-        if every_stage < self.budget:
-            return KeptGraphs(graph_bytes=self.budget - every_stage)
+        if every_stage < available:
+            return KeptGraphs(graph_bytes=available - every_stage)
         per_checkpoint = 2 * one if problem.config.method.adaptive else one  # FSAL: a derivative each
-        return BinomialCheckpoints(max(1, self.budget // per_checkpoint), self.checkpoint_graphs)
+        return BinomialCheckpoints(max(1, available // per_checkpoint), self.checkpoint_graphs)
+
+    def available(self, solver: Solver) -> int:
+        """Bytes left for graphs and states: the budget less the solver's own vectors (its TS's work
+        and adjoint vectors, :attr:`pnode.solver.Solver.held_bytes`), which every strategy needs."""
+        return max(0, self.budget - solver.held_bytes)
 
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
         strategy = self.choose(solver, problem)
         forward = strategy.forward(solver, problem, rhs, y0)
         forward.extra["strategy"] = strategy
         forward.stats.budget_bytes = self.budget
+        forward.stats.solver_bytes = solver.held_bytes
         graphs = forward.graphs
         if graphs is not None and graphs.built and forward.record.steps:
             solver.measured_costs = MeasuredCosts(graphs.built_bytes / forward.record.steps,

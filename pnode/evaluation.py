@@ -146,9 +146,9 @@ class GraphStore:
                 continue  # another stage: off on the sample already (a miss only costs a new evaluation)
             if user is None:
                 user = sample if stride == 1 else rhs.to_user(u)
-            distance = _relative_distance(lin.u, user)
-            if distance == 0.0:
+            if torch.equal(lin.u, user):  # a re-take with the step sizes of the forward pass
                 return lin, serial
+            distance = _relative_distance(lin.u, user)
             if distance < best:
                 near, best = (lin, serial), distance
         return near

@@ -9,7 +9,7 @@ checks what ``func`` returns, and builds :class:`Linearization` objects for JVPs
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -184,15 +184,17 @@ class Linearization:
             else:
                 self.rhs.counter.backward += 1
             y = self.u.detach().requires_grad_(True)
-            saved: List[torch.Tensor] = []
+            saved: Dict[int, int] = {}  # storage address -> bytes of each tensor the graph saves
             with torch.enable_grad(), contextlib.ExitStack() as stack:
                 if measure:
-                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_keep(saved), _same))
+                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_note_storage(saved), _same))
                 out = self.rhs.call(self.tau, y)
             self._graph = (y, out)
             self.value = out.detach()
             if measure:
-                self.graph_bytes = _storage_bytes((*saved, y, out))
+                for tensor in (y, out):
+                    _note_storage(saved)(tensor)
+                self.graph_bytes = sum(saved.values())
         return self._graph
 
     def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
@@ -268,26 +270,25 @@ class Linearization:
             return (self.rhs.call(self.tau, self.u + h * tangent) - self.value) / h
 
 
-def _keep(saved: List[torch.Tensor]):
+def _note_storage(saved: Dict[int, int]):
+    """A saved-tensors pack hook that notes the bytes of each saved tensor's storage (a view and its
+    base count once) and saves the tensor's data.
+
+    It saves ``tensor.detach()`` (same storage and version counter), never the tensor itself:
+    for a node's own output that would be a cycle node -> saved tensor -> its ``grad_fn`` (the
+    node) that Python's garbage collector cannot see, and a graph dropped without a backward pass
+    would never be freed. For the same reason the hook keeps sizes only, no tensors (torch keeps
+    the hook with every tensor it saved).
+    """
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved.append(tensor)
-        return tensor
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor.detach()
     return pack
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a view and its base count once)."""
-    seen, total = set(), 0
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
 
 
 def _describe(out) -> str:

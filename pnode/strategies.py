@@ -48,6 +48,7 @@ class AdjointStats:
         checkpoints: K of a checkpointed pass (None otherwise).
         recomputed_steps: steps re-taken to reach checkpoints in the backward pass.
         budget_bytes: the memory budget the choice was made under (None without one).
+        solver_bytes: bytes of the solver's own PETSc vectors, which a budget counts too.
     """
 
     strategy: str
@@ -59,6 +60,7 @@ class AdjointStats:
     checkpoints: Optional[int] = None
     recomputed_steps: int = 0
     budget_bytes: Optional[int] = None
+    solver_bytes: int = 0
 
     @property
     def held_bytes(self) -> int:

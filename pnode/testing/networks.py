@@ -3,6 +3,8 @@
 * :class:`ODENetFunc`: the classic ODE-Net block (GroupNorm, ReLU, time-concatenated 3x3 conv,
   GroupNorm, ReLU, time-concatenated 3x3 conv, GroupNorm) for states ``(batch, channels, size, size)``.
 * :class:`MLPFunc`: the MLP 2 -> 64 -> 64 -> 2 with tanh (autonomous), for states ``(batch, 2)``.
+* :class:`ScaleFunc`: ``f(t, y) = a y`` with one parameter: almost free to evaluate, so that a
+  training step through it costs what the solver itself costs per stage.
 """
 
 import torch
@@ -44,3 +46,14 @@ class MLPFunc(nn.Module):
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(y)
+
+
+class ScaleFunc(nn.Module):
+    """``f(t, y) = a y`` for states of any shape, ``a`` one trainable scalar (initially -0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(-0.5))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.a * y
