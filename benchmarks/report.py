@@ -158,6 +158,13 @@ BUDGET_HEADER = ("budget", "peak (MB)", "peak − budget (MB)", "time / step (s)
                  "time × odeint", "NFE-B (+recomputed)", "grad error")
 
 
+def budget_mib(budget: str) -> float:
+    """A budget row's ``memory_budget`` ('164MiB'; MB = 2**20 bytes in these tables) in MiB."""
+    from pnode.budget import parse_bytes
+
+    return parse_bytes(budget) / 2**20
+
+
 def budget_table(entries: Sequence[Entry], odeint: Optional[Entry]) -> str:
     """Budget, peak, their difference and time of each budget row, in the order of the run."""
     rows, previous = [], None
@@ -167,7 +174,7 @@ def budget_table(entries: Sequence[Entry], odeint: Optional[Entry]) -> str:
             rows.append([budget, f"error: {cell(result['error'])}"] + ["–"] * (len(BUDGET_HEADER) - 2))
             continue
         _, nfe_b, recomputed = evaluations(result)
-        rows.append([budget, f"{result['peak_mb']:.1f}", f"{result['peak_mb'] - float(budget.removesuffix('MB')):+.1f}",
+        rows.append([budget, f"{result['peak_mb']:.1f}", f"{result['peak_mb'] - budget_mib(budget):+.1f}",
                      f"{result['time_s']:.3f}", ratio(entry, previous, "time_s"), ratio(entry, odeint, "time_s"),
                      str(nfe_b) + (f" (+{recomputed})" if recomputed else ""), grad_cell(entry)])
         previous = entry

@@ -43,6 +43,10 @@ class GraphStore:
         limit: keep at most the ``limit`` latest graphs (each new one drops the oldest: the
             adjoint reverses stages last to first, so it uses the latest first); None: no limit.
         max_bytes: keep at most this many bytes of graphs, dropping the oldest; None: no limit.
+        exact: find a graph only at its own state (bit for bit in the user's dtype), never at the
+            nearest one: for lookups at stored stages, which are exact. A store that drops graphs
+            needs it: with the right graph gone, the nearest could be another stage at the same
+            time (rk4's two at ``t + h/2`` lie within round-off tolerance of each other for small h).
 
     Attributes:
         held_bytes: bytes the kept graphs hold (saved activations plus stage inputs and outputs).
@@ -50,9 +54,10 @@ class GraphStore:
         built: graphs built into the store.
     """
 
-    def __init__(self, limit: Optional[int] = None, max_bytes: Optional[int] = None):
+    def __init__(self, limit: Optional[int] = None, max_bytes: Optional[int] = None, exact: bool = False):
         self.limit = limit
         self.max_bytes = max_bytes
+        self.exact = exact
         self.graphs: List[Linearization] = []  # oldest first
         self.held_bytes = self.built_bytes = self.built = 0
         # (stage time, serial) of every kept graph, sorted: a lookup bisects to the few graphs at
@@ -148,6 +153,8 @@ class GraphStore:
                 user = sample if stride == 1 else rhs.to_user(u)
             if torch.equal(lin.u, user):  # a re-take with the step sizes of the forward pass
                 return lin, serial
+            if self.exact:
+                continue
             distance = _relative_distance(lin.u, user)
             if distance < best:
                 near, best = (lin, serial), distance

@@ -134,8 +134,9 @@ class KeptGraphs:
             forward = StoredStates().forward(solver, problem, rhs, y0)
             forward.stats.strategy = "states"
             return forward
-        graphs = GraphStore(max_bytes=self.graph_bytes)
         solution_only = self.graph_bytes is None
+        # with every stage stored, the adjoint asks at exact copies of the forward's stages
+        graphs = GraphStore(max_bytes=self.graph_bytes, exact=not solution_only)
         plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, adjoint=True)
         record = solver.forward(rhs, problem.taus, y0, plan)
         per_state = (1 if solution_only else 1 + (record.stages or 1)) * state_bytes(solver)

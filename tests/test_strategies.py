@@ -221,6 +221,12 @@ def test_graph_store_lookups_compare_only_the_graphs_at_their_stage_time():
     assert big.find(SizedRHS, 0.5, base.clone(), ("vec", 1)) is big.graphs[0]
     assert sorted(sizes) == [len(base[::12]), 50_000]
     assert big.find(SizedRHS, 0.5, base.clone(), ("vec", 1)) is big.graphs[0] and len(sizes) == 2
+    # an exact store finds a graph at its own state only
+    exact = GraphStore(exact=True)
+    one = torch.ones(4, dtype=torch.float64)
+    exact.add(_Lin(0.5, one))
+    assert exact.find(_RHS, 0.5, one * (1 + 1e-15), None) is None
+    assert exact.find(_RHS, 0.5, one.clone(), None) is exact.graphs[0]
     # dropping the oldest keeps the index in step with the graphs
     bounded = GraphStore(limit=2)
     for i, tau in enumerate([0.3, 0.1, 0.2]):
@@ -247,6 +253,28 @@ def test_graphs_a_budget_drops_in_the_forward_pass_are_freed():
     assert stats.adjoint.strategy == "graphs" and 0 < stats.adjoint.graphs_kept
     assert stats.adjoint.graphs_kept < stats.adjoint.steps * 4  # some were dropped
     assert counts[-1] == counts[1]
+
+
+def test_partly_kept_graphs_in_float32_with_small_steps_equal_stored_states():
+    """A budget that keeps only the latest graphs: the other stages' VJPs must be taken at their own
+    stored states, never through a kept graph of another stage at the same time (rk4's two stages
+    at t + h/2 lie within float32 round-off tolerance of each other for small h)."""
+    torch.manual_seed(0)
+    func = MLPField(dim=4)
+    y0 = torch.randn(16, 4)
+
+    def gradients(options):
+        y = y0.detach().requires_grad_(True)
+        stats = SolveStats()
+        ys = pnode.odeint_adjoint(func, y, torch.tensor([0.0, 1.0]), method="rk4",
+                                  options={"step_size": 1 / 256, **options}, _stats=stats)
+        return torch.autograd.grad(ys[-1].square().sum(), (y, *func.parameters())), stats
+
+    want, _ = gradients({"adjoint": "states"})
+    for _ in range(2):  # the second call knows what a graph costs
+        got, stats = gradients({"memory_budget": "1MiB"})
+    assert stats.adjoint.strategy == "graphs" and 0 < stats.adjoint.graphs_kept < 4 * 256
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_the_pool_stays_under_its_bound_over_400_batch_sizes():
