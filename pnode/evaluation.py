@@ -58,13 +58,13 @@ class GraphStore:
         self.limit = limit
         self.max_bytes = max_bytes
         self.exact = exact
-        self.graphs: List[Linearization] = []  # oldest first
+        # oldest first; the n-th graph built has serial n, and only the oldest is ever dropped, so the
+        # graph of serial s is graphs[s - first serial kept]
+        self.graphs: List[Linearization] = []
         self.held_bytes = self.built_bytes = self.built = 0
         # (stage time, serial) of every kept graph, sorted: a lookup bisects to the few graphs at
         # its stage time instead of scanning them all (a solve keeps hundreds)
         self._times: List[Tuple[float, int]] = []
-        self._by_serial: Dict[int, Linearization] = {}
-        self._serials: List[int] = []  # parallel to self.graphs
         self._hits: "OrderedDict[tuple, int]" = OrderedDict()  # (tau, Vec key) -> serial, recent lookups
 
     def __len__(self) -> int:
@@ -75,12 +75,14 @@ class GraphStore:
         while self.limit is not None and self.graphs and len(self.graphs) >= self.limit:
             self._drop_oldest()
 
+    def _graph(self, serial: int) -> Optional[Linearization]:
+        """The kept graph of ``serial``, or None once it was dropped."""
+        i = serial - (self.built - len(self.graphs))
+        return self.graphs[i] if 0 <= i < len(self.graphs) else None
+
     def add(self, lin: Linearization) -> None:
-        serial = self.built
         self.graphs.append(lin)
-        self._serials.append(serial)
-        self._by_serial[serial] = lin
-        bisect.insort(self._times, (float(lin.tau), serial))
+        bisect.insort(self._times, (float(lin.tau), self.built))
         self.held_bytes += lin.graph_bytes
         self.built_bytes += lin.graph_bytes
         self.built += 1
@@ -88,8 +90,8 @@ class GraphStore:
             self._drop_oldest()
 
     def _drop_oldest(self) -> Linearization:
-        lin, serial = self.graphs.pop(0), self._serials.pop(0)
-        del self._by_serial[serial]
+        serial = self.built - len(self.graphs)
+        lin = self.graphs.pop(0)
         del self._times[bisect.bisect_left(self._times, (float(lin.tau), serial))]
         self.held_bytes -= lin.graph_bytes
         return lin
@@ -112,7 +114,7 @@ class GraphStore:
         width = stage_time_tolerance(tau)
         lo = bisect.bisect_left(self._times, (tau - width, -1))
         hi = bisect.bisect_right(self._times, (tau + width, self.built))
-        return [(self._by_serial[serial], serial) for _, serial in sorted(self._times[lo:hi], key=lambda e: -e[1])]
+        return [(self._graph(serial), serial) for _, serial in sorted(self._times[lo:hi], key=lambda e: -e[1])]
 
     def _locate(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Linearization]:
         """The graph at ``(tau, u)``: the same point (latest first), else the nearest graph at the same
@@ -126,7 +128,7 @@ class GraphStore:
         for their Jacobians at the unchanged Vecs) gives the same graph without comparing states.
         """
         if key is not None and (tau, key) in self._hits:
-            lin = self._by_serial.get(self._hits[tau, key])
+            lin = self._graph(self._hits[tau, key])
             if lin is not None:
                 return lin
         found = self._nearest(rhs, float(tau), u, key)
@@ -161,7 +163,7 @@ class GraphStore:
         return near
 
     def clear(self) -> None:
-        self.graphs, self._serials, self._times, self._by_serial, self._hits = [], [], [], {}, OrderedDict()
+        self.graphs, self._times, self._hits = [], [], OrderedDict()
         self.held_bytes = 0
 
 

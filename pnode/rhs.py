@@ -187,13 +187,13 @@ class Linearization:
             saved: Dict[int, int] = {}  # storage address -> bytes of each tensor the graph saves
             with torch.enable_grad(), contextlib.ExitStack() as stack:
                 if measure:
-                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_note_storage(saved), _same))
+                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_noting_pack(saved), _same))
                 out = self.rhs.call(self.tau, y)
             self._graph = (y, out)
             self.value = out.detach()
             if measure:
                 for tensor in (y, out):
-                    _note_storage(saved)(tensor)
+                    _note_storage(saved, tensor)
                 self.graph_bytes = sum(saved.values())
         return self._graph
 
@@ -270,7 +270,13 @@ class Linearization:
             return (self.rhs.call(self.tau, self.u + h * tangent) - self.value) / h
 
 
-def _note_storage(saved: Dict[int, int]):
+def _note_storage(saved: Dict[int, int], tensor: torch.Tensor) -> None:
+    """Note the bytes of ``tensor``'s storage in ``saved`` (by address: a view and its base count once)."""
+    storage = tensor.untyped_storage()
+    saved[storage.data_ptr()] = storage.nbytes()
+
+
+def _noting_pack(saved: Dict[int, int]):
     """A saved-tensors pack hook that notes the bytes of each saved tensor's storage (a view and its
     base count once) and saves the tensor's data.
 
@@ -281,8 +287,7 @@ def _note_storage(saved: Dict[int, int]):
     the hook with every tensor it saved).
     """
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        _note_storage(saved, tensor)
         return tensor.detach()
     return pack
 
