@@ -272,14 +272,15 @@ def step_counts(record: Optional[Dict[str, object]], counts: Dict[str, Dict[str,
 
 def reference_solve(row: Row, problem, record: Optional[Dict[str, object]]) -> Optional[Callable]:
     """The solve that a row's gradient is compared with (None for torchdiffeq odeint: it is one)."""
+    from pnode.bridge import petsc_dtype
     from pnode.testing import references
-    from pnode.testing.petsc_arithmetic import petsc_real_dtype, petsc_rk_reference
+    from pnode.testing.petsc_arithmetic import petsc_rk_reference
 
     if row.library == "torchdiffeq-odeint":
         return None
     if row.library == "torchdiffeq-adjoint":
         return CountedSolve(Row(**{**asdict(row), "library": "torchdiffeq-odeint"}), problem)
-    times, real = record["step_times"], petsc_real_dtype()
+    times, real = record["step_times"], petsc_dtype()
     func = references.in_dtype(problem.func, problem.x.dtype)
     if record.get("tableau") is not None:  # explicit RK: PETSc's own sums, bit for bit
         sizes, tableau = record["step_sizes"], record["tableau"]

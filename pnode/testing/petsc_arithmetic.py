@@ -15,28 +15,18 @@ import numpy as np
 import torch
 
 
-def petsc_real_dtype() -> torch.dtype:
-    """The torch dtype of PETSc's real scalars (float64 for a default build)."""
-    from petsc4py import PETSc
-
-    return {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}[np.dtype(PETSc.RealType)]
-
-
 def petsc_tableau(ts) -> Optional[tuple]:
     """``(A, b, c, fsal)`` of an explicit RK ``ts`` as PETSc holds them (``TSRKGetTableau``), as NumPy
     arrays of PETSc's real type; None when this PETSc does not export it. PETSc's ``c`` are its own
     row sums of ``A`` in its real type (``0.79999995`` for dopri5's 4/5 in float32), which only PETSc
     can say."""
-    from petsc4py import PETSc
+    from pnode._compat import PETSc, _int, _petsc_function, _real
 
-    try:
-        get = ctypes.CDLL(PETSc.__file__).TSRKGetTableau  # libpetsc is a dependency: dlsym finds it
-    except (OSError, AttributeError):
+    get = _petsc_function("TSRKGetTableau", ctypes.c_int, None)
+    if get is None:
         return None
-    int_t = ctypes.c_int64 if PETSc.IntType().itemsize == 8 else ctypes.c_int32
-    real = ctypes.POINTER(ctypes.c_float if PETSc.RealType().itemsize == 4 else ctypes.c_double)
-    s, fsal = int_t(), ctypes.c_int()
-    a, b, c = real(), real(), real()
+    s, fsal = _int()(), ctypes.c_int()
+    a, b, c = (ctypes.POINTER(_real())() for _ in range(3))
     if get(ctypes.c_void_p(ts.handle), ctypes.byref(s), ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
            None, None, None, ctypes.byref(fsal)) != 0:
         return None

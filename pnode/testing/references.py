@@ -119,52 +119,50 @@ def grid(t0, t1, h):
         times.append(nxt)
 
 
-def rk_solve(f, y0, times, h, tableau):
-    """Integrate through output ``times`` with fixed step ``h``; returns stacked outputs."""
+def fixed_step_solve(step, y0, times, h):
+    """Integrate through output ``times`` with fixed steps of ``h`` (each output interval's last one
+    shortened to land on its time, :func:`grid`): ``step(y, start, end)`` takes one step. Returns the
+    stacked outputs, ``y0`` first."""
     outs = [y0]
     y = y0
     for t0, t1 in zip(times[:-1], times[1:]):
         pts = grid(t0, t1, h)
-        for a, b in zip(pts[:-1], pts[1:]):
-            y = rk_step(f, a, y, b - a, tableau)
+        for start, end in zip(pts[:-1], pts[1:]):
+            y = step(y, start, end)
         outs.append(y)
     return torch.stack(outs)
+
+
+def rk_solve(f, y0, times, h, tableau):
+    """Integrate through output ``times`` with fixed step ``h``; returns stacked outputs."""
+    return fixed_step_solve(lambda y, start, end: rk_step(f, start, y, end - start, tableau), y0, times, h)
 
 
 def theta_linear_solve(A, y0, times, h, theta):
     """The theta method on dy/dt = A y (A: (n, n), y: (batch, n)), each step solved exactly."""
-    n = A.shape[0]
-    eye = torch.eye(n, dtype=A.dtype)
-    outs = [y0]
-    y = y0
-    for t0, t1 in zip(times[:-1], times[1:]):
-        pts = grid(t0, t1, h)
-        for a, b in zip(pts[:-1], pts[1:]):
-            dt = b - a
-            lhs = eye - theta * dt * A
-            rhs = y + (1 - theta) * dt * (y @ A.T)
-            y = torch.linalg.solve(lhs, rhs.T).T
-        outs.append(y)
-    return torch.stack(outs)
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+
+    def step(y, start, end):
+        dt = end - start
+        rhs = y + (1 - theta) * dt * (y @ A.T)
+        return torch.linalg.solve(eye - theta * dt * A, rhs.T).T
+
+    return fixed_step_solve(step, y0, times, h)
 
 
 def theta_newton_solve(f, y0, times, h, theta, newton_iters=30):
     """The theta method on a nonlinear f, each step solved by (autograd-differentiated) Newton iterations
     to machine precision; backprop through converged Newton gives the implicit-function gradient."""
-    outs = [y0]
-    y = y0
-    for t0, t1 in zip(times[:-1], times[1:]):
-        pts = grid(t0, t1, h)
-        for a, b in zip(pts[:-1], pts[1:]):
-            dt = b - a
-            explicit = y + (1 - theta) * dt * f(a, y) if theta < 1 else y
-            z = y
-            for _ in range(newton_iters):
-                residual = z - theta * dt * f(b, z) - explicit
-                z = z - _newton_update(lambda v: v - theta * dt * f(b, v), z, residual)
-            y = z
-        outs.append(y)
-    return torch.stack(outs)
+    def step(y, start, end):
+        dt = end - start
+        explicit = y + (1 - theta) * dt * f(start, y) if theta < 1 else y
+        z = y
+        for _ in range(newton_iters):
+            residual = z - theta * dt * f(end, z) - explicit
+            z = z - _newton_update(lambda v: v - theta * dt * f(end, v), z, residual)
+        return z
+
+    return fixed_step_solve(step, y0, times, h)
 
 
 def _newton_update(g, z, residual):
@@ -178,31 +176,28 @@ def forced_linear_implicit_solve(A, forcing, y0, times, h, tableau):
     """A diagonally implicit RK method on dy/dt = y A^T + forcing(t) (y: (batch, n)), every stage
     solved exactly: stage i is ``(I - h a_ii A) Y_i = y + h sum_{j<i} a_ij k_j + h a_ii forcing(t_i)``."""
     c, a, b = tableau
-    n = A.shape[0]
-    eye = torch.eye(n, dtype=A.dtype)
-    outs = [y0]
-    y = y0
-    for t0, t1 in zip(times[:-1], times[1:]):
-        pts = grid(t0, t1, h)
-        for start, end in zip(pts[:-1], pts[1:]):
-            dt = end - start
-            k = []
-            for i in range(len(c)):
-                ti = start + c[i] * dt
-                rhs = y
-                for j in range(i):
-                    if a[i][j] != 0.0:
-                        rhs = rhs + dt * a[i][j] * k[j]
-                if a[i][i] != 0.0:
-                    rhs = rhs + dt * a[i][i] * forcing(ti)
-                    stage = torch.linalg.solve(eye - dt * a[i][i] * A, rhs.T).T
-                else:
-                    stage = rhs
-                k.append(stage @ A.T + forcing(ti))
-            for bi, ki in zip(b, k):
-                y = y + dt * bi * ki
-        outs.append(y)
-    return torch.stack(outs)
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+
+    def step(y, start, end):
+        dt = end - start
+        k = []
+        for i in range(len(c)):
+            ti = start + c[i] * dt
+            rhs = y
+            for j in range(i):
+                if a[i][j] != 0.0:
+                    rhs = rhs + dt * a[i][j] * k[j]
+            if a[i][i] != 0.0:
+                rhs = rhs + dt * a[i][i] * forcing(ti)
+                stage = torch.linalg.solve(eye - dt * a[i][i] * A, rhs.T).T
+            else:
+                stage = rhs
+            k.append(stage @ A.T + forcing(ti))
+        for bi, ki in zip(b, k):
+            y = y + dt * bi * ki
+        return y
+
+    return fixed_step_solve(step, y0, times, h)
 
 
 THETA = {"cn": 0.5, "beuler": 1.0}
