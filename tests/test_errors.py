@@ -236,3 +236,12 @@ def test_bad_checkpoint_budget_on_the_command_line_names_the_option():
             pnode.odeint_adjoint(lambda t, y: -y, _y0(2).requires_grad_(True), T01, method="rk4")
     finally:
         db.delValue("pnode_checkpoints")
+
+
+@pytest.mark.parametrize("kwargs", [{"op": "min"}, {"op": "max", "average": True}])
+def test_gather_metrics_refuses_an_unknown_reduction(kwargs):
+    from pnode import distributed
+
+    with pytest.raises(pnode.InputError, match="op must be 'sum' or 'max'"):
+        distributed.gather_metrics({"peak_mb": 1.0}, **kwargs)
+    assert distributed.gather_metrics({"peak_mb": 2.0}, op="max") == {"peak_mb": 2.0}
