@@ -39,6 +39,9 @@ def new_parser(description: str, default_out: str = "bench-results") -> argparse
                         help="torch intra-op threads (default: all CPUs)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="every row, torchdiffeq's too, first calls pnode.allocator.keep_freed_memory()")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="every row, torchdiffeq's too, first calls pnode.allocator.return_freed_memory() "
+                             "(resident memory follows live memory; the memory-budget rows always do)")
     parser.add_argument("--no-grad-check", action="store_true", help="skip the gradient errors")
     parser.add_argument("--timeout", type=float, help="seconds a row may take (default 3600; --quick: 300)")
     return parser
@@ -47,6 +50,7 @@ def new_parser(description: str, default_out: str = "bench-results") -> argparse
 def settings_from(args: argparse.Namespace) -> Settings:
     values: Dict[str, object] = dict(QUICK) if args.quick else {}
     values.update(quick=args.quick, threads=args.threads, keep_freed_memory=args.keep_freed_memory,
+                  return_freed_memory=args.return_freed_memory,
                   grad_check=not args.no_grad_check)
     if args.repeats is not None:
         values["repeats"] = args.repeats

@@ -117,6 +117,8 @@ class Settings:
         threads: torch's intra-op threads.
         keep_freed_memory: every row first calls ``pnode.allocator.keep_freed_memory()`` (glibc
             keeps freed memory for the next step instead of returning it to the OS).
+        return_freed_memory: every row first calls ``pnode.allocator.return_freed_memory()``
+            (blocks of 1 MiB or more are unmapped when freed: resident memory follows live memory).
         grad_check: whether to compute the gradient error.
         timeout_s: seconds a row may take, its process included.
     """
@@ -127,6 +129,7 @@ class Settings:
     memory_steps: int = 3
     threads: int = 1
     keep_freed_memory: bool = False
+    return_freed_memory: bool = False
     grad_check: bool = True
     timeout_s: float = 3600.0
 
@@ -144,13 +147,15 @@ class CountedSolve:
         self.row = row
         self.problem = problem
         self.calls = 0
-        self.counter = None
+        self.counter = self.stats = None
         if row.library == "pnode":
             import pnode
             from pnode.rhs import EvaluationCounter
+            from pnode.stats import SolveStats
 
             self.counter = EvaluationCounter()
-            self._odeint = functools.partial(pnode.odeint_adjoint, problem.func, _counter=self.counter)
+            self.stats = SolveStats(counter=self.counter)
+            self._odeint = functools.partial(pnode.odeint_adjoint, problem.func, _stats=self.stats)
         else:
             import torchdiffeq
 
@@ -323,6 +328,8 @@ def measure_row(row: Row, settings: Settings) -> Dict[str, object]:
         "time_s": statistics.median(times), "times_s": times, "evaluations": counts,
         "peak_mb": statistics.median(m["peak_mb"] for m in memory),
         "held_mb": statistics.median(m["held_mb"] for m in memory), "memory": memory[0]["memory"]}
+    if solve.stats is not None and solve.stats.adjoint is not None:
+        result["adjoint"] = asdict(solve.stats.adjoint)  # what the last step's strategy chose and held
     record = solve_record(row, problem, solve)
     result.update(step_counts(record, counts))
     if settings.grad_check:
@@ -340,11 +347,12 @@ def worker_main() -> None:
     row, settings = Row.from_json(spec["row"]), Settings(**spec["settings"])
     sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
     try:
-        if settings.keep_freed_memory:
-            from pnode.allocator import keep_freed_memory
+        if settings.keep_freed_memory or settings.return_freed_memory:
+            from pnode import allocator
 
-            if not keep_freed_memory():
-                raise RuntimeError("keep_freed_memory needs glibc")
+            policy = allocator.keep_freed_memory if settings.keep_freed_memory else allocator.return_freed_memory
+            if not policy():
+                raise RuntimeError(f"{policy.__name__} needs glibc")
         result = measure_row(row, settings)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
         traceback.print_exc()

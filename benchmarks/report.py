@@ -113,6 +113,8 @@ def groups(doc: Mapping[str, object], by: Sequence[str] = ("workload", "solver")
 def preamble(doc: Mapping[str, object], title: str, definitions: str) -> str:
     m, s = doc["machine"], doc["settings"]
     kept = "; every row keeps freed memory (pnode.allocator.keep_freed_memory)" if s["keep_freed_memory"] else ""
+    if s.get("return_freed_memory"):
+        kept = "; every row returns freed memory (pnode.allocator.return_freed_memory)"
     machine = (f"{m['cpus']} CPUs ({m['cpu']}), torch {m['torch']}, petsc4py {m['petsc4py']}, torchdiffeq "
                f"{m['torchdiffeq']}, Python {m['python']}; torch threads {s['threads']}{kept}")
     methods = sorted({e["result"]["memory"] for e in doc["rows"] if "memory" in e["result"]})
@@ -154,8 +156,8 @@ def is_budget(entry: Entry) -> bool:
     return "memory_budget" in entry["options"]
 
 
-BUDGET_HEADER = ("budget", "peak (MB)", "peak − budget (MB)", "time / step (s)", "time × previous budget's",
-                 "time × odeint", "NFE-B (+recomputed)", "grad error")
+BUDGET_HEADER = ("budget", "chose", "held for the adjoint (MB)", "peak (MB)", "peak − budget (MB)",
+                 "time / step (s)", "time × previous budget's", "NFE-B (+recomputed)", "grad error")
 
 
 def budget_mib(budget: str) -> float:
@@ -165,8 +167,29 @@ def budget_mib(budget: str) -> float:
     return parse_bytes(budget) / 2**20
 
 
-def budget_table(entries: Sequence[Entry], odeint: Optional[Entry]) -> str:
-    """Budget, peak, their difference and time of each budget row, in the order of the run."""
+def chosen(adjoint: Optional[Mapping[str, object]]) -> str:
+    """What a budget row's last step chose, from its ``AdjointStats`` ('–' if not recorded)."""
+    if not adjoint:
+        return "–"
+    if adjoint["strategy"] == "checkpoints":
+        return f"K = {adjoint['checkpoints']} checkpoints"
+    if adjoint["strategy"] != "graphs":
+        return str(adjoint["strategy"])
+    if adjoint.get("stage_states"):
+        return f"{adjoint['graphs_kept']} graphs, {adjoint['states_stored']} states with stages"
+    return f"all {adjoint['graphs_kept']} graphs"
+
+
+def held_for_adjoint(adjoint: Optional[Mapping[str, object]]) -> str:
+    """Graphs, stored states and solver vectors, as the budget counts them (MB)."""
+    if not adjoint:
+        return "–"
+    total = adjoint["graph_bytes"] + adjoint["stored_bytes"] + adjoint["solver_bytes"]
+    return f"{total / 2**20:.1f}"
+
+
+def budget_table(entries: Sequence[Entry]) -> str:
+    """Budget, choice, held bytes, peak, their difference and time of each budget row, in the order of the run."""
     rows, previous = [], None
     for entry in entries:
         result, budget = entry["result"], str(entry["options"]["memory_budget"])
@@ -174,21 +197,26 @@ def budget_table(entries: Sequence[Entry], odeint: Optional[Entry]) -> str:
             rows.append([budget, f"error: {cell(result['error'])}"] + ["–"] * (len(BUDGET_HEADER) - 2))
             continue
         _, nfe_b, recomputed = evaluations(result)
-        rows.append([budget, f"{result['peak_mb']:.1f}", f"{result['peak_mb'] - budget_mib(budget):+.1f}",
-                     f"{result['time_s']:.3f}", ratio(entry, previous, "time_s"), ratio(entry, odeint, "time_s"),
-                     str(nfe_b) + (f" (+{recomputed})" if recomputed else ""), grad_cell(entry)])
+        adjoint = result.get("adjoint")
+        rows.append([budget, chosen(adjoint), held_for_adjoint(adjoint), f"{result['peak_mb']:.1f}",
+                     f"{result['peak_mb'] - budget_mib(budget):+.1f}", f"{result['time_s']:.3f}",
+                     ratio(entry, previous, "time_s"), str(nfe_b) + (f" (+{recomputed})" if recomputed else ""),
+                     grad_cell(entry)])
         previous = entry
     return table(BUDGET_HEADER, rows)
 
 
 def one_step_graphs(entries: Sequence[Entry]) -> Optional[float]:
-    """(kept-graphs peak − lowest checkpointed peak) / steps (MB): what one step's kept graphs cost."""
-    done = [e for e in entries if "error" not in e["result"]]
-    graphs = [e for e in done if e["options"] == {"adjoint": "graphs"}]
-    checkpointed = [e["result"]["peak_mb"] for e in done if "checkpoints" in e["options"]]
-    if not graphs or not checkpointed or graphs[0]["steps"] is None:
-        return None
-    return (graphs[0]["result"]["peak_mb"] - min(checkpointed)) / graphs[0]["steps"]
+    """One step's kept graphs (MB) as pnode measured them, from a row that kept every graph: the
+    transient a budget does not count (one step re-taken with its graphs, or one stage evaluated)."""
+    for entry in entries:
+        result = entry["result"]
+        adjoint = result.get("adjoint")
+        if adjoint and adjoint["strategy"] == "graphs" and adjoint["graphs_kept"] and adjoint["steps"]:
+            per_graph = adjoint["graph_bytes"] / adjoint["graphs_kept"]
+            stages = result["evaluations"]["forward"]["f"] / adjoint["steps"]
+            return per_graph * stages / 2**20
+    return None
 
 
 def strategies_markdown(doc: Mapping[str, object]) -> str:
@@ -202,12 +230,15 @@ def strategies_markdown(doc: Mapping[str, object]) -> str:
         parts.append(table(STRATEGY_HEADER, rows))
         budgets = [e for e in entries if is_budget(e)]
         if budgets:
-            parts.append(f"Memory budgets (`memory_budget`), {solver_title(entries[0])}:")
-            parts.append(budget_table(budgets, odeint))
-            step = one_step_graphs(entries)
+            parts.append(f"Memory budgets (`memory_budget`), {solver_title(entries[0])}, each row with "
+                         "`pnode.allocator.return_freed_memory()` (glibc unmaps freed blocks of 1 MiB or more, so "
+                         "the resident peak follows live memory; times are not comparable with the rows above):")
+            parts.append(budget_table(budgets))
+            step = one_step_graphs(budgets)
             if step is not None:
-                parts.append("One step's kept graphs, (kept-graphs peak − lowest checkpointed peak) / steps: "
-                             f"{step:.1f} MB.")
+                parts.append("One step's transient, which a budget does not count (one step's stage graphs, as "
+                             f"pnode measured them): {step:.1f} MB. Held for the adjoint: kept graphs, stored states "
+                             "and the solver's vectors, as the budget counts them.")
     return "\n\n".join(parts) + "\n"
 
 

@@ -10,7 +10,9 @@ Rows, each in its own process (:mod:`benchmarks.measure`), ratios from this one 
   kept graphs, stored states, K = 4 binomial checkpoints with and without the stage graphs);
 * ODE-Net rk4 at 64 steps with five memory budgets, from the lowest peak of the checkpointed rows
   to the peak of the kept-graphs row (both measured first, in this run), evenly spaced, or the
-  budgets of ``--budgets``.
+  budgets of ``--budgets``. A budget bounds the memory pnode holds, so these rows run with
+  ``pnode.allocator.return_freed_memory()``: glibc unmaps freed blocks, and the resident peak
+  follows live memory instead of the holes a forward pass leaves in the heap.
 
 A row whose options pnode refuses is recorded with its error and shown as such. Writes
 ``strategies.json``, ``strategies.md`` (printed too) and one figure per workload,
@@ -21,6 +23,7 @@ A row whose options pnode refuses is recorded with its error and shown as such. 
     python -m benchmarks.strategies --rows 'odenet/rk4-16/*'
 """
 
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from benchmarks import cli
@@ -92,8 +95,10 @@ def budget_rows(series: Row, budgets: Sequence[int]) -> List[Row]:
 
 def run_budgets(series: Sequence[Row], entries: List[Dict[str, object]], budgets: Optional[List[int]],
                 settings: Settings, total: int) -> List[Dict[str, object]]:
-    """Measure each budget series (budgets from ``entries`` unless given); an unknown series budget is an error row."""
+    """Measure each budget series (budgets from ``entries`` unless given), with freed memory returned to the OS;
+    an unknown series budget is an error row."""
     done = []
+    settings = replace(settings, keep_freed_memory=False, return_freed_memory=True)
     for placeholder in series:
         try:
             rows = budget_rows(placeholder, budgets or budgets_for(entries, placeholder))

@@ -1,4 +1,4 @@
-"""The C allocator's policy for freed memory: keep it for the next training step (glibc only).
+"""The C allocator's policy for freed memory: keep it for the next training step, or return it at once (glibc only).
 
 A training step of a neural ODE on the CPU allocates and frees the same large buffers every step:
 the network's activations (a few MB each), and with pnode also PETSc's trajectory (one vector per
@@ -14,6 +14,15 @@ is reused, so after the first step the resident size stays at the step's peak (t
 does not change). It is the in-process form of the environment variables
 ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` (which must be set before Python starts);
 ``jemalloc`` or ``tcmalloc`` through ``LD_PRELOAD`` have a similar effect.
+
+:func:`return_freed_memory` is the opposite: every block of 1 MiB or more is mapped on its own and
+unmapped when freed, so the resident size follows the memory in use. By default glibc raises its
+mapping threshold to the largest block freed so far (up to 32 MiB), after which activations come
+from the heap, and a forward pass that frees its intermediates between the tensors it keeps
+leaves holes that stay resident: on the ODE-Net benchmark the forward pass of kept graphs peaks
+about 1 GB above what it holds. A memory budget (:mod:`pnode.budget`) bounds what pnode holds, so
+under a tight budget this setting is what makes the process's peak follow it; it costs a page
+fault per 4 KiB of every new block.
 """
 
 import ctypes
@@ -66,13 +75,41 @@ def keep_freed_memory(limit_mb: Optional[float] = None,
     if limit_mb is not None and not 0 <= limit_mb <= MAX_LIMIT_MB:
         raise ValueError(f"limit_mb must be in [0, 2048) MB (mallopt takes a C int), or None for the most "
                          f"glibc keeps; got {limit_mb!r}")
+    _check_mmap_threshold(mmap_threshold_mb)
+    trim = _MAX_TRIM_BYTES if limit_mb is None else int(limit_mb * 2**20)
+    return _mallopt((_M_MMAP_THRESHOLD, int(mmap_threshold_mb * 2**20)), (_M_TRIM_THRESHOLD, trim))
+
+
+def return_freed_memory(mmap_threshold_mb: float = 1.0) -> bool:
+    """Ask glibc's malloc to map every block of at least ``mmap_threshold_mb`` MB on its own and to
+    return it to the OS when it is freed, so that the resident size follows live memory.
+
+    Process-wide, and it stays in force (the counterpart of :func:`keep_freed_memory`; the last
+    call wins). Setting the threshold fixes it: glibc no longer raises it as blocks are freed.
+
+    Args:
+        mmap_threshold_mb: the smallest block (MB) mapped on its own, in (0, 32].
+
+    Returns:
+        True when glibc took the setting; False when the process does not run on glibc.
+
+    Raises:
+        ValueError: ``mmap_threshold_mb`` outside (0, 32].
+    """
+    _check_mmap_threshold(mmap_threshold_mb)
+    return _mallopt((_M_MMAP_THRESHOLD, int(mmap_threshold_mb * 2**20)))
+
+
+def _check_mmap_threshold(mmap_threshold_mb: float) -> None:
     if not 0 < mmap_threshold_mb <= MAX_MMAP_THRESHOLD_MB:
         raise ValueError(f"mmap_threshold_mb must be in (0, {MAX_MMAP_THRESHOLD_MB}] (glibc refuses larger "
                          f"thresholds); got {mmap_threshold_mb!r}")
+
+
+def _mallopt(*settings) -> bool:
+    """Apply ``(parameter, value)`` pairs with glibc's mallopt; False without glibc or if one is refused."""
     libc = _glibc()
     if libc is None:
         return False
-    trim = _MAX_TRIM_BYTES if limit_mb is None else int(limit_mb * 2**20)
-    mmap = int(mmap_threshold_mb * 2**20)
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
+    return all([bool(libc.mallopt(parameter, value)) for parameter, value in settings])

@@ -47,6 +47,10 @@ class GraphStore:
             nearest one: for lookups at stored stages, which are exact. A store that drops graphs
             needs it: with the right graph gone, the nearest could be another stage at the same
             time (rk4's two at ``t + h/2`` lie within round-off tolerance of each other for small h).
+        measured: the bytes of the first ``measured`` graphs are measured (a saved-tensors hook
+            sees every tensor a graph saves); every later graph is taken to cost their mean. The
+            graphs of one network at one state size are alike, and the hook costs a Python call per
+            saved tensor, which on a small state is a tenth of an evaluation.
 
     Attributes:
         held_bytes: bytes the kept graphs hold (saved activations plus stage inputs and outputs).
@@ -54,10 +58,12 @@ class GraphStore:
         built: graphs built into the store.
     """
 
-    def __init__(self, limit: Optional[int] = None, max_bytes: Optional[int] = None, exact: bool = False):
+    def __init__(self, limit: Optional[int] = None, max_bytes: Optional[int] = None, exact: bool = False,
+                 measured: int = 8):
         self.limit = limit
         self.max_bytes = max_bytes
         self.exact = exact
+        self.measured = measured
         # oldest first; the n-th graph built has serial n, and only the oldest is ever dropped, so the
         # graph of serial s is graphs[s - first serial kept]
         self.graphs: List[Linearization] = []
@@ -80,7 +86,15 @@ class GraphStore:
         i = serial - (self.built - len(self.graphs))
         return self.graphs[i] if 0 <= i < len(self.graphs) else None
 
+    def measuring(self) -> bool:
+        """Whether the next graph built into the store should have its bytes measured."""
+        return self.built < self.measured
+
     def add(self, lin: Linearization) -> None:
+        """Keep ``lin`` (built with measured bytes while :meth:`measuring`), dropping the oldest graphs
+        beyond the byte limit."""
+        if self.built >= self.measured > 0:
+            lin.graph_bytes = self.built_bytes // self.built if self.built else 0
         self.graphs.append(lin)
         bisect.insort(self._times, (float(lin.tau), self.built))
         self.held_bytes += lin.graph_bytes
@@ -256,7 +270,8 @@ class Evaluator:
             given = self.cached.value_at(self.rhs, tau, view, vec_key(u))
         if self.graphs is not None and (self.graph_stages is None or stage < self.graph_stages):
             self.graphs.make_room()  # before the new graph is built: at most the limit at once
-            value, lin = self.rhs.evaluate_linearized(tau, view, vec_key(u), forward=self.observer is not None)
+            value, lin = self.rhs.evaluate_linearized(tau, view, vec_key(u), forward=self.observer is not None,
+                                                      measure=self.graphs.measuring())
             self.graphs.add(lin)
             given = value if given is None else given
         elif given is None:

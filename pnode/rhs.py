@@ -108,16 +108,17 @@ class RHS:
         return Linearization(self, tau, user, key, single_vjp)
 
     def evaluate_linearized(self, tau: float, u: torch.Tensor, key: Optional[Tuple[int, int]] = None,
-                            forward: bool = False) -> Tuple[torch.Tensor, "Linearization"]:
+                            forward: bool = False, measure: bool = True) -> Tuple[torch.Tensor, "Linearization"]:
         """Evaluate ``f(tau, u)`` with its graph kept, for VJPs at this point later.
 
         Returns the value (flat, the user's dtype and device) and the :class:`Linearization` that
         holds the graph. The stage evaluations then serve the adjoint's Jacobian products instead
         of being evaluated again (kept graphs, or a step re-taken just before its adjoint);
-        ``forward``: count it as a forward evaluation.
+        ``forward``: count it as a forward evaluation; ``measure``: sum the bytes the graph holds
+        into its ``graph_bytes`` (a saved-tensors hook per saved tensor, which costs on small states).
         """
         lin = self.linearize(tau, u, key, single_vjp=True)
-        lin._build_graph(measure=True, forward=forward)
+        lin._build_graph(measure=measure, forward=forward)
         return lin.value, lin
 
     def matches(self, lin: Optional["Linearization"], tau: float, u: torch.Tensor,

@@ -44,7 +44,8 @@ class AdjointStats:
         graphs_kept: stage graphs kept for the adjoint (all of them: ``steps * stages``).
         graph_bytes: bytes those graphs held (saved activations, stage inputs and outputs).
         states_stored: steps whose state PETSc's trajectory (or the checkpoint store) kept.
-        stored_bytes: bytes of those states (with their stages where the trajectory keeps them).
+        stage_states: stage vectors the trajectory kept beside those states (0: states only).
+        stored_bytes: bytes of those states and stages.
         checkpoints: K of a checkpointed pass (None otherwise).
         recomputed_steps: steps re-taken to reach checkpoints in the backward pass.
         budget_bytes: the memory budget the choice was made under (None without one).
@@ -56,6 +57,7 @@ class AdjointStats:
     graphs_kept: int = 0
     graph_bytes: int = 0
     states_stored: int = 0
+    stage_states: int = 0
     stored_bytes: int = 0
     checkpoints: Optional[int] = None
     recomputed_steps: int = 0
@@ -107,6 +109,7 @@ class StoredStates:
         record = solver.forward(rhs, problem.taus, y0, ForwardPlan(trajectory=True, adjoint=True))
         stages = record.stages or 1
         stats = AdjointStats("states", steps=record.steps, states_stored=record.steps,
+                             stage_states=record.steps * stages,
                              stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
         return Forward(record, stats)
 
@@ -139,9 +142,10 @@ class KeptGraphs:
         graphs = GraphStore(max_bytes=self.graph_bytes, exact=not solution_only)
         plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, adjoint=True)
         record = solver.forward(rhs, problem.taus, y0, plan)
-        per_state = (1 if solution_only else 1 + (record.stages or 1)) * state_bytes(solver)
+        stages = 0 if solution_only else record.stages or 1
         stats = AdjointStats("graphs", steps=record.steps, graphs_kept=len(graphs), graph_bytes=graphs.held_bytes,
-                             states_stored=record.steps, stored_bytes=record.steps * per_state)
+                             states_stored=record.steps, stage_states=record.steps * stages,
+                             stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
         return Forward(record, stats, graphs=graphs, solution_only=solution_only)
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:

@@ -182,6 +182,16 @@ def test_graph_store_limits_and_finds_the_nearest_stage_against_stubs():
     assert len(by_bytes) == 2 and by_bytes.held_bytes == 20 and by_bytes.built_bytes == 40
 
 
+def test_graph_store_measures_the_first_graphs_and_takes_their_mean_for_the_rest():
+    store = GraphStore(max_bytes=100, measured=2)
+    sizes = []
+    for i, nbytes in enumerate([10, 20, 999, 999]):  # the unmeasured graphs' own counts are not used
+        sizes.append(store.measuring())
+        store.add(_Lin(float(i), torch.zeros(1), nbytes))
+    assert sizes == [True, True, False, False]
+    assert [lin.graph_bytes for lin in store.graphs] == [10, 20, 15, 15] and store.built_bytes == 60
+
+
 def test_graph_store_lookups_compare_only_the_graphs_at_their_stage_time():
     class CountingRHS(_RHS):
         calls = 0
