@@ -35,6 +35,9 @@ def new_parser(description: str, default_out: str = "bench-results") -> argparse
     parser.add_argument("--out", default=default_out, help=f"directory for the JSON, markdown and figures "
                                                            f"(default {default_out})")
     parser.add_argument("--repeats", type=int, help="timed training steps per row, the median counts (default 5)")
+    parser.add_argument("--rounds", type=int,
+                        help="measure the times of every row this many times, a row after another, and take the "
+                             "median over all rounds: the machine's drift reaches every row alike (default 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch intra-op threads (default: all CPUs)")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -54,6 +57,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
                   grad_check=not args.no_grad_check)
     if args.repeats is not None:
         values["repeats"] = args.repeats
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+        values["rounds"] = args.rounds
     if args.timeout is not None:
         values["timeout_s"] = args.timeout
     return Settings(**values)

@@ -29,6 +29,12 @@ its own and no other row's solvers, caches or heap layout are in it. The worker:
    :mod:`pnode.testing.petsc_arithmetic`; implicit: :mod:`pnode.testing.references`); torchdiffeq
    ``odeint_adjoint`` against torchdiffeq ``odeint`` with the same method and steps.
 
+With ``rounds`` > 1 the driver measures the rows again, in the same order, rounds - 1 more times
+(a fresh process per row and round, steps 1-2 only), and a row's **time / step** is the median of
+its timed steps from every round: the machine's speed wanders by tens of percent over minutes, and
+rounds spread that drift over every row alike instead of charging it to the rows measured in a
+slow minute. Memory, counts and gradient errors come from the first round.
+
 The worker prints one line ``BENCHMARK_RESULT {json}``; a row that fails (an option pnode does not
 accept, a solver error, a time-out) comes back as ``{"error": "..."}`` and the run goes on.
 """
@@ -41,7 +47,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from benchmarks.memory import anonymous_mb, release_free_memory, step_memory
@@ -120,6 +126,8 @@ class Settings:
         return_freed_memory: every row first calls ``pnode.allocator.return_freed_memory()``
             (blocks of 1 MiB or more are unmapped when freed: resident memory follows live memory).
         grad_check: whether to compute the gradient error.
+        rounds: measure the times of every row this many times, a row after another (see the module
+            docstring); the later rounds take no memory steps and no gradient error.
         timeout_s: seconds a row may take, its process included.
     """
 
@@ -131,6 +139,7 @@ class Settings:
     keep_freed_memory: bool = False
     return_freed_memory: bool = False
     grad_check: bool = True
+    rounds: int = 1
     timeout_s: float = 3600.0
 
 
@@ -321,6 +330,8 @@ def measure_row(row: Row, settings: Settings) -> Dict[str, object]:
     baseline = anonymous_mb()
     timed_steps(problem, solve, settings.warmup)
     times = timed_steps(problem, solve, settings.repeats)
+    if settings.memory_steps == 0:  # a later round: times only
+        return {"time_s": statistics.median(times), "times_s": times}
     counts = solve.phase_counts()
     memory = [step_memory(lambda: workloads.training_step(problem, solve), baseline)
               for _ in range(settings.memory_steps)]
@@ -385,6 +396,8 @@ def progress_line(index: int, total: int, row: Row, result: Mapping[str, object]
     head = f"[{index}/{total}] {row.id}"
     if "error" in result:
         return f"{head}: error: {result['error']} ({seconds:.0f} s)"
+    if "peak_mb" not in result:  # a later round: times only
+        return f"{head}: {result['time_s']:.3f} s/step ({seconds:.0f} s)"
     error = result.get("grad_error")
     return (f"{head}: {result['time_s']:.3f} s/step, peak {result['peak_mb']:.1f} MB, held {result['held_mb']:.1f} MB, "
             f"grad error {'-' if error is None else f'{error:.1e}'} ({seconds:.0f} s)")
@@ -392,18 +405,37 @@ def progress_line(index: int, total: int, row: Row, result: Mapping[str, object]
 
 def run_rows(rows: Sequence[Row], settings: Settings, done: int = 0, total: Optional[int] = None
              ) -> List[Dict[str, object]]:
-    """Measure each row in its own process, in order; returns ``[{**row.to_json(), 'result': ...}]``.
+    """Measure each row in its own process, in order, in ``settings.rounds`` rounds; returns
+    ``[{**row.to_json(), 'result': ...}]``.
 
     ``done`` and ``total`` number the progress lines (stderr) when a run measures rows in batches.
     """
-    entries = []
-    for i, row in enumerate(rows, done + 1):
-        start = time.perf_counter()
-        result = run_in_subprocess(row, settings)
-        print(progress_line(i, total or len(rows), row, result, time.perf_counter() - start), file=sys.stderr,
-              flush=True)
-        entries.append({**row.to_json(), "result": result})
+    entries = [{**row.to_json(), "result": _measured(row, settings, i, total or len(rows))}
+               for i, row in enumerate(rows, done + 1)]
+    times_only = replace(settings, memory_steps=0, grad_check=False)
+    for round_number in range(2, settings.rounds + 1):
+        for i, (row, entry) in enumerate(zip(rows, entries), done + 1):
+            if "error" in entry["result"]:
+                continue
+            later = _measured(row, times_only, i, total or len(rows), f" (round {round_number})")
+            entry["result"] = merge_round(entry["result"], later)
     return entries
+
+
+def _measured(row: Row, settings: Settings, index: int, total: int, note: str = "") -> Dict[str, object]:
+    start = time.perf_counter()
+    result = run_in_subprocess(row, settings)
+    print(progress_line(index, total, row, result, time.perf_counter() - start) + note, file=sys.stderr, flush=True)
+    return result
+
+
+def merge_round(result: Dict[str, object], later: Mapping[str, object]) -> Dict[str, object]:
+    """``result`` with the timed steps of a later round added (time / step: the median of them all);
+    a later round that failed is noted and leaves the times as they were."""
+    if "error" in later:
+        return {**result, "round_errors": [*result.get("round_errors", []), later["error"]]}
+    times = [*result["times_s"], *later["times_s"]]
+    return {**result, "times_s": times, "time_s": statistics.median(times), "rounds": result.get("rounds", 1) + 1}
 
 
 if __name__ == "__main__":

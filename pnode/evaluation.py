@@ -265,12 +265,12 @@ class Evaluator:
             self.observer(ts, tau, u, self.last_output)
         given, self.first_derivative = self.first_derivative, None
         stage, self.stage = self.stage, self.stage + 1
-        view = vec_view(u)
+        view, key = vec_view(u), vec_key(u)
         if self.cached is not None and given is None:
-            given = self.cached.value_at(self.rhs, tau, view, vec_key(u))
+            given = self.cached.value_at(self.rhs, tau, view, key)
         if self.graphs is not None and (self.graph_stages is None or stage < self.graph_stages):
             self.graphs.make_room()  # before the new graph is built: at most the limit at once
-            value, lin = self.rhs.evaluate_linearized(tau, view, vec_key(u), forward=self.observer is not None,
+            value, lin = self.rhs.evaluate_linearized(tau, view, key, forward=self.observer is not None,
                                                       measure=self.graphs.measuring())
             self.graphs.add(lin)
             given = value if given is None else given
@@ -278,7 +278,7 @@ class Evaluator:
             given = self.rhs.evaluate(tau, view)
         tensor_into_vec(given, f)
         self.last_output = f
-        self._last = (tau, vec_key(u), given)
+        self._last = (tau, key, given)
 
     def value_at(self, tau: float, key) -> Optional[torch.Tensor]:
         """The latest evaluation's value (user dtype) if it was at ``(tau, key)``, else None."""
@@ -310,9 +310,10 @@ class Linearizer:
 
     def at(self, current: Optional[Linearization], tau: float, u) -> Linearization:
         """The linearization at ``(tau, u)`` (``u`` a Vec); ``current``: the one the shells hold."""
-        key, view = vec_key(u), vec_view(u)
+        key = vec_key(u)
         if self._last is not None and self._last[:2] == (tau, key):
             return self._last[2]  # PETSc asks twice per stage (J^T, then J_p^T) at an unchanged Vec
+        view = vec_view(u)
         if self.rhs.matches(current, tau, view, key):
             return current
         lin = self.graphs.find(self.rhs, tau, view, key) if self.graphs is not None else None

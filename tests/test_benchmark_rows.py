@@ -1,5 +1,6 @@
-"""The memory-budget table of the strategies report, rendered from result entries (no run)."""
+"""Benchmark bookkeeping without a run: the memory-budget table from result entries, and rounds merged."""
 
+from benchmarks.measure import merge_round
 from benchmarks.report import budget_table, one_step_graphs
 
 MIB = 2**20
@@ -33,3 +34,10 @@ def test_one_step_transient_is_one_step_of_measured_stage_graphs():
                _entry("5514MiB", 4.0, 4443.0, _stats("graphs", 256, 4096, stored_mb=256))]
     assert one_step_graphs(entries) == 4096 / 256 * 4  # 4 stages (256 evaluations in 64 steps)
     assert one_step_graphs(entries[:1]) is None
+
+
+def test_later_rounds_add_their_times_and_the_median_is_taken_over_all():
+    first = {"time_s": 2.0, "times_s": [1.0, 2.0, 9.0], "peak_mb": 5.0}
+    merged = merge_round(merge_round(first, {"time_s": 3.0, "times_s": [3.0, 3.5]}), {"error": "timed out"})
+    assert merged["times_s"] == [1.0, 2.0, 9.0, 3.0, 3.5] and merged["time_s"] == 3.0 and merged["rounds"] == 2
+    assert merged["peak_mb"] == 5.0 and merged["round_errors"] == ["timed out"]
