@@ -1,17 +1,19 @@
-"""A memory budget: one setting that spans the curve from backprop's speed to constant memory.
+"""A memory budget: one setting that spans the curve from kept graphs to constant memory.
 
 ``options={'memory_budget': '2GB'}`` (or bytes as an int, or ``-pnode_memory_budget 2GB``) bounds
 what pnode holds for the adjoint between the forward and the backward pass: its solver's PETSc
-vectors, kept stage graphs and stored states. Not counted: the transient of one step (the
-network's activations while one stage is evaluated or differentiated, and the graphs of one
-re-taken step). :class:`MemoryBudget` chooses per call, from costs measured on earlier calls of the
-same solver (a kept graph's bytes per step, the stages per step) and the step count (known for
-fixed steps; for adaptive ones, the previous call's):
+vectors, kept stage graphs and stored states. Checkpointing reserves room for reversing one step
+(its stages and, where they are kept, its stage graphs). Not counted: the network's activations
+and gradient buffers while one stage is evaluated or differentiated. :class:`MemoryBudget`
+chooses per call, from costs measured on earlier calls of the same solver (one step's graphs, as
+kept graphs or a checkpointed re-take measured them; the stages per step) and the step count
+(known for fixed steps; for adaptive ones, the previous call's):
 
 1. every graph fits beside the states: :class:`KeptGraphs` (no evaluation in the backward pass);
 2. every state and stage fits: :class:`KeptGraphs` with the graphs that still fit (the latest
-   steps', which the adjoint reverses first), the other stages re-evaluated for their VJPs;
-3. otherwise binomial checkpoints with as many states as fit (at least one).
+   steps', which the adjoint reverses first; with fixed steps the earlier steps build none), the
+   other stages re-evaluated for their VJPs;
+3. otherwise binomial checkpoints with as many states as fit beside one reversed step (at least one).
 
 The first call of a solver has no measurement yet and takes 2 (or 3 if the states alone exceed
 the budget). What was chosen is in the call's :class:`pnode.strategies.AdjointStats`.
@@ -83,9 +85,22 @@ class MemoryBudget:
             return KeptGraphs()
         every_stage = steps * (1 + stages) * one
         if every_stage < available:
-            return KeptGraphs(graph_bytes=available - every_stage)
+            graph_bytes = available - every_stage
+            graph_steps = None if costs is None else int(graph_bytes // max(costs.graph_bytes_per_step, 1.0))
+            return KeptGraphs(graph_bytes=graph_bytes, graph_steps=graph_steps)
         per_checkpoint = 2 * one if problem.config.method.adaptive else one  # FSAL: a derivative each
-        return BinomialCheckpoints(max(1, available // per_checkpoint), self.checkpoint_graphs)
+        room = available - self.reversal_bytes(one, stages, costs)
+        return BinomialCheckpoints(max(1, room // per_checkpoint), self.checkpoint_graphs)
+
+    def reversal_bytes(self, one: int, stages: int, costs: Optional[MeasuredCosts]) -> int:
+        """What reversing one checkpointed step holds: the re-taken step's trajectory (its state and
+        stages) and the stage graphs it keeps (all, or ``checkpoint_graphs`` of them; unknown before a
+        measurement)."""
+        graphs = 0.0
+        if costs is not None:
+            kept = stages if self.checkpoint_graphs is None else min(self.checkpoint_graphs, stages)
+            graphs = costs.graph_bytes_per_step * kept / max(stages, 1)
+        return int((1 + stages) * one + graphs)
 
     def available(self, solver: Solver) -> int:
         """Bytes left for graphs and states: the budget less the solver's own vectors (its TS's work
@@ -100,9 +115,13 @@ class MemoryBudget:
         forward.stats.solver_bytes = solver.held_bytes
         graphs = forward.graphs
         if graphs is not None and graphs.built and forward.record.steps:
-            solver.measured_costs = MeasuredCosts(graphs.built_bytes / forward.record.steps,
-                                                  forward.record.stages or 1, forward.record.steps)
+            per_step = graphs.built_bytes / forward.extra.get("graph_steps", forward.record.steps)
+            solver.measured_costs = MeasuredCosts(per_step, forward.record.stages or 1, forward.record.steps)
         return forward
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
-        return forward.extra["strategy"].backward(solver, forward, grad_outputs)
+        result = forward.extra["strategy"].backward(solver, forward, grad_outputs)
+        step_graphs = forward.extra.get("step_graph_bytes")
+        if step_graphs and forward.record.steps:  # checkpointed: what one re-taken step's graphs cost
+            solver.measured_costs = MeasuredCosts(step_graphs, forward.record.stages or 1, forward.record.steps)
+        return result

@@ -168,6 +168,8 @@ class CheckpointedAdjoint:
         advanced_steps: steps recomputed to reach checkpoints (excluding the one re-take per step).
         recorded_steps: steps re-taken with a trajectory (one per forward step).
         peak_stored: the most trajectory states held at once during the adjoint.
+        step_graph_bytes: bytes of the stage graphs one re-taken step built (None before one, or
+            when no graphs are kept).
     """
 
     def __init__(self, solver: Solver, checkpoints: int, keep_graphs: Optional[int] = None):
@@ -178,6 +180,7 @@ class CheckpointedAdjoint:
         self.advanced_steps = 0
         self.recorded_steps = 0
         self.peak_stored = 0
+        self.step_graph_bytes: Optional[int] = None
         self._held = 0
         self._handoff_buffer: Optional[torch.Tensor] = None
 
@@ -264,4 +267,6 @@ class CheckpointedAdjoint:
         self.recorded_steps += 1
         graphs = None if self.keep_graphs == 0 else GraphStore(limit=self.keep_graphs)
         self._replay(first, first + 1, state, derivative, graphs=graphs, trajectory=True)
+        if graphs is not None and self.step_graph_bytes is None:
+            self.step_graph_bytes = graphs.built_bytes
         self.solver.adjoint_steps(1, Linearizer(self.rhs, self.solver.explicit, graphs, self._stage_times))

@@ -234,6 +234,9 @@ class Evaluator:
         graphs: keep each evaluation's graph here (None: evaluate without a graph).
         graph_stages: keep graphs of the first ``graph_stages`` evaluations of each step only
             (an FSAL method's adjoint never linearises its last stage); None: all.
+        graphs_from_step: keep graphs from this step on only (0: the first step is step 0); earlier
+            steps evaluate without one (a budget that keeps the graphs of the last steps builds no
+            graph it would drop).
         first_derivative: the derivative the first evaluation writes instead of f (a re-taken
             FSAL step starts from the one the original step reused; its graph is still built).
         cached: kept graphs whose outputs serve evaluations at their points (PETSc re-taking a
@@ -245,10 +248,12 @@ class Evaluator:
 
     def __init__(self, rhs: RHS, graphs: Optional[GraphStore] = None, graph_stages: Optional[int] = None,
                  first_derivative: Optional[torch.Tensor] = None, cached: Optional[GraphStore] = None,
-                 observer: Optional[Observer] = None):
+                 observer: Optional[Observer] = None, graphs_from_step: int = 0):
         self.rhs = rhs
         self.graphs = graphs
         self.graph_stages = graph_stages
+        self.graphs_from_step = graphs_from_step
+        self.steps_started = 0
         self.first_derivative = first_derivative
         self.cached = cached
         self.observer = observer
@@ -258,6 +263,12 @@ class Evaluator:
 
     def step_started(self) -> None:
         self.stage = 0
+        self.steps_started += 1
+
+    def _keeps_graph(self, stage: int) -> bool:
+        """Whether this evaluation (``stage`` of the current step) keeps its graph."""
+        return (self.graphs is not None and (self.graph_stages is None or stage < self.graph_stages)
+                and self.steps_started > self.graphs_from_step)
 
     def evaluate(self, ts, tau: float, u, f) -> None:
         """Write f at ``(tau, u)`` into ``f`` (Vecs), as this call evaluates it."""
@@ -268,7 +279,7 @@ class Evaluator:
         view, key = vec_view(u), vec_key(u)
         if self.cached is not None and given is None:
             given = self.cached.value_at(self.rhs, tau, view, key)
-        if self.graphs is not None and (self.graph_stages is None or stage < self.graph_stages):
+        if self._keeps_graph(stage):
             self.graphs.make_room()  # before the new graph is built: at most the limit at once
             value, lin = self.rhs.evaluate_linearized(tau, view, key, forward=self.observer is not None,
                                                       measure=self.graphs.measuring())

@@ -56,6 +56,7 @@ class ForwardPlan:
             stages in the adjoint (served by the kept graphs' outputs, see ``graphs``).
         store: a :class:`pnode.checkpoint.CheckpointStore` offered the states, or None.
         graphs: keep every stage evaluation's graph here for the adjoint (explicit methods).
+        graphs_from_step: keep the graphs of this step and later ones only (0: every step).
         adjoint: an adjoint will run (stage times are recorded for it).
     """
 
@@ -63,6 +64,7 @@ class ForwardPlan:
     solution_only: bool = False
     store: object = None
     graphs: Optional[GraphStore] = None
+    graphs_from_step: int = 0
     adjoint: bool = False
 
 
@@ -210,7 +212,8 @@ class Solver:
         record.outputs[0].copy_(y0)
         if len(taus) == 1:
             return record
-        evaluator = Evaluator(rhs, graphs=plan.graphs if self.explicit else None)
+        evaluator = Evaluator(rhs, graphs=plan.graphs if self.explicit else None,
+                              graphs_from_step=plan.graphs_from_step)
         schedule = OutputSchedule(self.config, record, plan.store, self.explicit)
         evaluator.observer = schedule.observe
         first_step = starting_step(self.config, rhs, taus, y0, self.comm)

@@ -6,7 +6,7 @@ they hold between the forward and the backward pass, and so in memory and time:
 * :class:`KeptGraphs` (``adjoint='graphs'``): every stage evaluation keeps its autograd graph and
   the adjoint's vector-Jacobian products use it; f is never evaluated again. PETSc's trajectory keeps
   the states only (it re-takes a step to recover its stages, served from the kept graphs' outputs).
-  Backprop's speed at about backprop's memory.
+  Near backprop's time and memory.
 * :class:`StoredStates` (``adjoint='states'``, the default): PETSc keeps every step's state and
   stages; the adjoint evaluates f once more at each stage for its VJP. A fraction of backprop's
   memory, at about torchdiffeq's adjoint's time.
@@ -125,12 +125,16 @@ class KeptGraphs:
         graph_bytes: keep at most this many bytes of graphs (the latest ones: the adjoint uses
             them first), storing every stage in the trajectory for the rest; None: all graphs,
             states only in the trajectory.
+        graph_steps: with ``graph_bytes``, when the step count and a step's graphs are known in
+            advance: build graphs in the last ``graph_steps`` steps only (the others would be
+            dropped); None: build every graph and drop the oldest beyond ``graph_bytes``.
     """
 
     name = "graphs"
 
-    def __init__(self, graph_bytes: Optional[int] = None):
+    def __init__(self, graph_bytes: Optional[int] = None, graph_steps: Optional[int] = None):
         self.graph_bytes = graph_bytes
+        self.graph_steps = graph_steps
 
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
         if not solver.explicit:
@@ -140,13 +144,17 @@ class KeptGraphs:
         solution_only = self.graph_bytes is None
         # with every stage stored, the adjoint asks at exact copies of the forward's stages
         graphs = GraphStore(max_bytes=self.graph_bytes, exact=not solution_only)
-        plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, adjoint=True)
+        first = 0 if self.graph_steps is None else max(0, (expected_steps(problem.config, problem.taus) or 0)
+                                                        - self.graph_steps)
+        plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, graphs_from_step=first,
+                           adjoint=True)
         record = solver.forward(rhs, problem.taus, y0, plan)
         stages = 0 if solution_only else record.stages or 1
         stats = AdjointStats("graphs", steps=record.steps, graphs_kept=len(graphs), graph_bytes=graphs.held_bytes,
                              states_stored=record.steps, stage_states=record.steps * stages,
                              stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
-        return Forward(record, stats, graphs=graphs, solution_only=solution_only)
+        return Forward(record, stats, graphs=graphs, solution_only=solution_only,
+                       extra={"graph_steps": max(1, record.steps - first)})
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
         if forward.graphs is None:
@@ -193,4 +201,5 @@ class BinomialCheckpoints:
         adjoint = CheckpointedAdjoint(solver, self.checkpoints, self.graphs)
         result = adjoint.run(forward.record, forward.store, grad_outputs)
         forward.stats.recomputed_steps = adjoint.advanced_steps
+        forward.extra["step_graph_bytes"] = adjoint.step_graph_bytes
         return result

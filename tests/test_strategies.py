@@ -13,7 +13,7 @@ from problems import LinearField, MLPField, stable_matrix
 import pnode
 from pnode import pool
 from pnode.budget import MeasuredCosts, MemoryBudget, parse_bytes
-from pnode.evaluation import GraphStore
+from pnode.evaluation import Evaluator, GraphStore
 from pnode.stats import SolveStats
 from pnode.strategies import BinomialCheckpoints, KeptGraphs
 from pnode.testing.references import TABLEAUS, rk_solve
@@ -124,8 +124,14 @@ def test_budget_choice_against_stubs():
     assert MemoryBudget(10 * (800 + 5000)).choose(solver, problem).graph_bytes is None  # all graphs
     partial = MemoryBudget(10 * 5 * 800 + 7000).choose(solver, problem)
     assert isinstance(partial, KeptGraphs) and partial.graph_bytes == 7000
-    checkpointed = MemoryBudget(3 * 800).choose(solver, problem)
+    assert partial.graph_steps == 1  # one step's graphs (5000 bytes) fit: the earlier steps build none
+    # checkpoints leave room for reversing one step: its state and 4 stages, and its 4 stage graphs
+    reversal = 5 * 800 + 5000
+    checkpointed = MemoryBudget(3 * 800 + reversal).choose(solver, problem)
     assert isinstance(checkpointed, BinomialCheckpoints) and checkpointed.checkpoints == 3
+    one_graph = MemoryBudget(3 * 800 + 5 * 800 + 1250, checkpoint_graphs=1).choose(solver, problem)
+    assert one_graph.checkpoints == 3
+    assert MemoryBudget(reversal).choose(solver, problem).checkpoints == 1  # the least pnode can hold
     solver.measured_costs = None  # first call: no measurement, states and the graphs that fit
     first = MemoryBudget(10 * 5 * 800 + 100).choose(solver, problem)
     assert isinstance(first, KeptGraphs) and first.graph_bytes == 100
@@ -180,6 +186,15 @@ def test_graph_store_limits_and_finds_the_nearest_stage_against_stubs():
     for i in range(4):
         by_bytes.add(_Lin(float(i), torch.zeros(1)))
     assert len(by_bytes) == 2 and by_bytes.held_bytes == 20 and by_bytes.built_bytes == 40
+
+
+def test_an_evaluator_keeps_graphs_from_its_first_graph_step_on():
+    evaluator = Evaluator(_RHS, graphs=GraphStore(), graph_stages=3, graphs_from_step=2)
+    kept = []
+    for _ in range(4):
+        evaluator.step_started()
+        kept.append([evaluator._keeps_graph(stage) for stage in range(4)])
+    assert kept == [[False] * 4, [False] * 4, [True, True, True, False], [True, True, True, False]]
 
 
 def test_graph_store_measures_the_first_graphs_and_takes_their_mean_for_the_rest():
@@ -301,3 +316,19 @@ def test_the_pool_stays_under_its_bound_over_400_batch_sizes():
         assert pool.pooled_solvers() == 0 and pool.pool_bytes() == 0
     finally:
         pool.set_pool_limit("1GB")
+
+
+def test_a_checkpointing_budget_measures_a_step_s_graphs_and_reserves_room_for_them():
+    # a budget far below the stored states: checkpoints from the first call on; the first call's
+    # reversed steps measure what one step's graphs cost, so the next call keeps fewer checkpoints
+    func = MLPField(dim=2, hidden=64).double()
+    y0 = torch.randn(64, 2, dtype=torch.float64)
+    stats = SolveStats()
+    chosen = []
+    for _ in range(2):
+        ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                                  options={"step_size": 0.02, "memory_budget": 200_000}, _stats=stats)
+        ys[-1].sum().backward()
+        chosen.append(stats.adjoint.checkpoints)
+    assert stats.adjoint.strategy == "checkpoints"
+    assert chosen[1] < chosen[0]  # the second call reserved one step's measured graphs
