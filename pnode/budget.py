@@ -114,14 +114,20 @@ class MemoryBudget:
         forward.stats.budget_bytes = self.budget
         forward.stats.solver_bytes = solver.held_bytes
         graphs = forward.graphs
-        if graphs is not None and graphs.built and forward.record.steps:
-            per_step = graphs.built_bytes / forward.extra.get("graph_steps", forward.record.steps)
-            solver.measured_costs = MeasuredCosts(per_step, forward.record.stages or 1, forward.record.steps)
+        if graphs is not None and graphs.built:
+            _note_costs(solver, forward, graphs.built_bytes / forward.extra.get("steps_with_graphs",
+                                                                                 max(forward.record.steps, 1)))
         return forward
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
         result = forward.extra["strategy"].backward(solver, forward, grad_outputs)
         step_graphs = forward.extra.get("step_graph_bytes")
-        if step_graphs and forward.record.steps:  # checkpointed: what one re-taken step's graphs cost
-            solver.measured_costs = MeasuredCosts(step_graphs, forward.record.stages or 1, forward.record.steps)
+        if step_graphs:  # checkpointed: what one re-taken step's graphs cost
+            _note_costs(solver, forward, step_graphs)
         return result
+
+
+def _note_costs(solver: Solver, forward: Forward, graph_bytes_per_step: float) -> None:
+    """Remember a call's measured costs on its solver, for the next call's choice."""
+    if forward.record.steps:
+        solver.measured_costs = MeasuredCosts(graph_bytes_per_step, forward.record.stages or 1, forward.record.steps)

@@ -93,8 +93,8 @@ class GraphStore:
     def add(self, lin: Linearization) -> None:
         """Keep ``lin`` (built with measured bytes while :meth:`measuring`), dropping the oldest graphs
         beyond the byte limit."""
-        if self.built >= self.measured > 0:
-            lin.graph_bytes = self.built_bytes // self.built if self.built else 0
+        if not self.measuring():
+            lin.graph_bytes = self.built_bytes // max(self.built, 1)
         self.graphs.append(lin)
         bisect.insort(self._times, (float(lin.tau), self.built))
         self.held_bytes += lin.graph_bytes

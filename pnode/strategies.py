@@ -154,7 +154,7 @@ class KeptGraphs:
                              states_stored=record.steps, stage_states=record.steps * stages,
                              stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
         return Forward(record, stats, graphs=graphs, solution_only=solution_only,
-                       extra={"graph_steps": max(1, record.steps - first)})
+                       extra={"steps_with_graphs": max(1, record.steps - first)})
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
         if forward.graphs is None:
