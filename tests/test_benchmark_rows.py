@@ -1,5 +1,8 @@
 """Benchmark bookkeeping without a run: the memory-budget table from result entries, and rounds merged."""
 
+import pytest
+
+from benchmarks import cli
 from benchmarks.measure import merge_round
 from benchmarks.report import budget_table, one_step_graphs
 
@@ -41,3 +44,9 @@ def test_later_rounds_add_their_times_and_the_median_is_taken_over_all():
     merged = merge_round(merge_round(first, {"time_s": 3.0, "times_s": [3.0, 3.5]}), {"error": "timed out"})
     assert merged["times_s"] == [1.0, 2.0, 9.0, 3.0, 3.5] and merged["time_s"] == 3.0 and merged["rounds"] == 2
     assert merged["peak_mb"] == 5.0 and merged["round_errors"] == ["timed out"]
+
+
+def test_fewer_than_one_round_is_refused():
+    args = cli.new_parser("test").parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit, match="--rounds must be at least 1, got 0"):
+        cli.settings_from(args)

@@ -332,3 +332,31 @@ def test_a_checkpointing_budget_measures_a_step_s_graphs_and_reserves_room_for_t
         chosen.append(stats.adjoint.checkpoints)
     assert stats.adjoint.strategy == "checkpoints"
     assert chosen[1] < chosen[0]  # the second call reserved one step's measured graphs
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+def test_a_budget_keeping_the_last_steps_graphs_gives_the_stored_states_gradient_bit_for_bit(method, monkeypatch):
+    fixed = {"step_size": 0.05}
+    _, _, every = _gradients(method, {**fixed, "memory_budget": 10**9})  # all graphs: what they cost
+    a = every.adjoint
+    stages = a.graphs_kept // a.steps
+    one = a.stored_bytes // a.steps  # states only
+    every_stage = a.steps * (1 + stages) * one
+    budget = a.solver_bytes + every_stage + a.graph_bytes // 4
+    assert budget < a.solver_bytes + a.steps * one + a.graph_bytes  # too little for every graph
+    _gradients(method, {**fixed, "memory_budget": budget})  # measures one step's graphs
+    built = []
+    evaluate_linearized = pnode.rhs.RHS.evaluate_linearized
+
+    def counted(self, *args, **kwargs):
+        built.append(kwargs.get("forward"))  # True: built by the forward pass
+        return evaluate_linearized(self, *args, **kwargs)
+
+    monkeypatch.setattr(pnode.rhs.RHS, "evaluate_linearized", counted)
+    _, got, stats = _gradients(method, {**fixed, "memory_budget": budget})
+    kept = stats.adjoint
+    assert kept.strategy == "graphs" and kept.stage_states > 0 and 0 < kept.graphs_kept < a.graphs_kept
+    assert built.count(True) == kept.graphs_kept  # the forward pass built no graph it would drop
+    _, want, _ = _gradients(method, {**fixed, "adjoint": "states"})
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
