@@ -6,9 +6,15 @@ solvers are kept least-recently-used first; when their PETSc vectors
 (:attr:`pnode.solver.Solver.held_bytes`) exceed the pool's limit, the oldest are destroyed. The
 limit is 1 GB by default, ``PNODE_POOL_BYTES`` in the environment or :func:`set_pool_limit`
 change it, and :func:`clear_cache` empties the pool.
+
+Every solver the pool built is destroyed when the interpreter exits, while Python can still run
+the callbacks its PETSc objects hold (shell matrices with Python contexts). Left to the end,
+PETSc's own finalisation (after Python's) would destroy them and call into a finished interpreter.
 """
 
+import atexit
 import os
+import weakref
 from collections import OrderedDict
 from typing import List, Tuple
 
@@ -19,6 +25,7 @@ from .solver import Solver
 
 _idle: "OrderedDict[tuple, List[Solver]]" = OrderedDict()
 _limit = [parse_bytes(os.environ.get("PNODE_POOL_BYTES", "1GB"), "PNODE_POOL_BYTES")]
+_built: "weakref.WeakSet[Solver]" = weakref.WeakSet()  # idle or in use by a graph not yet backpropagated
 
 
 def pool_key(problem, param_size: int, record: bool) -> tuple:
@@ -37,7 +44,9 @@ def acquire_solver(problem, param_size: int, record: bool) -> Tuple[tuple, Solve
         if not idle:
             del _idle[key]
         return key, solver
-    return key, Solver(problem.config, problem.layout.numel, param_size, problem.comm, record)
+    solver = Solver(problem.config, problem.layout.numel, param_size, problem.comm, record)
+    _built.add(solver)
+    return key, solver
 
 
 def release_solver(key: tuple, solver: Solver) -> None:
@@ -75,3 +84,11 @@ def set_pool_limit(limit) -> None:
 def clear_cache() -> None:
     """Destroy every idle pooled solver (their PETSc objects and vectors); the next call builds anew."""
     _evict(-1)
+
+
+@atexit.register
+def destroy_all_solvers() -> None:
+    """Destroy every solver the pool built, idle or still held by an autograd graph (at exit)."""
+    _idle.clear()
+    for solver in list(_built):
+        solver.destroy()

@@ -132,7 +132,9 @@ class Solver:
         return item * (self.solution.getSize() * work_vectors(self.config, self.record) + 2 * self.param_size)
 
     def destroy(self) -> None:
-        """Free this solver's PETSc objects (it is unusable afterwards)."""
+        """Free this solver's PETSc objects (it is unusable afterwards; a second call does nothing)."""
+        if self.ts.handle == 0:
+            return
         self.detach()
         for obj in (self.ts, self.jacobian, self.param_jacobian, self.solution, self.adjoint_state,
                     self.param_gradient):

@@ -244,3 +244,30 @@ def test_a_checkpointed_forward_tells_fsal_methods_and_keeps_their_reused_deriva
                                            layout.unflatten(state)))
         assert not torch.equal(derivative, torch.zeros_like(derivative))
         assert rel_err(derivative, at_state) < 1e-12
+
+
+
+_EXIT_SCRIPT = """
+import sys, torch, pnode
+f = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+t = torch.tensor([0.0, 0.5])
+y0 = torch.randn(4, 3, requires_grad=True)
+pnode.ODEBlock(lambda t, y: torch.sin(y), t=(0.0, 1.0), method="rk4", options={"step_size": 0.25})(y0.detach())
+pnode.odeint_adjoint(lambda t, y: f(y), y0, t, method="rk4", options={"step_size": 0.1})[-1].sum().backward()
+if sys.argv[1] == "held":  # this solver stays with the graph, out of the pool
+    held = pnode.odeint_adjoint(lambda t, y: f(y), y0, t, method="dopri5")
+print("solved")
+"""
+
+
+@pytest.mark.parametrize("solvers", ["idle", "held"])
+def test_the_interpreter_exits_cleanly_with_pooled_and_held_solvers(solvers):
+    """PETSc finalises after Python: a solver it destroyed then called into a finished interpreter
+    (a segmentation fault at exit with petsc4py 3.18)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, solvers], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "solved"
