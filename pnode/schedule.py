@@ -59,7 +59,29 @@ def expected_steps(config: SolverConfig, taus: np.ndarray) -> Optional[int]:
     if config.step_size is None:
         return len(taus) - 1
     lengths = np.diff(np.asarray(taus, dtype=np.float64))
-    return int(sum(np.floor(length / config.step_size - sliver()) + 1 for length in lengths))
+    return sum(fixed_steps_in(length, config.step_size) for length in lengths)
+
+
+def fixed_steps_in(length: float, step_size: float) -> int:
+    """Steps of ``step_size`` an output interval of ``length`` takes: full steps, then one cut (or,
+    within a sliver, stretched) to the output time; computed in float64."""
+    return int(np.floor(length / step_size - sliver())) + 1
+
+
+def lands_on_output(remaining: float, dt: float, planned_last: bool) -> bool:
+    """Whether a step of ``dt`` with ``remaining`` to the next output time is cut or stretched to it.
+
+    Cut when it would cross the output; stretched when it would stop short by a sliver of itself.
+    ``planned_last``: by the count of :func:`fixed_steps_in` this is the interval's last fixed step.
+    It is then stretched over a thousandth of itself too, because PETSc's time is a sum of
+    steps: in a single-precision PETSc 50 steps of 0.1 drift from 5 by about 1e-4 of a step,
+    which would otherwise leave a 51st step of that size.
+    """
+    short = remaining - dt
+    return dt >= remaining or short < sliver() * dt or (planned_last and short < _DRIFT * dt)
+
+
+_DRIFT = 1e-3
 
 
 @dataclass
@@ -157,12 +179,16 @@ class OutputSchedule:
     def before_step(self, ts) -> None:
         self.evaluations = 0
         tau, dt = ts.getTime(), ts.getTimeStep()
+        record, planned_last = self.record, False
+        output = len(record.step_of_output)
         if self.config.step_size is not None and not self.config.adaptive:
             # Steps of exactly step_size, the last one of an interval cut (torchdiffeq's grid).
             # PETSc would instead split the last two steps before its final time evenly.
             dt = self.config.step_size
-        remaining = self.record.taus[len(self.record.step_of_output)] - tau
-        if dt >= remaining or remaining - dt < sliver() * dt:
+            step_in_interval = ts.getStepNumber() - record.step_of_output[-1] + 1
+            planned_last = step_in_interval >= fixed_steps_in(record.taus[output] - record.taus[output - 1], dt)
+        remaining = record.taus[output] - tau
+        if lands_on_output(remaining, dt, planned_last):
             ts.setTimeStep(remaining)
             self.segment_end, self.uncut_step = tau + remaining, dt
         else:
