@@ -90,3 +90,18 @@ def test_implicit(tmp_path):
     lines = markdown.splitlines()
     assert any(line.startswith("| cn (pnode snes_rtol=0.0001, ksp_rtol=1e-06) |") for line in lines)
     assert os.path.exists(os.path.join(tmp_path, "implicit-time.png"))
+
+
+def test_breakdown(tmp_path):
+    """Each part is measured where the module says, and none overlaps another: they fit in the step."""
+    rows = ("small/rk4-50/torchdiffeq-odeint", "small/rk4-50/pnode:adjoint=graphs")
+    stdout = run_benchmark("benchmarks.breakdown", tmp_path, "--rows", *rows)
+    with open(os.path.join(tmp_path, "breakdown.json")) as fh:
+        doc = json.load(fh)
+    assert [entry["id"] for entry in doc["rows"]] == list(rows)
+    odeint, pnode = (entry["result"] for entry in doc["rows"])
+    for result in (odeint, pnode):
+        assert result["f_forward_s"] > 0 and result["backward_s"] > 0
+        assert 0 <= result["rest_s"] < result["time_s"]
+    assert odeint["petsc_vectors_s"] == 0 and pnode["petsc_vectors_s"] > 0
+    assert "| small/rk4-50/pnode:adjoint=graphs |" in stdout
