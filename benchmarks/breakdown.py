@@ -116,7 +116,12 @@ def measure(row: Row, settings: Settings) -> Dict[str, object]:
 def worker_main() -> None:
     spec = json.load(sys.stdin)
     sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
-    result = measure(Row.from_json(spec["row"]), Settings(**spec["settings"]))
+    settings = Settings(**spec["settings"])
+    if settings.keep_freed_memory or settings.return_freed_memory:
+        from pnode import allocator
+
+        (allocator.keep_freed_memory if settings.keep_freed_memory else allocator.return_freed_memory)()
+    result = measure(Row.from_json(spec["row"]), settings)
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
