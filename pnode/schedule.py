@@ -68,6 +68,10 @@ def fixed_steps_in(length: float, step_size: float) -> int:
     return int(np.floor(length / step_size - sliver())) + 1
 
 
+_DRIFT = 1e-3
+"""The most a planned last fixed step is stretched, as a fraction of itself (see :func:`lands_on_output`)."""
+
+
 def lands_on_output(remaining: float, dt: float, planned_last: bool) -> bool:
     """Whether a step of ``dt`` with ``remaining`` to the next output time is cut or stretched to it.
 
@@ -79,9 +83,6 @@ def lands_on_output(remaining: float, dt: float, planned_last: bool) -> bool:
     """
     short = remaining - dt
     return dt >= remaining or short < sliver() * dt or (planned_last and short < _DRIFT * dt)
-
-
-_DRIFT = 1e-3
 
 
 @dataclass
