@@ -189,6 +189,7 @@ def test_cifar10_script_trains_on_disk_data(tmp_path):
                       "--step-size", "0.5", "--epochs", "1", "--batch-size", "10", "--limit-batches", "3",
                       "--out", out, "--no-progress")
     assert "cifar10: 50 train / 10 test images of 3x32x32" in proc.stdout
+    assert "freed memory: keep (pnode.allocator)" in proc.stdout  # the examples' default policy, logged
     (record,) = read_metrics(out)
     assert np.isfinite(record["train_loss"]) and record["nfe_forward"] == 2
 

@@ -38,7 +38,8 @@ def _one_thread():
 
 
 def _run(module, tmp_path, *argv):
-    return module.main([*argv, "--out", str(tmp_path), "--no-progress"])
+    # "--freed-memory default": the test process keeps glibc's policy (an example would change it process-wide)
+    return module.main([*argv, "--out", str(tmp_path), "--no-progress", "--freed-memory", "default"])
 
 
 # ---------------------------------------------------------------------------------------------- all three
