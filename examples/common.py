@@ -76,8 +76,10 @@ def setup_run(args: argparse.Namespace, name: str) -> logging.Logger:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.info("command: %s", " ".join(sys.argv))
-        logger.info("ranks: %d, torch threads: %d, freed memory: %s", size, torch.get_num_threads(),
-                    f"{args.freed_memory} (pnode.allocator)" if applied else "glibc's default policy")
+        asked = getattr(args, "freed_memory", "default")
+        policy_text = (f"{asked} (pnode.allocator)" if applied else "the C allocator's default policy"
+                       + ("" if asked == "default" else f" ('{asked}' needs glibc)"))
+        logger.info("ranks: %d, torch threads: %d, freed memory: %s", size, torch.get_num_threads(), policy_text)
     else:
         logger.addHandler(logging.NullHandler())
     return logger

@@ -13,7 +13,9 @@ PETSc's own finalisation (after Python's) would destroy them and call into a fin
 """
 
 import atexit
+import itertools
 import os
+import sys
 import weakref
 from collections import OrderedDict
 from typing import List, Tuple
@@ -25,7 +27,10 @@ from .solver import Solver
 
 _idle: "OrderedDict[tuple, List[Solver]]" = OrderedDict()
 _limit = [parse_bytes(os.environ.get("PNODE_POOL_BYTES", "1GB"), "PNODE_POOL_BYTES")]
-_built: "weakref.WeakSet[Solver]" = weakref.WeakSet()  # idle or in use by a graph not yet backpropagated
+# every solver built, idle or in use by a graph not yet backpropagated, by creation number (the same
+# order on every rank: destroying is collective)
+_built: "weakref.WeakValueDictionary[int, Solver]" = weakref.WeakValueDictionary()
+_serial = itertools.count()
 
 
 def pool_key(problem, param_size: int, record: bool) -> tuple:
@@ -45,7 +50,7 @@ def acquire_solver(problem, param_size: int, record: bool) -> Tuple[tuple, Solve
             del _idle[key]
         return key, solver
     solver = Solver(problem.config, problem.layout.numel, param_size, problem.comm, record)
-    _built.add(solver)
+    _built[next(_serial)] = solver
     return key, solver
 
 
@@ -88,7 +93,20 @@ def clear_cache() -> None:
 
 @atexit.register
 def destroy_all_solvers() -> None:
-    """Destroy every solver the pool built, idle or still held by an autograd graph (at exit)."""
+    """Destroy every solver the pool built, idle or still held by an autograd graph, in the order
+    they were built (at exit). Nothing is left to do once PETSc is finalised (a script that
+    finalised PETSc or MPI itself): destroying would then abort."""
     _idle.clear()
-    for solver in list(_built):
-        solver.destroy()
+    solvers = [s for s in (_built.get(serial) for serial in sorted(_built.keys())) if s is not None]
+    if solvers and not _finalized():
+        for solver in solvers:
+            solver.destroy()
+
+
+def _finalized() -> bool:
+    from ._compat import PETSc
+
+    if PETSc.Sys.isFinalized():
+        return True
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and mpi.Is_finalized()

@@ -68,21 +68,19 @@ def fixed_steps_in(length: float, step_size: float) -> int:
     return int(np.floor(length / step_size - sliver())) + 1
 
 
-_DRIFT = 1e-3
-"""The most a planned last fixed step is stretched, as a fraction of itself (see :func:`lands_on_output`)."""
-
-
 def lands_on_output(remaining: float, dt: float, planned_last: bool) -> bool:
     """Whether a step of ``dt`` with ``remaining`` to the next output time is cut or stretched to it.
 
     Cut when it would cross the output; stretched when it would stop short by a sliver of itself.
-    ``planned_last``: by the count of :func:`fixed_steps_in` this is the interval's last fixed step.
-    It is then stretched over a thousandth of itself too, because PETSc's time is a sum of
-    steps: in a single-precision PETSc 50 steps of 0.1 drift from 5 by about 1e-4 of a step,
-    which would otherwise leave a 51st step of that size.
+    ``planned_last``: this is the interval's last fixed step by the count of :func:`fixed_steps_in`,
+    and PETSc retried no step of the interval. Every step before it was then exactly ``dt``, and
+    what is left differs from the planned last step only by the rounding of PETSc's time sum,
+    which grows with the number of steps (in a single-precision PETSc, 50 steps of 0.1 drift from
+    5 by about 1e-4 of a step, 1000 steps of 0.001 from 1 by several percent of one). That step
+    lands on the output whatever the drift; half a step bounds it, against a miscount.
     """
     short = remaining - dt
-    return dt >= remaining or short < sliver() * dt or (planned_last and short < _DRIFT * dt)
+    return dt >= remaining or short < sliver() * dt or (planned_last and short < 0.5 * dt)
 
 
 @dataclass
@@ -173,6 +171,7 @@ class OutputSchedule:
         self.uncut_step: Optional[float] = None
         self.step_size: Optional[float] = None  # the size of the step's current attempt, as PETSc holds it
         self.retries = 0  # PETSc's count of retried steps when this step began
+        self.interval_retries = 0  # ... and when the current output interval began
         self.evaluations = 0
         self.pending_fsal = None  # (step, its end time): FSAL still to tell at the next evaluation
         self.nonfinite_at: Optional[float] = None
@@ -187,7 +186,10 @@ class OutputSchedule:
             # PETSc would instead split the last two steps before its final time evenly.
             dt = self.config.step_size
             step_in_interval = ts.getStepNumber() - record.step_of_output[-1] + 1
-            planned_last = step_in_interval >= fixed_steps_in(record.taus[output] - record.taus[output - 1], dt)
+            if step_in_interval == 1:
+                self.interval_retries = retried_steps(ts)
+            planned_last = (step_in_interval >= fixed_steps_in(record.taus[output] - record.taus[output - 1], dt)
+                            and retried_steps(ts) == self.interval_retries)
         remaining = record.taus[output] - tau
         if lands_on_output(remaining, dt, planned_last):
             ts.setTimeStep(remaining)

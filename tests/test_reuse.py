@@ -256,11 +256,14 @@ pnode.ODEBlock(lambda t, y: torch.sin(y), t=(0.0, 1.0), method="rk4", options={"
 pnode.odeint_adjoint(lambda t, y: f(y), y0, t, method="rk4", options={"step_size": 0.1})[-1].sum().backward()
 if sys.argv[1] == "held":  # this solver stays with the graph, out of the pool
     held = pnode.odeint_adjoint(lambda t, y: f(y), y0, t, method="dopri5")
+if sys.argv[1] == "finalized":  # the script finalised PETSc itself: nothing may be destroyed after
+    from petsc4py import PETSc
+    PETSc._finalize()
 print("solved")
 """
 
 
-@pytest.mark.parametrize("solvers", ["idle", "held"])
+@pytest.mark.parametrize("solvers", ["idle", "held", "finalized"])
 def test_the_interpreter_exits_cleanly_with_pooled_and_held_solvers(solvers):
     """PETSc finalises after Python: a solver it destroyed then called into a finished interpreter
     (a segmentation fault at exit with petsc4py 3.18)."""
