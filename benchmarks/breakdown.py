@@ -25,14 +25,13 @@ rounds (a process per row and round, one row after another). Writes ``breakdown.
 
 import json
 import os
-import subprocess
 import sys
 import time
-from dataclasses import asdict
+import traceback
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from benchmarks import cli
-from benchmarks.measure import REPO_ROOT, RESULT_TAG, Row, Settings
+from benchmarks.measure import RESULT_TAG, Row, Settings, apply_memory_policy, run_in_subprocess
 from benchmarks.strategies import base_rows
 
 DEFAULT_ROWS = ("odenet/rk4-16/torchdiffeq-odeint", "odenet/rk4-16/pnode:adjoint=graphs",
@@ -114,26 +113,17 @@ def measure(row: Row, settings: Settings) -> Dict[str, object]:
 
 
 def worker_main() -> None:
+    """Read ``{"row": ..., "settings": ...}`` from stdin, measure, print the tagged result line."""
     spec = json.load(sys.stdin)
     sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
     settings = Settings(**spec["settings"])
-    if settings.keep_freed_memory or settings.return_freed_memory:
-        from pnode import allocator
-
-        (allocator.keep_freed_memory if settings.keep_freed_memory else allocator.return_freed_memory)()
-    result = measure(Row.from_json(spec["row"]), settings)
+    try:
+        apply_memory_policy(settings)
+        result = measure(Row.from_json(spec["row"]), settings)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
     print(RESULT_TAG + json.dumps(result), flush=True)
-
-
-def run_row(row: Row, settings: Settings) -> Dict[str, object]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.breakdown", "--worker"], cwd=REPO_ROOT, env=env,
-                          input=json.dumps({"row": row.to_json(), "settings": asdict(settings)}),
-                          capture_output=True, text=True, timeout=settings.timeout_s, check=False)
-    line = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith(RESULT_TAG)), None)
-    if line is None:
-        return {"error": f"worker exited with status {proc.returncode}: {proc.stderr.strip()[-500:]}"}
-    return json.loads(line[len(RESULT_TAG):])
 
 
 def averaged(results: Sequence[Mapping[str, object]]) -> Dict[str, object]:
@@ -149,7 +139,7 @@ def run(rows: Sequence[Row], settings: Settings) -> List[Dict[str, object]]:
     results: List[List[Dict[str, object]]] = [[] for _ in rows]
     for round_number in range(1, settings.rounds + 1):
         for i, row in enumerate(rows):
-            result = run_row(row, settings)
+            result = run_in_subprocess(row, settings, module="benchmarks.breakdown")
             results[i].append(result)
             shown = result.get("error") or f"{result['time_s']:.3f} s/step"
             print(f"[round {round_number}, {i + 1}/{len(rows)}] {row.id}: {shown}", file=sys.stderr, flush=True)

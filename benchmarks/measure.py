@@ -352,18 +352,23 @@ def measure_row(row: Row, settings: Settings) -> Dict[str, object]:
     return result
 
 
+def apply_memory_policy(settings: Settings) -> None:
+    """Apply the run's policy for freed memory (:mod:`pnode.allocator`) in a worker, if it has one."""
+    if settings.keep_freed_memory or settings.return_freed_memory:
+        from pnode import allocator
+
+        policy = allocator.keep_freed_memory if settings.keep_freed_memory else allocator.return_freed_memory
+        if not policy():
+            raise RuntimeError(f"{policy.__name__} needs glibc")
+
+
 def worker_main() -> None:
     """Read ``{"row": ..., "settings": ...}`` from stdin, measure, print the tagged result line."""
     spec = json.load(sys.stdin)
     row, settings = Row.from_json(spec["row"]), Settings(**spec["settings"])
     sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
     try:
-        if settings.keep_freed_memory or settings.return_freed_memory:
-            from pnode import allocator
-
-            policy = allocator.keep_freed_memory if settings.keep_freed_memory else allocator.return_freed_memory
-            if not policy():
-                raise RuntimeError(f"{policy.__name__} needs glibc")
+        apply_memory_policy(settings)
         result = measure_row(row, settings)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
         traceback.print_exc()
@@ -372,12 +377,13 @@ def worker_main() -> None:
 
 
 # ---------------------------------------------------------------------------- the driver
-def run_in_subprocess(row: Row, settings: Settings) -> Dict[str, object]:
-    """Measure ``row`` in a fresh interpreter; a crash or time-out becomes ``{"error": ...}``."""
+def run_in_subprocess(row: Row, settings: Settings, module: str = "benchmarks.measure") -> Dict[str, object]:
+    """Measure ``row`` in a fresh interpreter (``python -m <module> --worker``, the row and settings as
+    JSON on stdin); a crash or time-out becomes ``{"error": ...}``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
     spec = json.dumps({"row": row.to_json(), "settings": asdict(settings)})
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", "--worker"], input=spec, env=env,
+        proc = subprocess.run([sys.executable, "-m", module, "--worker"], input=spec, env=env,
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=settings.timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {settings.timeout_s:g} s"}

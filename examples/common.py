@@ -59,8 +59,8 @@ def setup_run(args: argparse.Namespace, name: str) -> logging.Logger:
         args.out = os.path.join("runs", name)
     if args.threads or size > 1:
         torch.set_num_threads(args.threads or 1)
-    policy = {"keep": allocator.keep_freed_memory, "return": allocator.return_freed_memory}.get(
-        getattr(args, "freed_memory", "default"))
+    asked = getattr(args, "freed_memory", "default")  # scripts without add_common_args leave it alone
+    policy = {"keep": allocator.keep_freed_memory, "return": allocator.return_freed_memory}.get(asked)
     applied = policy() if policy is not None else False
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -76,7 +76,6 @@ def setup_run(args: argparse.Namespace, name: str) -> logging.Logger:
             logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.info("command: %s", " ".join(sys.argv))
-        asked = getattr(args, "freed_memory", "default")
         policy_text = (f"{asked} (pnode.allocator)" if applied else "the C allocator's default policy"
                        + ("" if asked == "default" else f" ('{asked}' needs glibc)"))
         logger.info("ranks: %d, torch threads: %d, freed memory: %s", size, torch.get_num_threads(), policy_text)

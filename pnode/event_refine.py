@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # quadratically in two to five; a grazing (multiple) root converges linearly and exhausts them.
 _NEWTON_ITERATIONS = 16
 
+
 @dataclass
 class Event:
     """The refined event.
