@@ -1,7 +1,7 @@
-"""Learning a bouncing ball's coefficient of restitution from its trajectory, with events located by PETSc.
+"""Learning a bouncing ball's coefficient of restitution from its trajectory, through chained event solves.
 
 A ball dropped from height h0 falls under gravity, dh/dt = v, dv/dt = -g. When it reaches the ground
-(the event h = 0, located by ``pnode.odeint_event`` with PETSc's event handler) it bounces: v <- -e v,
+(the event h = 0, located by ``pnode.odeint_event`` along the computed solution) it bounces: v <- -e v,
 where e is the coefficient of restitution. One simulation chains ``--bounces`` event solves, each
 starting from the state just after the previous bounce (height 0 going up, which is not itself an
 event), and then follows the last flight to the end of the observation window.
@@ -17,7 +17,7 @@ launches the ball faster, which delays every later bounce.
     python examples/bouncing_ball.py                          # dopri5, 4 bounces, L-BFGS; a few seconds
     python examples/bouncing_ball.py --method rk4 --step-size 0.01
     python examples/bouncing_ball.py --noise 0.02 --optimizer adam --niters 150
-    python examples/bouncing_ball.py -ts_event_monitor          # PETSc options pass through
+    python examples/bouncing_ball.py -ts_adapt_monitor          # PETSc options pass through
 
 Writes ``<out>/log.txt``, ``<out>/metrics.jsonl``, ``<out>/checkpoint.pt`` (every ``--log-every``
 iterations; ``--resume`` continues from it) and ``<out>/bouncing_ball.png``.
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--atol", type=float, default=1e-10)
     parser.add_argument("--event-tol", type=float, default=1e-10,
-                        help="PETSc's event tolerance on |h| (m): flights lower than it are not seen; the bounce "
-                             "time is refined beyond it")
+                        help="event tolerance on |h| (m): a start lower than it is not an event, so flights lower "
+                             "than it are not seen; the bounce time is refined beyond it")
     parser.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs")
     parser.add_argument("--niters", type=int, default=10, help="optimiser iterations")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for L-BFGS, 0.05 for Adam)")

@@ -2,14 +2,16 @@
 
 The public surface is small: :func:`odeint` (solve), :func:`odeint_adjoint` (solve, differentiable
 by the discrete adjoint), :func:`odeint_event` (solve until an event, differentiable through the
-event time), :class:`ODEBlock`, :func:`available_methods`, :func:`clear_cache` (drop the pooled
-solvers), :func:`init` (initialise PETSc from given options) and the exception types.
+event time), :func:`odeint_dense` (the solution as a function of time), :class:`ODEBlock`,
+:func:`available_methods`, :func:`clear_cache` (drop the pooled solvers), :func:`init` (initialise
+PETSc from given options) and the exception types.
 
 Importing pnode does not initialise PETSc: the first solve does, reading PETSc options from
 ``sys.argv`` (``-ts_type cn``), unless :func:`init` was called first.
 """
 
 from ._compat import init
+from .dense import odeint_dense
 from .errors import InputError, PnodeError, SolverError
 from .events import odeint_event
 from .methods import available_methods
@@ -19,5 +21,5 @@ from .pool import clear_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "ODEBlock", "available_methods", "clear_cache", "init",
-           "PnodeError", "InputError", "SolverError", "__version__"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "ODEBlock", "available_methods",
+           "clear_cache", "init", "PnodeError", "InputError", "SolverError", "__version__"]

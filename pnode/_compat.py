@@ -4,6 +4,7 @@ import ctypes
 import functools
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -20,7 +21,21 @@ _INSTALL_HINT = (
 
 _PETSC = None  # the initialised petsc4py.PETSc module, once something used it
 
+PETSC_LOCK = threading.RLock()
+"""Held by every pnode call that touches PETSc (and by PETSc's initialisation): PETSc is not thread-safe,
+so solves from several threads run one at a time, each whole (see :func:`serialized`)."""
 
+
+def serialized(fn):
+    """``fn`` run under :data:`PETSC_LOCK`: calls from several threads take turns (re-entrant within one)."""
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with PETSC_LOCK:
+            return fn(*args, **kwargs)
+    return locked
+
+
+@serialized
 def init(argv=None) -> None:
     """Initialise PETSc for pnode, reading PETSc options from ``argv`` (default: ``sys.argv``).
 
@@ -75,7 +90,7 @@ def _import_initialised(words):
 def petsc():
     """The initialised ``petsc4py.PETSc`` module (initialising it from ``sys.argv`` on first use)."""
     if _PETSC is None:
-        init()
+        init()  # serialized: a second thread waits for the first one's initialisation
     return _PETSC
 
 
@@ -266,3 +281,33 @@ def set_adjoint_monitor(ts, callback) -> None:
         error = fn is None or fn(handle, callback, None, None)
     if error:
         raise RuntimeError("TSAdjointMonitorSet is not available in this PETSc library")
+
+
+@functools.lru_cache(maxsize=None)
+def post_evaluate_type():
+    """C type of a ``TSSetPostEvaluate`` callback: ``(TS) -> PetscErrorCode``."""
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+def set_post_evaluate(ts, callback) -> None:
+    """``TSSetPostEvaluate`` (petsc4py does not wrap it): ``callback`` a :func:`post_evaluate_type`,
+    or None to remove it. PETSc calls it after each step is evaluated, before the step is recorded
+    in the trajectory or handed to the post-step hook, so a step rolled back there leaves no trace.
+
+    The caller keeps ``callback`` alive while it is set.
+    """
+    hook_type = post_evaluate_type()
+    fn = _petsc_function("TSSetPostEvaluate", ctypes.c_int, [ctypes.c_void_p, hook_type])
+    if fn is None or fn(ctypes.c_void_p(ts.handle), callback if callback is not None else hook_type()):
+        raise RuntimeError("TSSetPostEvaluate is not available in this PETSc library")
+
+
+def set_always_accept(ts, flag: bool) -> None:
+    """``TSAdaptSetAlwaysAccept`` on the TS's adaptor: accept every step whatever its error estimate
+    (a step whose size pnode has already chosen must not be retried smaller)."""
+    adapt = ctypes.c_void_p()
+    get_adapt = _petsc_function("TSGetAdapt", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    always = _petsc_function("TSAdaptSetAlwaysAccept", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int])
+    if get_adapt is None or always is None or get_adapt(ctypes.c_void_p(ts.handle), ctypes.byref(adapt)) \
+            or always(adapt, int(flag)):
+        raise RuntimeError("TSAdaptSetAlwaysAccept is not available in this PETSc library")

@@ -11,20 +11,20 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._compat import serialized
 from .bridge import petsc_dtype, petsc_eps, tensor_to_petsc_cpu
 from .callbacks import adjoint_step_callbacks, forward_step_callbacks
 from .pool import acquire_solver, release_solver
 from .problem import Problem
-from .rhs import RHS
 
 
 def solve_forward(problem: Problem, params, record: bool):
     """A forward solve without an adjoint; returns ``(key, solver, ForwardRecord)``, the solver checked out."""
     key, solver = acquire_solver(problem, 0, record)
-    rhs = RHS(problem.func, problem.layout, params, problem.direction, problem.counter)
+    rhs = problem.rhs(params)
     # on error the solver is dropped, not pooled
     with forward_step_callbacks(problem.callbacks, solver):
-        return key, solver, solver.forward(rhs, problem.taus, tensor_to_petsc_cpu(problem.y0_flat))
+        return key, solver, solver.forward(rhs, problem.span, tensor_to_petsc_cpu(problem.y0_flat))
 
 
 class AdjointSolve(torch.autograd.Function):
@@ -50,6 +50,7 @@ class AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @serialized
     def backward(ctx, grad_outputs: torch.Tensor):
         ctx.saved_tensors  # noqa: B018 - torch raises its own error if an earlier backward pass freed them
         problem: Problem = ctx.problem
@@ -76,7 +77,7 @@ def _record_solve(ctx, step_callbacks: bool) -> None:
     """The forward pass that an adjoint runs over, by the problem's strategy, on a checked-out solver."""
     problem: Problem = ctx.problem
     key, solver = acquire_solver(problem, sum(p.numel() for p in ctx.params), True)
-    rhs = RHS(problem.func, problem.layout, ctx.params, problem.direction, problem.counter)
+    rhs = problem.rhs(ctx.params)
     with forward_step_callbacks(problem.callbacks if step_callbacks else None, solver):
         forward = problem.strategy.forward(solver, problem, rhs, tensor_to_petsc_cpu(problem.y0_flat))
     problem.stats.record_forward(solver, forward.stats)

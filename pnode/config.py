@@ -45,6 +45,8 @@ class SolverConfig:
             AD, exact, about three evaluations of f each) or ``'difference'`` (one evaluation of f,
             accurate to about the square root of ``resolution``; the Newton residual itself is
             exact, so only the convergence rate feels it). The adjoint's products are VJPs either way.
+        vector_tolerances: ``rtol``/``atol`` are given per entry with each call (PETSc's vector
+            tolerances); ``rtol``/``atol`` then hold their largest values, for display.
     """
 
     method: Method
@@ -60,6 +62,7 @@ class SolverConfig:
     resolution: float = 2.220446049250313e-16
     implicit_solve: str = "newton"
     jvp: str = "autodiff"
+    vector_tolerances: bool = False
 
     @property
     def adaptive(self) -> bool:

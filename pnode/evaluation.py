@@ -103,6 +103,17 @@ class GraphStore:
         while self.max_bytes is not None and self.graphs and self.held_bytes > self.max_bytes:
             self._drop_oldest()
 
+    def drop_newest(self, count: int) -> None:
+        """Drop the ``count`` latest graphs (a step PETSc rolled back); the next one built takes the
+        first serial freed."""
+        for _ in range(min(count, len(self.graphs))):
+            lin = self.graphs.pop()
+            self.built -= 1
+            del self._times[bisect.bisect_left(self._times, (float(lin.tau), self.built))]
+            self.held_bytes -= lin.graph_bytes
+            self.built_bytes -= lin.graph_bytes
+        self._hits.clear()
+
     def _drop_oldest(self) -> Linearization:
         serial = self.built - len(self.graphs)
         lin = self.graphs.pop(0)
@@ -193,6 +204,11 @@ class StageTimes:
         self.by_vec.setdefault(address, []).append(tau)
         self._sorted = None
 
+    def remove_last(self, address: int) -> None:
+        """Forget the latest time recorded at the stage Vec at ``address`` (a step rolled back)."""
+        self.by_vec[address].pop()
+        self._sorted = None
+
     def forward_time(self, tau: float, address: int) -> float:
         """The forward pass's time for the adjoint's stage time ``tau`` at the stage Vec at ``address``.
 
@@ -260,10 +276,20 @@ class Evaluator:
         self.stage = 0
         self.last_output = None  # the Vec the latest evaluation was written into
         self._last = None  # (tau, Vec key of the point, value) of the latest evaluation
+        self._step_graphs = 0  # graphs kept by the step in progress
 
     def step_started(self) -> None:
         self.stage = 0
         self.steps_started += 1
+        self._step_graphs = 0
+
+    def discard_step(self) -> None:
+        """Forget the step in progress (PETSc rolled it back): its kept graphs and its count."""
+        if self._step_graphs:
+            self.graphs.drop_newest(self._step_graphs)
+        self._step_graphs = self.stage = 0
+        self.steps_started -= 1
+        self._last = None
 
     def _keeps_graph(self, stage: int) -> bool:
         """Whether this evaluation (``stage`` of the current step) keeps its graph."""
@@ -284,12 +310,17 @@ class Evaluator:
             value, lin = self.rhs.evaluate_linearized(tau, view, key, forward=self.observer is not None,
                                                       measure=self.graphs.measuring())
             self.graphs.add(lin)
+            self._step_graphs += 1
             given = value if given is None else given
         elif given is None:
             given = self.rhs.evaluate(tau, view)
         tensor_into_vec(given, f)
         self.last_output = f
         self._last = (tau, key, given)
+
+    def last_value_at(self, tau: float) -> Optional[torch.Tensor]:
+        """The latest evaluation's value (user dtype) if it was at time ``tau``, else None."""
+        return self._last[2] if self._last is not None and self._last[0] == tau else None
 
     def value_at(self, tau: float, key) -> Optional[torch.Tensor]:
         """The latest evaluation's value (user dtype) if it was at ``(tau, key)``, else None."""

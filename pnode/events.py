@@ -1,66 +1,78 @@
 """Events: integrate until an event function crosses zero, with gradients through the event time.
 
-``odeint_event`` is torchdiffeq's call of that name with PETSc underneath. One call runs in three parts:
+``odeint_event`` is torchdiffeq's call of that name with PETSc underneath, and ``odeint``/``odeint_adjoint``
+with ``event_fn=`` run the same code. One call is one forward solve:
 
-1. **Locate.** A TS of its own (the call's method and options, no trajectory) integrates from ``t0``
-   with PETSc's event handler (``TSSetEventHandler``) watching ``event_fn``, and stops where PETSc has
-   localised the first sign change to ``|event_fn| < event_tol``. The search remembers its *base*:
-   the last step end PETSc accepted before it first saw the sign change, with the steps up to it.
-2. **Refine.** Newton's method on ``t -> event_fn(t, step(t))``, where ``step(t)`` is one step of the
-   method from the base to ``t``, moves PETSc's time to a root of the event function along the
-   computed solution, to round-off. The result no longer depends on the trial steps PETSc's
-   localisation took, so it is a smooth function of ``y0`` and of the parameters: the function the
-   gradients below differentiate, and that finite differences of the call see.
-3. **Differentiate** (only when a gradient is wanted). :func:`pnode.odeint_adjoint` takes the same
-   steps again, recording them for TSAdjoint: the step ends up to the base as output times with one
-   fixed step each, then the crossing step on the ODE rescaled to unit time, whose length ``h`` is
-   then a variable PETSc's adjoint differentiates. With ``phi(h, p) = g(t_e, y_e)`` at the end of
-   that step and ``p`` everything else (``y0``, ``t0``, the parameters of ``func`` and ``event_fn``),
-   the implicit function theorem gives ``dh = -(d phi/dp) dp / (d phi/dh)``, where
-   ``d phi/dh = dg/dt + dg/dy . dy_e/dh`` is the computed step's counterpart of
-   ``dg/dt + dg/dy . f``. Autograd composes it with the discrete adjoint of the steps: the gradients
-   are those of the computed event time and state, what finite differences of the call see (with
-   the step sizes of an adaptive search held fixed, as everywhere in pnode).
+1. **Search.** The problem's solver integrates from ``t0`` with an event watch
+   (:class:`pnode.event_search.EventWatch`): after every step, the event functions at its end. A step
+   that ends with an event function off its starting sign (a zero counts) is rolled back before
+   PETSc records it, and the solve stops at its start, the *base*.
+2. **Locate.** The event is the first point of that step where an event function leaves its sign,
+   whatever the function does at the step's end (:mod:`pnode.event_refine`): found on the step's
+   cubic Hermite interpolant, then refined to round-off on one-step solves of the method from the
+   base: a root of ``phi(h) = g(t(h), y(h))``, ``y(h)`` one step of length ``h``.
+3. **Step to it.** The solver takes that one step from the base, and the solve ends there. Its
+   trajectory (or kept graphs, or checkpoints: the call's adjoint strategy) holds exactly the steps
+   up to the event, so one discrete adjoint differentiates the state at the event at a fixed ``h``.
+4. **Differentiate the event time** (when a gradient is wanted). With ``phi(h, p) = g(t_e, y_e)``
+   and ``p`` everything else (``y0``, ``t0``, the parameters of ``func`` and ``event_fn``), the
+   implicit function theorem gives ``dh = -(d phi/dp) dp / (d phi/dh)``, where
+   ``d phi/dh = dg/dt + dg/dy . dy_e/dh`` is the computed step's counterpart of ``dg/dt + dg/dy . f``
+   and ``dy_e/dh`` comes from the step solved on the ODE rescaled to unit time, whose length is then
+   a variable PETSc's adjoint differentiates. The gradients are those of the returned event time
+   and state, what finite differences of the call see (with the step sizes of the adaptive search
+   held fixed, as everywhere in pnode). An event where the function jumps (a branch on the time
+   that returns exactly zero, as torchdiffeq's physics examples end a solve) has a time with no
+   derivative: the state at it is differentiated at that fixed time.
 
-The returned values are those of parts 1 and 2 whether or not a gradient is taken; part 3 adds the
-graph of solves that take the same steps (equal to round-off).
+Moving ``t0`` moves every step with it: the solve from ``t0 + dt`` is the solve from ``t0`` of
+``f(t + dt, y)`` (and ``g(t + dt, y)``), so ``dt`` enters as one more parameter, zero in value.
 """
 
+import dataclasses
 import math
-import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
-from .bridge import StateLayout
+from ._compat import serialized
+from .bridge import petsc_eps
 from .distributed import check_consistent
-from .errors import InputError
-from .event_refine import Event, refine
-from .event_search import DEFAULT_MAX_NUM_STEPS, SEARCH_ONLY_PREFIXES, EventFunction, EventSearch, Located
-from .odeint import _check_adjoint_keywords, _wants_grad, odeint, odeint_adjoint
-from .problem import Problem, check_inputs, resolve_params
+from .errors import InputError, SolverError
+from .event_search import DEFAULT_EVENT_TOL, DEFAULT_MAX_NUM_STEPS, EventFunction, EventWatch, Located
+from .options import get_global_option
+from .pool import acquire_solver, release_solver
+from .problem import Problem, check_adjoint_keywords, check_inputs, reachable_params, resolve_params
+from .solve import solve_once
+from .solver import Replay
 
 Tensors = Union[torch.Tensor, tuple]
 
 # options keys of odeint_event itself (the others go to the solves)
 _EVENT_KEYS = ("event_tol", "max_t")
-# keys that steer the adaptive search; the replayed steps are fixed, so their solves leave them out
+# keys that steer the adaptive search only; the unit-time step that differentiates the event is fixed
 _STEP_CONTROL_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_num_steps", "safety", "ifactor",
                       "dfactor")
+_SEARCH_ONLY_PREFIXES = ("ts_adapt_", "ts_event_")
+# A slope along the crossing step below this fraction of the chord's marks a multiple root (grazing).
+_GRAZING_SLOPE = 1e-6
 
 
+@serialized
 def odeint_event(func: Callable, y0: Tensors, t0, *, event_fn: Callable, reverse_time: bool = False,
-                 odeint_interface: Optional[Callable] = None, rtol: float = 1e-7, atol: float = 1e-9,
+                 odeint_interface: Optional[Callable] = None, rtol=1e-7, atol=1e-9,
                  method: Optional[str] = None, options: Optional[dict] = None, adjoint_params=None, comm=None,
                  adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
                  adjoint_method: Optional[str] = None,
                  adjoint_options: Optional[dict] = None) -> Tuple[torch.Tensor, Tensors]:
     """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
 
-    torchdiffeq's ``odeint_event``: the event is located by PETSc's event handler, its time refined
-    to a root of ``event_fn`` along the computed solution, and gradients flow through the event
-    time (implicit function theorem) composed with the discrete adjoint of the steps taken: they
-    are the derivatives of the returned event time and state (see :mod:`pnode.events`).
+    torchdiffeq's ``odeint_event``: the event is the first point where an event function leaves the
+    sign it started with (a zero counts), located to round-off along the computed solution, and
+    gradients flow through the event time (implicit function theorem) composed with the discrete
+    adjoint of the steps taken: they are the derivatives of the returned event time and state (see
+    :mod:`pnode.events`).
 
     Args:
         func: ``func(t, y) -> dy/dt`` as for :func:`pnode.odeint`.
@@ -74,17 +86,19 @@ def odeint_event(func: Callable, y0: Tensors, t0, *, event_fn: Callable, reverse
             derivative is taken by autograd). A zero at ``t0`` itself (``|event_fn| < event_tol``)
             is not an event: integration goes on to the next crossing (as after a bounce).
         reverse_time: integrate towards decreasing ``t`` (the event time is then below ``t0``).
-        odeint_interface: ``None`` or :func:`pnode.odeint_adjoint` (differentiable), or
-            :func:`pnode.odeint` (no gradients).
+        odeint_interface: how the solve is differentiated, as torchdiffeq's two modes:
+            ``None`` or :func:`pnode.odeint_adjoint` (stored states, flat memory) or
+            :func:`pnode.odeint` (kept stage graphs, backprop's memory and speed). Both give the
+            same gradients; ``options={'adjoint': ...}`` chooses explicitly.
         rtol, atol, method, adjoint_params, comm: as in :func:`pnode.odeint_adjoint`. A fixed-step
             method needs ``options={'step_size': h}``. Gradients flow to ``y0``, ``t0``,
-            ``adjoint_params`` (default ``func.parameters()`` for an ``nn.Module``) and to every
-            tensor ``event_fn`` computes with (its parameters, closed-over tensors).
-        options: as in :func:`pnode.odeint`, plus ``event_tol`` (PETSc's ``-ts_event_tol``: the
-            crossing is localised to ``|event_fn| < event_tol``, default 1e-6, 1e-4 in a
-            single-precision PETSc; the time is then refined to round-off), ``max_t`` (stop with
-            an error if no event occurs before this time; default: no limit) and
-            ``max_num_steps`` (here default 10000, including PETSc's localisation steps).
+            ``adjoint_params`` (default ``func.parameters()`` for an ``nn.Module``; with
+            ``odeint_interface=pnode.odeint`` every tensor ``func`` holds) and to every tensor
+            ``event_fn`` computes with (its parameters, closed-over tensors).
+        options: as in :func:`pnode.odeint`, plus ``event_tol`` (values within it of zero count as
+            zero at ``t0`` and tell a jump from a root; default 1e-6, or ``-ts_event_tol``),
+            ``max_t`` (stop with an error if no event occurs before this time; default: no limit)
+            and ``max_num_steps`` (here default 10000).
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: as in
             :func:`pnode.odeint_adjoint` (compatibility only).
 
@@ -100,48 +114,93 @@ def odeint_event(func: Callable, y0: Tensors, t0, *, event_fn: Callable, reverse
         pnode.InputError: bad arguments, or ``event_fn`` returned something other than one real
             value per event.
         pnode.SolverError: no event before ``max_t``/``max_num_steps`` (``reason='NO_EVENT'``), a
-            grazing event where ``gdot = dg/dt + dg/dy . f`` vanishes (``reason='GRAZING_EVENT'``),
-            or a failed solve.
+            grazing event where ``d phi/dh`` vanishes (``reason='GRAZING_EVENT'``), or a failed solve.
     """
-    differentiable = _check_interface(odeint_interface)
-    _check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options)
+    adjoint = _interface_strategy(odeint_interface)
+    check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options)
+    params = resolve_params(func, adjoint_params) if adjoint is None or adjoint_params is not None else None
+    return solve_until_event(func, y0, t0, event_fn, reverse_time, adjoint, rtol, atol, method, options, params,
+                             comm)
+
+
+def solve_until_event(func: Callable, y0: Tensors, t0, event_fn: Callable, reverse_time: bool,
+                      adjoint: Optional[str], rtol, atol, method: Optional[str], options: Optional[dict],
+                      params: Optional[Tuple[torch.Tensor, ...]], comm) -> Tuple[torch.Tensor, Tensors]:
+    """The call behind :func:`odeint_event` and ``odeint(..., event_fn=...)``.
+
+    ``adjoint``: the adjoint strategy when ``options`` chooses none (``None``: stored states,
+    ``'graphs'``: kept graphs); ``params``: the tensors to differentiate (None: every tensor
+    requiring grad that ``func`` holds, as backprop through ``odeint`` reaches).
+    """
     if not callable(event_fn):
         raise InputError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
     if not isinstance(reverse_time, bool):
         raise InputError(f"reverse_time must be True or False, got {reverse_time!r}")
     direction = -1.0 if reverse_time else 1.0
     t0 = _check_t0(t0, y0)
-    search_options, step_options, event_tol, max_t = _split_options(options, float(t0.detach()), direction)
-    params = resolve_params(func, adjoint_params) if differentiable else ()
+    opts, step_options, event_tol, max_t = _split_options(options, float(t0.detach()), direction)
+    if params is None:
+        params = reachable_params(func) if torch.is_grad_enabled() else ()
+    shift = t0 - t0.detach() if torch.is_grad_enabled() and t0.requires_grad else None
+    if shift is not None:
+        func, event_fn, params = _shifted(func, shift), _shifted(event_fn, shift), (*params, shift)
     start = t0.detach().to("cpu", torch.float64)
-    problem = check_inputs(func, y0, torch.stack([start, start + direction]), rtol, atol, method, search_options,
-                           comm, params=params)
-    _check_steps(problem)
-    if not differentiable and torch.is_grad_enabled() and _wants_grad(func, problem.y0_flat):
-        warnings.warn("odeint_event(odeint_interface=pnode.odeint) gives no gradients; leave odeint_interface=None "
-                      "(pnode.odeint_adjoint) for them", stacklevel=2)
+    problem = check_inputs(func, y0, torch.stack([start, start + direction]), rtol, atol, method, opts, comm,
+                           params=params, default_adjoint=adjoint or "states")
+    _check_event_problem(problem)
     events = EventFunction(event_fn, problem.layout, problem.comm)
-    located = EventSearch(problem, events, event_tol, max_t).run()
-    solves = StepSolves(problem, step_options, located)
-    event = refine(solves, events, located)
-    event_t, y_event = _attach_gradients(solves, events, event, t0, problem, params,
-                                         differentiable and torch.is_grad_enabled())
-    start_state = problem.y0_flat if differentiable else problem.y0_flat.detach()
-    return event_t, problem.layout.unflatten(torch.stack([start_state, y_event]))
+    stepper = _Stepper(problem)
+    tau_max = max_t if max_t is not None else math.inf
+    watch = EventWatch(events, _event_tolerance(event_tol, problem.config.prefix), tau_max, stepper)
+    problem = dataclasses.replace(problem, taus=np.array([problem.taus[0], tau_max]), event=watch)
+    needs_grad = torch.is_grad_enabled() and (problem.y0_flat.requires_grad or len(params) > 0)
+    try:
+        outputs = solve_once(problem, params if needs_grad else (), differentiable=needs_grad)
+    finally:
+        stepper.close()
+    gradients = _EventGradients(problem, events, watch.located, step_options)
+    event_t, y_event = gradients.attach(outputs[-1], shift, needs_grad)
+    event_t = event_t.to(device=t0.device, dtype=t0.dtype)
+    return event_t, problem.layout.unflatten(torch.stack([outputs[0], y_event]))
+
+
+def _interface_strategy(odeint_interface) -> Optional[str]:
+    """The default adjoint strategy of ``odeint_interface``: None (stored states) for
+    ``odeint_adjoint``/None, ``'graphs'`` for ``odeint``."""
+    from .odeint import odeint, odeint_adjoint
+
+    if odeint_interface is None or odeint_interface is odeint_adjoint:
+        return None
+    if odeint_interface is odeint:
+        return "graphs"
+    name = getattr(odeint_interface, "__module__", "") + "." + getattr(odeint_interface, "__name__", "")
+    raise InputError(f"odeint_interface must be None or pnode.odeint_adjoint (stored states), or pnode.odeint "
+                     f"(kept graphs); got {name.strip('.') or type(odeint_interface).__name__}")
+
+
+def _shifted(fn: Callable, shift: torch.Tensor) -> Callable:
+    """``fn`` seen from a start moved by ``shift`` (zero in value): ``fn(t + shift, y)``."""
+    def moved(t, y):
+        return fn(t + shift.to(t.dtype), y)
+    return moved
+
+
+def _event_tolerance(event_tol: Optional[float], prefix: str) -> float:
+    """``-[<prefix>]ts_event_tol`` (the command line wins, as for every PETSc option), else
+    ``options['event_tol']``, else the default (at least the round-off of a single-precision PETSc)."""
+    for name in dict.fromkeys((prefix + "ts_event_tol", "ts_event_tol")):
+        text = get_global_option(name)
+        if text is not None:
+            try:
+                return float(text)
+            except ValueError:
+                raise InputError(f"-{name} must be a positive number, got {text!r}") from None
+    if event_tol is not None:
+        return event_tol
+    return max(DEFAULT_EVENT_TOL, 1000 * petsc_eps())
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _check_interface(odeint_interface) -> bool:
-    """Whether the call is differentiable: ``odeint_adjoint``/``None`` yes, ``odeint`` no."""
-    if odeint_interface is None or odeint_interface is odeint_adjoint:
-        return True
-    if odeint_interface is odeint:
-        return False
-    name = getattr(odeint_interface, "__module__", "") + "." + getattr(odeint_interface, "__name__", "")
-    raise InputError(f"odeint_interface must be None or pnode.odeint_adjoint (differentiable), or pnode.odeint "
-                     f"(no gradients); got {name.strip('.') or type(odeint_interface).__name__}")
-
-
 def _check_t0(t0, y0) -> torch.Tensor:
     """``t0`` as a 0-dim floating tensor (a number becomes one of ``y0``'s dtype); keeps its graph."""
     if isinstance(t0, (int, float)) and not isinstance(t0, bool):
@@ -161,8 +220,9 @@ def _check_t0(t0, y0) -> torch.Tensor:
 
 
 def _split_options(options, t0: float, direction: float):
-    """``(search, steps, event_tol, max_t)``: the options of the event search and of the replayed
-    fixed steps, the event tolerance (None: PETSc's) and the time limit in PETSc time (None: none)."""
+    """``(search, steps, event_tol, max_t)``: the options of the solve and of the unit-time step that
+    differentiates the event, the event tolerance (None: the default) and the time limit in PETSc
+    time (None: none)."""
     if not isinstance(options, (dict, type(None))):
         raise InputError(f"options must be a dict, got {type(options).__name__}")
     opts = dict(options or {})
@@ -188,121 +248,164 @@ def _split_options(options, t0: float, direction: float):
     search = dict(opts)
     search.setdefault("max_num_steps", DEFAULT_MAX_NUM_STEPS)
     steps = {key: value for key, value in opts.items()
-             if key not in _STEP_CONTROL_KEYS and not key.lstrip("-").startswith(SEARCH_ONLY_PREFIXES)}
+             if key not in _STEP_CONTROL_KEYS and not key.lstrip("-").startswith(_SEARCH_ONLY_PREFIXES)}
     return search, steps, event_tol, max_t
 
 
-def _check_steps(problem: Problem) -> None:
+def _check_event_problem(problem: Problem) -> None:
     cfg = problem.config
     if not cfg.adaptive and cfg.step_size is None and cfg.first_step is None:
         raise InputError(f"method {cfg.method.name!r} takes fixed steps, and an event search has no output time to "
                          "step to: pass options={'step_size': h}, or use an adaptive method (e.g. 'dopri5')")
+    if problem.plan is not None:
+        raise InputError("options 'jump_t', 'step_t' and 'grid_constructor' prescribe steps up to output times; a "
+                         "solve until an event has none: leave them out, or split the solve at those times yourself")
 
 
 # ---------------------------------------------------------------------------------------------- steps
-class StepSolves:
-    """pnode solves of the steps the search took, for the refinement and for the adjoint.
+class _Stepper:
+    """One step of the method from a state, on a pooled solver that records nothing (for locating)."""
 
-    The crossing step is solved on the ODE rescaled to unit time, ``dy/ds = d h f(d (tau_b + s h) + o, y)``
-    for ``s`` in ``[0, 1]`` (``d`` the direction, ``tau_b`` the base, ``o`` a shift of every time, 0 in
-    value): one step of size 1 of it is, to round-off, one step of length ``h`` of the ODE. ``h`` and
-    ``o`` ride along as two constant entries of the state (``dh/ds = do/ds = 0``), so PETSc's discrete
-    adjoint gives the derivatives of the computed step with respect to where it ends and when the
-    solve started, and ``func`` closes over no tensor with a history of its own (an adjoint's
-    vector-Jacobian products would otherwise run into it). The steps up to the base are replayed with
-    their ends as output times, one fixed step each: pnode shortens a step to the next output time,
-    and ``step_size`` is longer than any of them.
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.rhs = problem.rhs(())
+        self.pooled = None
+
+    def __call__(self, base_tau: float, base_state: torch.Tensor, length: float) -> torch.Tensor:
+        if self.pooled is None:
+            self.pooled = acquire_solver(self.problem, 0, False)
+        end = base_tau + length
+        replay = Replay(np.array([base_tau, end]), [end - base_tau], accept_all=True)
+        return self.pooled[1].replay(self.rhs, base_state, replay)
+
+    def close(self) -> None:
+        if self.pooled is not None:
+            release_solver(*self.pooled)
+            self.pooled = None
+
+
+class _EventGradients:
+    """The event time and state with the implicit function theorem's graph attached (see the module docstring).
 
     Args:
-        problem: the canonical problem.
-        step_options: the call's options without the search's own (step control, events).
-        located: where the search stopped.
+        problem: the event solve's problem.
+        events: its event functions.
+        located: where the event was found.
+        step_options: the options of the unit-time step that differentiates the event.
     """
 
-    def __init__(self, problem: Problem, step_options: Dict[str, object], located: Located):
+    def __init__(self, problem: Problem, events: EventFunction, located: Located, step_options: dict):
         self.problem = problem
+        self.events = events
         self.located = located
-        span = abs(located.event_time - float(problem.taus[0]))
-        self.replay_options = dict(step_options, step_size=4.0 * span + 1.0)
-        self.unit_options = dict(step_options, step_size=2.0)
         cfg = problem.config
-        self.keywords = dict(rtol=cfg.rtol, atol=cfg.atol, method=cfg.method.name, comm=problem.comm)
-        layout = problem.layout
-        self.base_state = located.base_state.to(device=layout.device, dtype=layout.dtype)
+        self.keywords = dict(rtol=cfg.rtol, atol=cfg.atol, method=cfg.method.name, comm=problem.comm,
+                             options=dict(step_options, step_size=2.0))
 
-    @property
-    def direction(self) -> float:
-        return self.problem.direction
+    def attach(self, y_fixed: torch.Tensor, shift: Optional[torch.Tensor],
+               differentiable: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(event_t, y_event)``: the event time (user time, float64) and the state at it (``y_fixed``,
+        the solve's last output, differentiated at a fixed step length), each moving with the event's
+        step length ``h`` by the implicit function theorem when gradients are wanted."""
+        problem, located = self.problem, self.located
+        direction, index = problem.direction, located.crossing.index
+        t_event = torch.tensor(direction * located.tau, dtype=torch.float64)
+        if shift is not None:
+            t_event = t_event + shift.to(torch.float64)
+        if not differentiable or located.crossing.jump:
+            return t_event, y_fixed
+        with torch.enable_grad():
+            value = self.events.local(self.user_time(located.crossing.length), y_fixed)[index]
+        moves = value.requires_grad
+        check_consistent(problem.comm, "whether odeint_event is differentiated", moves,
+                         "Every rank must take the same gradients (y0, t0, parameters, event_fn's tensors)")
+        if not moves:
+            self._check_autograd(index, y_fixed)
+            return t_event, y_fixed
+        step_change = (value - value.detach()).to("cpu", torch.float64) * (-1.0 / self.slope(index))
+        if problem.comm.getSize() > 1:
+            step_change = _SumOverRanks.apply(step_change, problem.comm)
+        moved = _AlongTheStep.apply(step_change, self, y_fixed)
+        return t_event + direction * step_change, y_fixed + moved
 
-    @property
-    def base_time(self) -> float:
-        """The base in PETSc time."""
-        return self.located.step_times[-1]
+    def user_time(self, length: torch.Tensor) -> torch.Tensor:
+        """The user's time (0-dim, the state's dtype) ``length`` after the base."""
+        layout = self.problem.layout
+        t = self.problem.direction * (self.located.base_tau + length)
+        return torch.as_tensor(t, dtype=torch.float64).to(device=layout.device, dtype=layout.dtype)
 
-    def user_time(self, step: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The user's time (0-dim, the state's dtype) ``step`` after the base; ``offset`` shifts it."""
-        t = self.direction * (self.base_time + step)
-        if offset is not None:
-            t = t + offset
-        return t.to(device=self.problem.layout.device, dtype=self.problem.layout.dtype)
+    def step_end(self, length: torch.Tensor) -> torch.Tensor:
+        """The crossing step of ``length`` (a float64 0-dim tensor that may require grad) from the base,
+        solved on the ODE rescaled to unit time: the state at its end, flat, differentiable in ``length``.
 
-    def crossing_step(self, state: torch.Tensor, step: torch.Tensor, params: Sequence[torch.Tensor] = (),
-                      offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One step of length ``step`` (a float64 0-dim tensor, PETSc time) from the base, where the state is
-        ``state`` (flat): the state at its end, flat, differentiable with respect to ``state``, ``step``,
-        ``offset`` and ``params``."""
+        ``dy/ds = d h f(d (tau_b + s h), y)`` for ``s`` in [0, 1] (``d`` the direction, ``tau_b`` the
+        base): one step of size 1 of it is, to round-off, one step of length ``h`` of the ODE. ``h``
+        rides along as a constant entry of the state, so PETSc's adjoint differentiates it.
+        """
         problem, layout = self.problem, self.problem.layout
-        func, direction, base, numel = problem.func, self.direction, self.base_time, layout.numel
-        shift = torch.zeros((), dtype=torch.float64) if offset is None else offset
-        extra = torch.stack([step, shift]).to(device=layout.device, dtype=layout.dtype)
-        start = torch.cat([state, extra])
+        func, direction, base, numel = problem.func, problem.direction, self.located.base_tau, layout.numel
+        start = torch.cat([self.located.base_state.to(device=layout.device, dtype=layout.dtype),
+                           length.reshape(1).to(device=layout.device, dtype=layout.dtype)])
 
         def rescaled(s, z):
-            length, moved = z[numel].to(torch.float64), z[numel + 1].to(torch.float64)
-            t = (direction * (base + s.to(torch.float64) * length) + moved).to(layout.dtype)
+            h = z[numel].to(torch.float64)
+            t = (direction * (base + s.to(torch.float64) * h)).to(layout.dtype)
             velocity = layout.flatten(func(t, layout.unflatten(z[:numel])))
-            return torch.cat([(direction * length).to(layout.dtype) * velocity, torch.zeros_like(z[numel:])])
+            return torch.cat([(direction * h).to(layout.dtype) * velocity, torch.zeros_like(z[numel:])])
+
+        from .odeint import odeint_adjoint
 
         unit = torch.tensor([0.0, 1.0], dtype=torch.float64)
-        if start.requires_grad or params:
-            states = odeint_adjoint(rescaled, start, unit, options=self.unit_options, adjoint_params=tuple(params),
-                                    **self.keywords)
-        else:
-            with torch.no_grad():
-                states = odeint(rescaled, start, unit, options=self.unit_options, **self.keywords)
-        return states[-1, :numel]
+        return odeint_adjoint(rescaled, start, unit, adjoint_params=(), **self.keywords)[-1, :numel]
 
-    def replay_to_base(self, params: Sequence[torch.Tensor], offset: Optional[torch.Tensor]) -> torch.Tensor:
-        """The state at the base from ``pnode.odeint_adjoint`` over the search's steps, flat, with its graph
-        (to ``y0``, ``params`` and, as a shift of every time, ``offset``)."""
-        problem, layout = self.problem, self.problem.layout
-        times = torch.tensor(self.located.step_times, dtype=torch.float64) * self.direction
-        if len(times) == 1:
-            return problem.y0_flat
-        if offset is None:
-            states = odeint_adjoint(problem.func, layout.unflatten(problem.y0_flat), times,
-                                    options=self.replay_options, adjoint_params=tuple(params), **self.keywords)
-            return _last(layout, states)
-        func, numel = problem.func, layout.numel
+    def slope(self, index: int) -> float:
+        """``d phi / dh`` of event function ``index`` along the computed crossing step, summed over ranks.
 
-        def shifted(t, z):
-            velocity = layout.flatten(func(t + z[numel], layout.unflatten(z[:numel])))
-            return torch.cat([velocity, torch.zeros_like(z[numel:])])
+        Raises a ``GRAZING_EVENT`` error where it (nearly) vanishes: below a millionth of the slope of
+        the chord from the base to the event (a multiple root, whose time has no finite derivative).
+        """
+        located = self.located
+        length = torch.tensor(located.crossing.length, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            value = self.events.local(self.user_time(length), self.step_end(length))[index]
+            slope = torch.autograd.grad(value, length, allow_unused=True)[0] if value.requires_grad else None
+        total = float(self.events.sum_over_ranks(np.array([0.0 if slope is None else float(slope)]))[0])
+        chord = abs(located.base_values[index]) / located.crossing.length
+        if not math.isfinite(total) or abs(total) <= _GRAZING_SLOPE * chord:
+            raise _grazing(self.problem.direction * located.tau, index, total)
+        return total
 
-        start = torch.cat([problem.y0_flat, offset.to(device=layout.device, dtype=layout.dtype).reshape(1)])
-        states = odeint_adjoint(shifted, start, times, options=self.replay_options, adjoint_params=tuple(params),
-                                **self.keywords)
-        return states[-1, :numel]
+    def _check_autograd(self, index: int, y_fixed: torch.Tensor) -> None:
+        """Raise when event function ``index`` depends on neither ``t`` nor ``y`` as autograd sees it
+        (built from Python floats, or detached): its event time could not move."""
+        t = self.user_time(torch.tensor(self.located.crossing.length, dtype=torch.float64)).requires_grad_()
+        with torch.enable_grad():
+            value = self.events.local(t, y_fixed.detach().requires_grad_())[index]
+        if not value.requires_grad:
+            raise _grazing(self.problem.direction * self.located.tau, index, 0.0)
+
+    def along_step(self, cotangent: torch.Tensor) -> torch.Tensor:
+        """``cotangent . dy_e/dh`` (float64 0-dim) for a cotangent of the state at the event."""
+        length = torch.tensor(self.located.crossing.length, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            end = self.step_end(length)
+            (grad,) = torch.autograd.grad(end, length, grad_outputs=cotangent.to(end), allow_unused=True)
+        return torch.zeros((), dtype=torch.float64) if grad is None else grad.detach()
 
 
-def _last(layout: StateLayout, states) -> torch.Tensor:
-    """The last output of a solve, flat."""
-    if layout.is_tuple:
-        return layout.flatten(tuple(s[-1] for s in states))
-    return states[-1].reshape(-1)
+class _AlongTheStep(torch.autograd.Function):
+    """Zero in value; its derivative in the step length ``h`` is the crossing step's ``dy_e/dh``."""
+
+    @staticmethod
+    def forward(ctx, step_change: torch.Tensor, gradients: _EventGradients, like: torch.Tensor):
+        ctx.gradients = gradients
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def backward(ctx, cotangent: torch.Tensor):
+        return ctx.gradients.along_step(cotangent), None, None
 
 
-# ---------------------------------------------------------------------------------------------- gradients
 class _SumOverRanks(torch.autograd.Function):
     """Identity forward; backward sums the cotangent over the ranks.
 
@@ -321,43 +424,10 @@ class _SumOverRanks(torch.autograd.Function):
         return grad.new_tensor(total), None
 
 
-def _attach_gradients(solves: StepSolves, events: EventFunction, event: Event, t0: torch.Tensor,
-                      problem: Problem, params, differentiable: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(event_t, y_event)``: the refined values, with the graph of the implicit function theorem over the
-    same steps attached when gradients are wanted (their values are left exactly as they are).
-
-    With ``phi(h, p) = g(t_e, y_e)`` for the crossing step of length ``h`` and everything else ``p``,
-    ``dh = -(d phi / dp) dp / (d phi / dh)``; the event time moves with ``h`` and the state at the
-    event with the step's end.
-    """
-    comm = problem.comm
-    direction = solves.direction
-    t_event = torch.tensor(direction * event.tau, dtype=torch.float64)
-    through_state = differentiable and (problem.y0_flat.requires_grad or t0.requires_grad or len(params) > 0)
-    # every time shifts with t0: the solve from t0 + dt is the solve from t0 with f(t + dt, y)
-    offset = (t0 - t0.detach()).to("cpu", torch.float64) if differentiable and t0.requires_grad else None
-    length = torch.tensor(event.step, dtype=torch.float64)
-    if through_state:
-        base_state = solves.replay_to_base(params, offset)
-        end_state = solves.crossing_step(base_state, length, params, offset)
-    else:
-        end_state = event.state
-    value = None
-    if differentiable:
-        with torch.enable_grad():
-            value = events.local(solves.user_time(length, offset), end_state)[event.index]
-    moves = value is not None and value.requires_grad
-    check_consistent(comm, "whether odeint_event is differentiated", (through_state, moves),
-                     "Every rank must take the same gradients (y0, t0, parameters, event_fn's tensors)")
-    if not moves:
-        return t_event.to(device=t0.device, dtype=t0.dtype), event.state
-    step_change = (value - value.detach()).to("cpu", torch.float64) * (-1.0 / event.slope)
-    if comm.getSize() > 1:
-        step_change = _SumOverRanks.apply(step_change, comm)
-    event_t = t_event + direction * step_change
-    if offset is not None:
-        event_t = event_t + offset
-    moved = solves.crossing_step(base_state if through_state else solves.base_state, length + step_change, params,
-                                 offset)
-    y_event = event.state + (moved - moved.detach())
-    return event_t.to(device=t0.device, dtype=t0.dtype), y_event
+def _grazing(t_user: float, index: int, slope: float) -> SolverError:
+    which = f"event function {index}" if index else "event_fn"
+    return SolverError(f"{which} touches zero without crossing it transversally: its derivative along the computed "
+                       f"solution is {slope:.3g} at t={t_user:.6g}. The event time is then not differentiable; use an "
+                       "event function that crosses zero with a nonzero slope (dg/dt + dg/dy . f != 0), and build it "
+                       "from torch operations on t and y (autograd takes its derivatives)", t_reached=t_user,
+                       reason="GRAZING_EVENT")

@@ -25,6 +25,10 @@ class Method:
         order: the classical order of accuracy.
         zero_weight_stage: an RK tableau with a zero weight b_i on a stage that later stages use
             (PETSc 3.18's RK adjoint drops the parameter gradient of such stages).
+        fsal: "first same as last": the last stage is evaluated at the step's end state, so its
+            derivative starts the next step (Dormand-Prince, Bogacki-Shampine, Tsitouras).
+        dense_midpoint: PETSc interpolates a step of this method to higher order than linear
+            (``TSInterpolate``: Dormand-Prince's fourth-order dense formula).
         description: a one-line description shown by :func:`available_methods`.
         tableau: for a tableau PETSc does not ship, the tableau pnode registers with PETSc (as
             ``rk_type``) before the first solve that uses it; None for PETSc's own methods.
@@ -38,13 +42,15 @@ class Method:
     implicit: bool = False
     order: int = 1
     zero_weight_stage: bool = False
+    fsal: bool = False
+    dense_midpoint: bool = False
     description: str = ""
     tableau: Optional[RKTableau] = field(default=None, compare=False, repr=False)
 
 
-def _registered_rk(name: str, tableau: RKTableau, adaptive: bool, description: str) -> Method:
+def _registered_rk(name: str, tableau: RKTableau, adaptive: bool, description: str, fsal: bool = False) -> Method:
     return Method(name, "rk", rk_type=tableau.name, adaptive=adaptive, order=tableau.order,
-                  zero_weight_stage=tableau.zero_weight_stage, description=description, tableau=tableau)
+                  zero_weight_stage=tableau.zero_weight_stage, fsal=fsal, description=description, tableau=tableau)
 
 
 _TABLE: Tuple[Method, ...] = (
@@ -53,10 +59,10 @@ _TABLE: Tuple[Method, ...] = (
            description="explicit midpoint (PETSc RK 2b)"),
     Method("rk4", "rk", rk_type="4", order=4,
            description="classic RK4 (PETSc RK 4); torchdiffeq's rk4 is the 3/8 rule"),
-    Method("bosh3", "rk", rk_type="3bs", adaptive=True, order=3,
+    Method("bosh3", "rk", rk_type="3bs", adaptive=True, order=3, fsal=True,
            description="Bogacki-Shampine 3(2) (PETSc RK 3bs)"),
-    Method("dopri5", "rk", rk_type="5dp", adaptive=True, order=5, zero_weight_stage=True,
-           description="Dormand-Prince 5(4) (PETSc RK 5dp)"),
+    Method("dopri5", "rk", rk_type="5dp", adaptive=True, order=5, zero_weight_stage=True, fsal=True,
+           dense_midpoint=True, description="Dormand-Prince 5(4) (PETSc RK 5dp)"),
     Method("adaptive_heun", "rk", rk_type="2a", adaptive=True, order=2,
            description="Heun with embedded Euler (PETSc RK 2a)"),
     Method("cn", "cn", implicit=True, order=2, description="Crank-Nicolson (PETSc TS cn)"),
@@ -66,7 +72,7 @@ _TABLE: Tuple[Method, ...] = (
     Method("heun2", "rk", rk_type="2a", order=2, description="Heun's method, fixed steps (PETSc RK 2a)"),
     _registered_rk("heun3", HEUN3, False, "Heun's third-order method (tableau registered with TSRKRegister)"),
     _registered_rk("fehlberg2", FEHLBERG2, True, "Fehlberg 2(1) (tableau registered with TSRKRegister)"),
-    _registered_rk("tsit5", TSIT5, True, "Tsitouras 5(4) (tableau registered with TSRKRegister)"),
+    _registered_rk("tsit5", TSIT5, True, "Tsitouras 5(4) (tableau registered with TSRKRegister)", fsal=True),
     _registered_rk("dopri8", DOPRI8, True, "Prince-Dormand 8(7) (tableau registered with TSRKRegister)"),
     Method("implicit_euler", "beuler", implicit=True, order=1, description="backward Euler (PETSc TS beuler)"),
     Method("trapezoid", "cn", implicit=True, order=2, description="trapezoidal rule (PETSc TS cn)"),
@@ -134,6 +140,7 @@ def resolve_method(name: Optional[str]) -> Method:
     if key.startswith("rk:") and key[3:] in _PETSC_RK:
         adaptive, order, zero_weight = _PETSC_RK[key[3:]]
         return Method(key, "rk", rk_type=key[3:], adaptive=adaptive, order=order, zero_weight_stage=zero_weight,
+                      fsal=key[3:] in ("3bs", "5dp"), dense_midpoint=key[3:] == "5dp",
                       description=f"PETSc RK tableau {key[3:]}")
     hint = _UNAVAILABLE.get(key)
     reason = f" ({hint})" if hint else ""

@@ -20,6 +20,7 @@ import weakref
 from collections import OrderedDict
 from typing import List, Tuple
 
+from ._compat import serialized
 from .budget import parse_bytes
 from .distributed import check_consistent, comm_key, local_sizes
 from .options import database_fingerprint
@@ -86,6 +87,7 @@ def set_pool_limit(limit) -> None:
     _evict(_limit[0])
 
 
+@serialized
 def clear_cache() -> None:
     """Destroy every idle pooled solver (their PETSc objects and vectors); the next call builds anew."""
     _evict(-1)

@@ -14,14 +14,16 @@ import torch
 from torch import nn
 
 from ._compat import PETSc
-from .bridge import StateLayout, layout_of, petsc_eps
+from .bridge import StateLayout, layout_of, petsc_dtype, petsc_eps
 from .callbacks import StepCallbacks, find_step_callbacks
 from .config import LOW_RESOLUTION, SolverConfig
 from .distributed import resolve_comm
 from .errors import InputError
+from .event_search import EventWatch
 from .methods import resolve_method
 from .options import get_global_option, option_value
-from .rhs import EvaluationCounter
+from .rhs import RHS, EvaluationCounter
+from .solver import Span
 from .stats import SolveStats
 from .timeplan import TimePlan, time_plan
 
@@ -31,7 +33,6 @@ _ADAPT_OPTION_MAP = {"safety": "ts_adapt_safety"}
 _UNSUPPORTED_OPTIONS = {
     "perturb": "PETSc steps cannot be perturbed; pass the discontinuities as options={'jump_t': times}, "
                "where pnode splits the integration and evaluates f again",
-    "interp": "pnode never interpolates: every output time is a step end",
     "norm": "PETSc's controller uses a weighted RMS norm; choose another with "
             "options={'ts_adapt_wnormtype': 'infinity'}",
     "dtype": "PETSc integrates in its scalar type (float64); the state keeps its own dtype",
@@ -60,6 +61,12 @@ class Problem:
         plan: prescribed step times and jumps (``step_t``, ``jump_t``, ``grid_constructor``), or
             None (see :mod:`pnode.timeplan`).
         callbacks: the torchdiffeq step callbacks ``func`` defines, or None (see :mod:`pnode.callbacks`).
+        event: the solve ends at an event (its ``taus`` are ``[tau0, event.tau_max]``), or None.
+        first_step: the first step's size when the solve goes on from an earlier one (a jump), or None.
+        tolerances: per-entry ``(rtol, atol)`` (flat, PETSc dtype, CPU) when they were given as
+            tensors, or None (``config.rtol``/``config.atol`` apply).
+        jump_sides: ``jump_t`` times that bound this solve (PETSc time) with the side of the jump
+            its evaluations there take (see :meth:`pnode.rhs.RHS.user_time`).
     """
 
     func: Callable
@@ -76,11 +83,27 @@ class Problem:
     stats: Optional[SolveStats] = None
     plan: Optional[TimePlan] = None
     callbacks: Optional[StepCallbacks] = None
+    event: Optional[EventWatch] = None
+    first_step: Optional[float] = None
+    tolerances: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    jump_sides: Tuple[Tuple[float, float], ...] = ()
+
+    def rhs(self, params) -> RHS:
+        """The right-hand side of one solve of this problem, differentiating ``params``."""
+        return RHS(self.func, self.layout, params, self.direction, self.counter, self.jump_sides)
+
+    @property
+    def span(self) -> Span:
+        """What one forward solve of this problem covers (:class:`pnode.solver.Span`)."""
+        return Span(self.taus, self.first_step, self.tolerances, self.event)
 
 
 def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), prefix=None,
-                 stats: Optional[SolveStats] = None) -> Problem:
+                 stats: Optional[SolveStats] = None, default_adjoint: str = "states") -> Problem:
     """Validate and canonicalise the arguments of ``odeint``/``odeint_adjoint``.
+
+    ``default_adjoint``: the adjoint strategy when ``options`` chooses none (``'states'`` for
+    ``odeint_adjoint``, ``'graphs'`` for ``odeint``, whose memory profile is backprop's).
 
     Raises:
         InputError: with a message naming the argument, what was received and how to fix it.
@@ -93,27 +116,77 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
     taus_user = t.detach().to("cpu", torch.float64).numpy()
     direction = 1.0 if len(taus_user) < 2 or taus_user[1] > taus_user[0] else -1.0
     taus = np.ascontiguousarray(direction * taus_user)
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise InputError(f"{name} must be a positive finite number, got {value!r}")
+    rtol, atol, tolerances = _tolerances(rtol, atol, layout)
     if not isinstance(options, (dict, type(None))):
         raise InputError(f"options must be a dict, got {type(options).__name__}")
     opts = dict(options or {})  # the caller's dict is left alone; keys are consumed from this copy
     prefix = "" if not prefix else prefix if prefix.endswith("_") else prefix + "_"
-    strategy = adjoint_strategy(opts, prefix)
+    strategy = adjoint_strategy(opts, prefix, default_adjoint)
     prescribed = [opts.pop(key, None) for key in ("jump_t", "step_t", "grid_constructor")]
     resolution = max(float(torch.finfo(layout.dtype).eps), petsc_eps())
-    config = _make_config(resolve_method(method), float(rtol), float(atol), opts, prefix, resolution)
+    config = _make_config(resolve_method(method), rtol, atol, opts, prefix, resolution, tolerances is not None)
     plan = time_plan(*prescribed, func, y0, t, config.adaptive, config.step_size is not None, config.method.name)
     callbacks = find_step_callbacks(func, layout, direction, t.dtype, config.adaptive, config.method.name)
     stats = stats if stats is not None else SolveStats()
     return Problem(func, layout, y0_flat, t, taus, direction, config, resolve_comm(comm), tuple(params),
-                   stats.counter, strategy, stats, plan, callbacks)
+                   stats.counter, strategy, stats, plan, callbacks, tolerances=tolerances)
 
 
-def adjoint_strategy(opts: Dict[str, object], prefix: str):
+def _tolerances(rtol, atol, layout: StateLayout):
+    """``(rtol, atol, per_entry)``: numbers, and for tolerances given per entry of the state (tensors
+    broadcastable to it, or for a tuple state a tuple of numbers or such tensors) the flat PETSc-dtype
+    ``(rtol, atol)`` vectors PETSc's controller takes (None when both are numbers)."""
+    values = [_tolerance(name, value, layout) for name, value in (("rtol", rtol), ("atol", atol))]
+    if all(isinstance(v, float) for v in values):
+        if not (values[0] >= 0 and values[1] > 0):
+            raise InputError(f"rtol must be >= 0 and atol > 0 (finite numbers), got rtol={rtol!r}, atol={atol!r}")
+        return values[0], values[1], None
+    flat = [torch.full((layout.numel,), v, dtype=petsc_dtype()) if isinstance(v, float) else v for v in values]
+    if not bool((flat[1] + flat[0] > 0).all()):
+        raise InputError("rtol + atol must be positive for every entry of the state: no entry can be held to a "
+                         "zero error")
+    return float(flat[0].max()), float(flat[1].max()), (flat[0], flat[1])
+
+
+def _tolerance(name: str, value, layout: StateLayout):
+    """A number (a float), or a flat per-entry tensor (PETSc dtype, CPU) for a tensor or tuple tolerance."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+        return value
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return _tolerance(name, float(value.detach()), layout)
+    parts = value if isinstance(value, (tuple, list)) else (value,)
+    if isinstance(value, (tuple, list)) != layout.is_tuple or len(parts) != len(layout.shapes):
+        expected = (f"a tuple of {len(layout.shapes)} (one per tensor of the state)" if layout.is_tuple else
+                    "a tensor broadcastable to the state's shape")
+        raise InputError(f"{name} must be a number, a 0-dim tensor or {expected}; got {_describe_tolerance(value)}")
+    flat = []
+    for i, (part, shape) in enumerate(zip(parts, layout.shapes)):
+        where = f"{name}[{i}]" if layout.is_tuple else name
+        tensor = torch.as_tensor(part.detach() if isinstance(part, torch.Tensor) else part, dtype=torch.float64)
+        try:
+            tensor = tensor.to("cpu").expand(shape)
+        except RuntimeError:
+            raise InputError(f"{where} has shape {tuple(tensor.shape)}, which does not broadcast to the state's "
+                             f"shape {tuple(shape)}; give one tolerance per entry, or a number") from None
+        if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+            raise InputError(f"{where} must hold finite values >= 0")
+        flat.append(tensor.reshape(-1))
+    return torch.cat(flat).to(petsc_dtype())
+
+
+def _describe_tolerance(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def adjoint_strategy(opts: Dict[str, object], prefix: str, default: str = "states"):
     """The adjoint strategy of ``opts`` (consumes ``adjoint``, ``checkpoints``, ``checkpoint_graphs``,
-    ``memory_budget``; each also ``-[<prefix>]pnode_<key>`` on the command line, which wins)."""
+    ``memory_budget``; each also ``-[<prefix>]pnode_<key>`` on the command line, which wins);
+    ``default`` ('states' or 'graphs') when they choose none."""
     from .budget import MemoryBudget, parse_bytes
     from .strategies import BinomialCheckpoints, KeptGraphs, StoredStates
 
@@ -134,7 +207,7 @@ def adjoint_strategy(opts: Dict[str, object], prefix: str):
         return MemoryBudget(parse_bytes(budget, budget_source), graphs)
     if checkpoints is not None:
         return BinomialCheckpoints(checkpoints, graphs)
-    return (kinds[kind] or StoredStates)()
+    return (kinds[kind] or kinds[default])()
 
 
 def _pnode_option(key: str, value, prefix: str) -> Tuple[object, str]:
@@ -233,7 +306,8 @@ def _check_t(t, layout: StateLayout) -> torch.Tensor:
     return t
 
 
-def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resolution: float) -> SolverConfig:
+def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resolution: float,
+                 vector_tolerances: bool = False) -> SolverConfig:
     """The solver configuration; consumes the keys of ``opts`` (a copy) and takes a normalised prefix."""
     step_size = _positive(opts.pop("step_size", None), "step_size")
     first_step = _positive(opts.pop("first_step", None), "first_step")
@@ -261,6 +335,10 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resol
     for key, name in _ADAPT_OPTION_MAP.items():
         if key in opts:
             petsc[name] = opts.pop(key)
+    interp = opts.pop("interp", "linear")
+    if interp not in ("linear", "cubic"):  # torchdiffeq's fixed-grid output interpolation; pnode lands on outputs
+        raise InputError(f"options['interp'] must be 'linear' or 'cubic' (torchdiffeq's choices; pnode ends a step "
+                         f"on every output time, so it interpolates nothing and either has no effect), got {interp!r}")
     for key in list(opts):
         if key in _UNSUPPORTED_OPTIONS:
             raise InputError(f"options[{key!r}] is a torchdiffeq option pnode cannot honour: "
@@ -272,7 +350,7 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resol
                         max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
                         petsc_options=tuple(sorted((k, option_value(v)) for k, v in petsc.items())),
                         prefix=prefix, resolution=resolution, implicit_solve=implicit_solve,
-                        jvp=jvp)
+                        jvp=jvp, vector_tolerances=vector_tolerances)
 
 
 def _warn_below_resolution(petsc: Dict[str, object]) -> None:
@@ -315,6 +393,20 @@ def _positive(value, name, allow_zero=False, allow_inf=False):
     return value
 
 
+def check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options) -> None:
+    """Refuse an ``adjoint_method`` other than ``method``; warn that adjoint tolerances are ignored."""
+    if adjoint_method is not None and adjoint_method != method:
+        raise InputError(f"adjoint_method={adjoint_method!r} differs from method={method!r}: pnode's "
+                         "discrete adjoint retraces the forward steps and cannot change method; "
+                         "leave adjoint_method=None")
+    ignored = [name for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol),
+                                        ("adjoint_options", adjoint_options)) if value]
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)} ignored: the discrete adjoint retraces the forward steps and "
+                      "has no tolerances of its own; tune implicit adjoint solves with PETSc options "
+                      "(e.g. options={'ksp_rtol': 1e-12})", stacklevel=3)
+
+
 def resolve_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
     """The tensors to differentiate: ``adjoint_params`` or, for an nn.Module, its parameters.
 
@@ -337,18 +429,48 @@ def resolve_params(func, adjoint_params) -> Tuple[torch.Tensor, ...]:
 
 
 def _warn_on_hidden_params(func) -> None:
-    cells = getattr(func, "__closure__", None) or ()
-    hidden = []
-    for cell in cells:
+    hidden = [tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__ for p in _closed_over(func)]
+    if hidden:
+        warnings.warn(f"func closes over tensors/modules that require grad ({hidden}) but adjoint_params "
+                      "was not given, so they get no gradient; pass them: "
+                      "odeint_adjoint(func, y0, t, adjoint_params=(...))", stacklevel=4)
+
+
+def reachable_params(func) -> Tuple[torch.Tensor, ...]:
+    """The tensors requiring grad that backpropagating through ``func`` would reach, as far as they
+    can be seen without running it: an ``nn.Module``'s parameters, those of the module a bound method
+    belongs to, and the tensors and modules a function closes over (nested functions included).
+
+    This is what :func:`pnode.odeint` differentiates, as backpropagation through torchdiffeq's
+    ``odeint`` would; a tensor reached only through a global variable is not seen.
+    """
+    found: Dict[int, torch.Tensor] = {}
+    for item in _closed_over(func, include_module=True):
+        tensors = item.parameters() if isinstance(item, nn.Module) else (item,)
+        for tensor in tensors:
+            if tensor.requires_grad:
+                found.setdefault(id(tensor), tensor)
+    return tuple(found.values())
+
+
+def _closed_over(func, include_module: bool = False, depth: int = 3) -> list:
+    """Modules and tensors requiring grad that ``func`` holds: itself (a module), the module of a bound
+    method, its closure cells and those of the functions they hold, ``depth`` levels deep."""
+    if isinstance(func, nn.Module):
+        return [func] if include_module else []
+    owner = getattr(func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [owner]
+    found = []
+    for cell in getattr(func, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:
             continue
         if isinstance(value, torch.Tensor) and value.requires_grad:
-            hidden.append(tuple(value.shape))
+            found.append(value)
         elif isinstance(value, nn.Module) and any(p.requires_grad for p in value.parameters()):
-            hidden.append(type(value).__name__)
-    if hidden:
-        warnings.warn(f"func closes over tensors/modules that require grad ({hidden}) but adjoint_params "
-                      "was not given, so they get no gradient; pass them: "
-                      "odeint_adjoint(func, y0, t, adjoint_params=(...))", stacklevel=4)
+            found.append(value)
+        elif callable(value) and depth > 1 and not isinstance(value, type):
+            found.extend(_closed_over(value, True, depth - 1))
+    return found

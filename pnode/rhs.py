@@ -64,16 +64,29 @@ class RHS:
     """
 
     def __init__(self, func: Callable, layout: StateLayout, params: Sequence[torch.Tensor],
-                 direction: float, counter: Optional[EvaluationCounter] = None):
+                 direction: float, counter: Optional[EvaluationCounter] = None,
+                 jump_sides: Sequence[Tuple[float, float]] = ()):
         self.func = func
         self.layout = layout
         self.params = tuple(params)
         self.direction = direction
         self.counter = counter if counter is not None else EvaluationCounter()
         self.difference_jvp = False  # set per solve: Jacobian-vector products by differences
+        self.jump_sides = tuple(jump_sides)
 
     def user_time(self, tau: float) -> torch.Tensor:
-        return torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
+        """The user's time of PETSc time ``tau`` (0-dim, the state's dtype and device).
+
+        At a ``jump_t`` that bounds the solve (``jump_sides``: PETSc time, and the side to take) the
+        time is moved one ulp to this solve's side of the jump, so that ``func`` evaluates the branch
+        that holds inside it (as torchdiffeq's ``perturb`` does): a step ending at the jump sees ``f``
+        before it, a step starting there ``f`` after it.
+        """
+        t = torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
+        for jump, side in self.jump_sides:
+            if same_stage_time(tau, jump):
+                return torch.nextafter(t, torch.tensor(side, dtype=t.dtype, device=t.device))
+        return t
 
     def to_user(self, flat: torch.Tensor) -> torch.Tensor:
         """A flat PETSc-dtype CPU tensor as a flat tensor of the user's dtype and device."""

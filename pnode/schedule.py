@@ -56,15 +56,20 @@ def expected_steps(config: SolverConfig, taus: np.ndarray) -> Optional[int]:
     """
     if config.adaptive:
         return None
+    if not np.isfinite(taus[-1]):
+        return None  # an event search: the event decides
     if config.step_size is None:
         return len(taus) - 1
     lengths = np.diff(np.asarray(taus, dtype=np.float64))
     return sum(fixed_steps_in(length, config.step_size) for length in lengths)
 
 
-def fixed_steps_in(length: float, step_size: float) -> int:
+def fixed_steps_in(length: float, step_size: float) -> Optional[int]:
     """Steps of ``step_size`` an output interval of ``length`` takes: full steps, then one cut (or,
-    within a sliver, stretched) to the output time; computed in float64."""
+    within a sliver, stretched) to the output time; computed in float64. None for an interval
+    without end (an event search)."""
+    if not np.isfinite(length):
+        return None
     return int(np.floor(length / step_size - sliver())) + 1
 
 
@@ -103,6 +108,8 @@ class ForwardRecord:
         stages: evaluations of f in the first step, which evaluates every stage (None if PETSc
             retried it: then it evaluated more).
         stage_times: the times f was evaluated at (None: not recorded, no adjoint will run).
+        next_step: the step size the controller proposed after the last step (PETSc time): where
+            an integration goes on past the last output time (a jump), it starts with it.
     """
 
     taus: np.ndarray
@@ -113,6 +120,7 @@ class ForwardRecord:
     fsal: Optional[bool] = None
     stages: Optional[int] = None
     stage_times: Optional[StageTimes] = None
+    next_step: Optional[float] = None
 
     @property
     def steps(self) -> int:
@@ -160,12 +168,15 @@ class OutputSchedule:
         store: a :class:`pnode.checkpoint.CheckpointStore` offered the state after every step
             that is not an output time (checkpointing without a trajectory), or None.
         explicit: the method is explicit RK (FSAL reuse can be told from its evaluations).
+        dense: told every accepted step (``dense.after_step(ts)``: dense output), or None.
     """
 
-    def __init__(self, config: SolverConfig, record: ForwardRecord, store=None, explicit: bool = True):
+    def __init__(self, config: SolverConfig, record: ForwardRecord, store=None, explicit: bool = True,
+                 dense=None):
         self.config = config
         self.record = record
         self.store = store
+        self.dense = dense
         self.explicit = explicit
         self.segment_end: Optional[float] = None
         self.uncut_step: Optional[float] = None
@@ -175,9 +186,11 @@ class OutputSchedule:
         self.evaluations = 0
         self.pending_fsal = None  # (step, its end time): FSAL still to tell at the next evaluation
         self.nonfinite_at: Optional[float] = None
+        self._stage_vecs: List[int] = []  # stage Vecs whose times the step in progress recorded
 
     def before_step(self, ts) -> None:
         self.evaluations = 0
+        self._stage_vecs = []
         tau, dt = ts.getTime(), ts.getTimeStep()
         record, planned_last = self.record, False
         output = len(record.step_of_output)
@@ -188,7 +201,8 @@ class OutputSchedule:
             step_in_interval = ts.getStepNumber() - record.step_of_output[-1] + 1
             if step_in_interval == 1:
                 self.interval_retries = retried_steps(ts)
-            planned_last = (step_in_interval >= fixed_steps_in(record.taus[output] - record.taus[output - 1], dt)
+            planned = fixed_steps_in(record.taus[output] - record.taus[output - 1], dt)
+            planned_last = (planned is not None and step_in_interval >= planned
                             and retried_steps(ts) == self.interval_retries)
         remaining = record.taus[output] - tau
         if lands_on_output(remaining, dt, planned_last):
@@ -209,7 +223,15 @@ class OutputSchedule:
         self.step_size = ts.getTimeStep()
         self.evaluations += 1
         if self.record.stage_times is not None:
-            self.record.stage_times.add(vec_key(u)[0], tau)
+            address = vec_key(u)[0]
+            self.record.stage_times.add(address, tau)
+            self._stage_vecs.append(address)
+
+    def discard_step(self) -> None:
+        """Forget the stage times of the step in progress (PETSc rolled it back)."""
+        for address in reversed(self._stage_vecs):
+            self.record.stage_times.remove_last(address)
+        self._stage_vecs = []
 
     def _tell_fsal(self, tau: float, last_output) -> None:
         """At the first evaluation after step ``k``: did step ``k + 1`` evaluate its first stage?
@@ -232,6 +254,8 @@ class OutputSchedule:
             return
         record.step_times.append(tau)
         record.step_sizes.append(self.step_size)
+        if self.dense is not None:
+            self.dense.after_step(ts)
         if record.stage_times is not None:
             record.stage_times.step_ends.append(tau)
         if len(record.step_sizes) == 1 and retried_steps(ts) == self.retries:

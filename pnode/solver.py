@@ -12,12 +12,20 @@ PETSc's time always increases: decreasing output times are handled by :class:`pn
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ._compat import PETSc, converged_reason_name, set_max_time
+from ._compat import (
+    PETSC_ERR_PYTHON,
+    PETSc,
+    converged_reason_name,
+    post_evaluate_type,
+    set_always_accept,
+    set_max_time,
+    set_post_evaluate,
+)
 from .bridge import petsc_dtype, tensor_into_vec, vec_view, writable_view
 from .config import SolverConfig
 from .errors import CallbackErrorTrap, SolverError
@@ -35,15 +43,59 @@ RK_STAGES = {"1fe": 1, "2a": 2, "2b": 2, "3": 3, "3bs": 4, "4": 4, "5f": 6, "5dp
              "7vr": 13, "8vr": 16, "pnode_heun3": 3, "pnode_fehlberg2": 3, "pnode_tsit5": 7, "pnode_dopri8": 13}
 
 
+class EventStop(Protocol):
+    """What a forward solve that ends at an event asks of its event watch (:mod:`pnode.event_search`).
+
+    Attributes:
+        tau_max: the PETSc time the search may run to (``inf``: no limit).
+    """
+
+    tau_max: float
+
+    def start(self, rhs: RHS, tau0: float, y0: torch.Tensor) -> None:
+        """The initial point (flat, PETSc dtype, CPU): where the signs of the event functions begin."""
+
+    def crossed(self, rhs: RHS, tau: float, u: torch.Tensor) -> bool:
+        """Whether the step that has just ended at ``(tau, u)`` crossed an event (it is then rolled back)."""
+
+    def locate(self, rhs: RHS, base_tau: float, base_state: torch.Tensor) -> float:
+        """The length of the step from the base (where the crossing step started) to the event."""
+
+    def not_found(self, ts, rhs: RHS) -> SolverError:
+        """The error of a search that ended (at ``tau_max`` or its step limit) without an event."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """What one forward solve covers and how it starts (per call; the solver is shared by many).
+
+    Attributes:
+        taus: strictly increasing PETSc output times, ``(n_times,)`` float64; with ``event``,
+            ``[tau0, event.tau_max]``.
+        first_step: the first step's size, instead of the configured or estimated one (an
+            integration continued past a jump keeps the size its controller had reached), or None.
+        tolerances: per-entry ``(rtol, atol)`` of this call (flat, PETSc dtype, CPU), for a solver
+            configured with vector tolerances; None for scalar ones (the configuration's).
+        event: the event that ends the solve, or None.
+    """
+
+    taus: np.ndarray
+    first_step: Optional[float] = None
+    tolerances: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    event: Optional[EventStop] = None
+
+
 @dataclass
 class Call:
     """What PETSc's callbacks do during one solve: ``schedule`` steps, ``evaluator`` evaluates f,
-    ``linearizer`` gives the Jacobian shells their linearization; ``phase`` names it in errors."""
+    ``linearizer`` gives the Jacobian shells their linearization; ``phase`` names it in errors;
+    ``event``: a forward solve stops at the first step that crosses an event and rolls it back."""
 
     schedule: object
     evaluator: Optional[Evaluator]
     linearizer: Linearizer
     phase: str
+    event: Optional[EventStop] = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +110,7 @@ class ForwardPlan:
         graphs: keep every stage evaluation's graph here for the adjoint (explicit methods).
         graphs_from_step: keep the graphs of this step and later ones only (0: every step).
         adjoint: an adjoint will run (stage times are recorded for it).
+        dense: a :class:`pnode.dense.DenseRecorder` told every accepted step, or None.
     """
 
     trajectory: bool = False
@@ -66,6 +119,7 @@ class ForwardPlan:
     graphs: Optional[GraphStore] = None
     graphs_from_step: int = 0
     adjoint: bool = False
+    dense: object = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +133,9 @@ class Replay:
         graphs: keep the re-taken stages' graphs here for the adjoint (None: no graph).
         graph_stages: keep graphs of each step's first ``graph_stages`` evaluations only.
         trajectory: record the steps for :meth:`Solver.adjoint_steps`.
+        accept_all: the adaptor accepts every step whatever its error estimate (steps of sizes
+            chosen elsewhere, not recorded ones: a recorded step is accepted again anyway, and a
+            rejection there means a right-hand side that is not deterministic).
     """
 
     times: np.ndarray
@@ -87,6 +144,7 @@ class Replay:
     graphs: Optional[GraphStore] = None
     graph_stages: Optional[int] = None
     trajectory: bool = False
+    accept_all: bool = False
 
 
 class Solver:
@@ -114,6 +172,9 @@ class Solver:
         if record and param_size:
             self.param_gradient = PETSc.Vec().createMPI((param_size, PETSc.DECIDE), comm=comm)
             self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
+        self.tolerance_vectors = None
+        if config.vector_tolerances:  # (rtol, atol), filled per call: TSSetTolerances cannot drop them again
+            self.tolerance_vectors = (self.solution.duplicate(), self.solution.duplicate())
         self.ts = configure_ts(self, config, record)
         self.explicit = self.ts.getType() in EXPLICIT_TYPES
         self.rhs: Optional[RHS] = None
@@ -137,7 +198,7 @@ class Solver:
             return
         self.detach()
         for obj in (self.ts, self.jacobian, self.param_jacobian, self.solution, self.adjoint_state,
-                    self.param_gradient):
+                    self.param_gradient, *(self.tolerance_vectors or ())):
             if obj is not None:
                 obj.destroy()
 
@@ -194,35 +255,115 @@ class Solver:
         if self.param_jacobian is not None:
             self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
 
-    def forward(self, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, plan: ForwardPlan = ForwardPlan()
-                ) -> ForwardRecord:
-        """Integrate from ``taus[0]`` through every output time.
+    def forward(self, rhs: RHS, span: Span, y0: torch.Tensor, plan: ForwardPlan = ForwardPlan()) -> ForwardRecord:
+        """Integrate from ``span.taus[0]`` through every output time, or until ``span.event``.
 
         Args:
             rhs: the right-hand side for this call.
-            taus: strictly increasing PETSc output times, ``(n_times,)`` float64.
+            span: the output times, first step, tolerances and event of this call (:class:`Span`).
             y0: initial state, flat, PETSc dtype, CPU, ``(local_size,)``.
             plan: trajectory, checkpoint store and kept graphs of this pass.
+
+        With an event, the solve stops at the first step that crosses it: that step is rolled back
+        before anything records it, and one step of the length ``event.locate`` finds is taken from
+        its start to the event, whose time becomes the record's last output time.
 
         Returns:
             the :class:`ForwardRecord` (outputs ``(n_times, local_size)``).
         """
         self._use(rhs)
-        record = ForwardRecord(taus=taus, step_of_output=[0], step_times=[float(taus[0])],
-                               stage_times=StageTimes() if plan.adjoint else None)
+        taus = span.taus
+        record = ForwardRecord(taus=np.array(taus, dtype=np.float64), step_of_output=[0],
+                               step_times=[float(taus[0])], stage_times=StageTimes() if plan.adjoint else None)
         record.outputs = torch.empty((len(taus), y0.numel()), dtype=petsc_dtype())
         record.outputs[0].copy_(y0)
         if len(taus) == 1:
             return record
+        self._set_tolerances(span.tolerances)
         evaluator = Evaluator(rhs, graphs=plan.graphs if self.explicit else None,
                               graphs_from_step=plan.graphs_from_step)
-        schedule = OutputSchedule(self.config, record, plan.store, self.explicit)
+        schedule = OutputSchedule(self.config, record, plan.store, self.explicit, plan.dense)
         evaluator.observer = schedule.observe
-        first_step = starting_step(self.config, rhs, taus, y0, self.comm)
-        call = Call(schedule, evaluator, Linearizer(rhs, self.explicit, evaluated=evaluator.value_at), "forward")
-        self._solve(call, y0, float(taus[0]), float(taus[-1]), first_step, plan.trajectory, plan.solution_only)
+        if plan.dense is not None:
+            plan.dense.start(evaluator, float(taus[0]), y0, self.solution)
+        first_step = span.first_step or starting_step(self.config, rhs, record.taus, y0, self.comm, span.tolerances)
+        call = Call(schedule, evaluator, Linearizer(rhs, self.explicit, evaluated=evaluator.value_at), "forward",
+                    span.event)
+        if span.event is None:
+            self._solve(call, y0, float(taus[0]), float(taus[-1]), first_step, plan.trajectory, plan.solution_only)
+        else:
+            self._solve_until_event(call, record, plan, y0, first_step)
         check_forward(self, record, schedule.nonfinite_at)
+        record.next_step = self.ts.getTimeStep()
         return record
+
+    def _set_tolerances(self, tolerances: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a call's per-entry tolerances into the TS's tolerance vectors (vector-tolerance solvers)."""
+        if self.tolerance_vectors is None:
+            return
+        if tolerances is None:
+            raise ValueError("this solver has vector tolerances: every call must give them")
+        for tensor, vec in zip(tolerances, self.tolerance_vectors):
+            tensor_into_vec(tensor, vec)
+
+    def _solve_until_event(self, call: Call, record: ForwardRecord, plan: ForwardPlan, y0: torch.Tensor,
+                           first_step: float) -> None:
+        """The forward solve of :meth:`forward` with an event: search, locate, then step to the event."""
+        event = call.event
+        event.start(call.evaluator.rhs, float(record.taus[0]), y0)
+        crossed = []
+        hook = post_evaluate_type()(lambda handle: self._post_evaluate(call, crossed))
+        set_post_evaluate(self.ts, hook)
+        try:
+            self._solve(call, y0, float(record.taus[0]), float(record.taus[-1]), first_step, plan.trajectory,
+                        plan.solution_only)
+        finally:
+            set_post_evaluate(self.ts, None)
+        if not crossed:
+            if self.ts.getConvergedReason() >= 0 and call.schedule.nonfinite_at is None:
+                raise event.not_found(self.ts, call.evaluator.rhs)
+            return  # check_forward reports the failure
+        self._step_to_event(call, record, plan)
+
+    def _post_evaluate(self, call: Call, crossed: list) -> int:
+        """PETSc's post-evaluate hook of an event search: a step that crossed an event is rolled back
+        (before the trajectory or the post-step hook sees it) and the solve stops at its start."""
+        ts = self.ts
+        if crossed or ts.getConvergedReason() < 0:
+            return 0  # PETSc calls the hook again after a roll-back; a failed step is reported as such
+        try:
+            if call.event.crossed(call.evaluator.rhs, ts.getTime(), vec_view(self.solution)):
+                crossed.append(True)
+                ts.rollBack()
+                ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
+                call.evaluator.discard_step()
+                call.schedule.discard_step()
+            return 0
+        except BaseException as exc:  # handed to the trap, re-raised once PETSc unwinds
+            if self.trap.error is None:
+                self.trap.error = exc
+            return PETSC_ERR_PYTHON
+
+    def _step_to_event(self, call: Call, record: ForwardRecord, plan: ForwardPlan) -> None:
+        """From the start of the rolled-back crossing step, one step to the event, which becomes the
+        last output time. The adaptor accepts it whatever its error estimate: its length is chosen."""
+        ts = self.ts
+        base_tau = ts.getTime()
+        base = vec_view(self.solution).clone()
+        length = call.event.locate(call.evaluator.rhs, base_tau, base)
+        record.taus[-1] = base_tau + length
+        call.event = None  # the step to the event ends on it: nothing more to watch
+        set_always_accept(ts, True)
+        try:
+            if ts.getStepNumber() == 0:  # a resumed solve would record the initial state twice
+                self._solve(call, base, base_tau, float(record.taus[-1]), length, plan.trajectory, plan.solution_only)
+            else:
+                set_max_time(ts, float(record.taus[-1]))
+                with self._active(call):
+                    self.pre_step(ts)  # PETSc skips the pre-step hook of the step after a roll-back
+                    self.run_petsc(lambda: ts.solve(self.solution), call.phase)
+        finally:
+            set_always_accept(ts, False)
 
     def replay(self, rhs: RHS, y_start: torch.Tensor, replay: Replay, copy: bool = True) -> torch.Tensor:
         """Re-take the steps of ``replay`` from ``y_start`` (flat, PETSc dtype, CPU); see :class:`Replay`.
@@ -241,7 +382,13 @@ class Solver:
                               graph_stages=replay.graph_stages, first_derivative=replay.first_derivative)
         schedule = ReplaySchedule(replay.sizes, lambda taken: self.replay_mismatch(len(replay.sizes), taken))
         call = Call(schedule, evaluator, Linearizer(rhs, self.explicit), "recomputation")
-        self._solve(call, y_start, float(times[0]), float(times[-1]), float(replay.sizes[0]), replay.trajectory)
+        if replay.accept_all:
+            set_always_accept(self.ts, True)
+        try:
+            self._solve(call, y_start, float(times[0]), float(times[-1]), float(replay.sizes[0]), replay.trajectory)
+        finally:
+            if replay.accept_all:
+                set_always_accept(self.ts, False)
         if self.ts.getStepNumber() != len(replay.sizes):
             raise self.replay_mismatch(len(replay.sizes), self.ts.getStepNumber())
         if not np.isfinite(self.solution.norm()):

@@ -5,7 +5,7 @@ The configuration is read from the TS and its SNES/KSP after PETSc applied every
 """
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 from .rhs import EvaluationCounter
 
@@ -21,6 +21,8 @@ class SolveStats:
             (:class:`pnode.strategies.AdjointStats`), None before one.
         newton_iterations, krylov_iterations: PETSc's counts in the latest forward pass (implicit
             methods; 0 for explicit ones).
+        next_step: the step size PETSc's controller proposed at the end of the latest forward pass
+            (PETSc time): an integration split at a jump goes on with it.
     """
 
     counter: EvaluationCounter = field(default_factory=EvaluationCounter)
@@ -28,11 +30,13 @@ class SolveStats:
     adjoint: object = None
     newton_iterations: int = 0
     krylov_iterations: int = 0
+    next_step: Optional[float] = None
 
     def record_forward(self, solver, adjoint_stats=None) -> None:
         self.solver = describe_solver(solver)
         self.newton_iterations = solver.ts.getSNESIterations()
         self.krylov_iterations = solver.ts.getKSPIterations()
+        self.next_step = solver.ts.getTimeStep()
         if adjoint_stats is not None:
             self.adjoint = adjoint_stats
 

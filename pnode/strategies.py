@@ -106,7 +106,7 @@ class StoredStates:
     name = "states"
 
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
-        record = solver.forward(rhs, problem.taus, y0, ForwardPlan(trajectory=True, adjoint=True))
+        record = solver.forward(rhs, problem.span, y0, ForwardPlan(trajectory=True, adjoint=True))
         stages = record.stages or 1
         stats = AdjointStats("states", steps=record.steps, states_stored=record.steps,
                              stage_states=record.steps * stages,
@@ -148,7 +148,7 @@ class KeptGraphs:
                                                         - self.graph_steps)
         plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, graphs_from_step=first,
                            adjoint=True)
-        record = solver.forward(rhs, problem.taus, y0, plan)
+        record = solver.forward(rhs, problem.span, y0, plan)
         stages = 0 if solution_only else record.stages or 1
         stats = AdjointStats("graphs", steps=record.steps, graphs_kept=len(graphs), graph_bytes=graphs.held_bytes,
                              states_stored=record.steps, stage_states=record.steps * stages,
@@ -191,7 +191,7 @@ class BinomialCheckpoints:
 
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
         store = self.store_for(problem)
-        record = solver.forward(rhs, problem.taus, y0, ForwardPlan(store=store, adjoint=True))
+        record = solver.forward(rhs, problem.span, y0, ForwardPlan(store=store, adjoint=True))
         stats = AdjointStats("checkpoints", steps=record.steps, checkpoints=self.checkpoints,
                              states_stored=len(store.states),
                              stored_bytes=(len(store.states) + len(store.derivatives)) * state_bytes(solver))

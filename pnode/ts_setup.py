@@ -21,7 +21,10 @@ def configure_ts(solver, config: SolverConfig, record: bool):
     ts.setRHSFunction(solver.rhs_function, None)  # explicit RK writes its stages; others get one made when needed
     ts.setRHSJacobian(solver.rhs_jacobian, solver.jacobian, solver.jacobian)
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
-    ts.setTolerances(rtol=config.rtol, atol=config.atol)
+    if solver.tolerance_vectors is not None:
+        ts.setTolerances(rtol=solver.tolerance_vectors[0], atol=solver.tolerance_vectors[1])
+    else:
+        ts.setTolerances(rtol=config.rtol, atol=config.atol)
     ts.setMaxSteps(config.max_num_steps)
     ts.setErrorIfStepFails(False)
     ts.setPreStep(solver.pre_step)
@@ -79,24 +82,28 @@ def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> N
         ts.setFromOptions()
 
 
-def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, comm) -> float:
-    """The first step's size: ``step_size``, the output interval, ``first_step``, or an estimate."""
+def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, comm,
+                  tolerances=None) -> float:
+    """The first step's size: ``step_size``, the output interval, ``first_step``, or an estimate
+    (with the call's per-entry ``(rtol, atol)`` when it has them)."""
     if config.step_size is not None:
         return config.step_size
     if not config.adaptive:
         return float(taus[1] - taus[0])
     step = config.first_step
     if step is None:
-        step = initial_step(rhs, config.rtol, config.atol, config.method.order, float(taus[0]), y0, comm,
+        rtol, atol = tolerances if tolerances is not None else (config.rtol, config.atol)
+        step = initial_step(rhs, rtol, atol, config.method.order, float(taus[0]), y0, comm,
                             span=float(taus[-1] - taus[0]))
     # TSAdapt bounds the steps it chooses, not the one it is given: bound the first as torchdiffeq does
     return min(max(step, config.min_step or 0.0), config.max_step or float("inf"))
 
 
-def initial_step(rhs: RHS, rtol: float, atol: float, order: int, tau0: float, y0: torch.Tensor, comm,
+def initial_step(rhs: RHS, rtol, atol, order: int, tau0: float, y0: torch.Tensor, comm,
                  span: float = float("inf")) -> float:
     """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), in PETSc's weighted RMS norm,
-    at most ``span`` (``y0``: the initial state, flat, PETSc dtype, CPU; ``order``: the method's)."""
+    at most ``span`` (``y0``: the initial state, flat, PETSc dtype, CPU; ``order``: the method's;
+    ``rtol``, ``atol``: numbers or per-entry tensors like ``y0``)."""
     scale = atol + rtol * y0.abs()
     f0 = rhs.evaluate(tau0, y0).to("cpu", petsc_dtype())
     d0, d1 = _rms(y0 / scale, comm), _rms(f0 / scale, comm)

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from problems import MLPField
@@ -93,29 +94,30 @@ def test_first_order_methods_match_their_own_closed_form(method, closed_form):
     assert abs(float(event_t) - DROP) < 0.6 * G * h  # and first-order close to the exact fall
 
 
-def test_event_tolerance_only_steers_the_search():
-    # PETSc localises to |g| < event_tol; the refinement then finds the same root for any tolerance.
+def test_event_tolerance_does_not_move_a_root():
+    # the tolerance only decides what counts as zero at t0 and what is a jump; a root is a root
     times = [float(pnode.odeint_event(falling, dropped(), 0.0, event_fn=height, options={"event_tol": tol})[0])
              for tol in (1e-1, 1e-6, 1e-12)]
     assert max(abs(t - DROP) for t in times) < 1e-13
 
 
 def test_event_tolerance_option_and_command_line():
-    from pnode.events import EventFunction, EventSearch
-    from pnode.problem import check_inputs
+    # thrown down from 1e-5 m: a tolerance below that height sees the landing at once; one above it
+    # takes the start for a zero (not an event), and the ball falls on with no crossing before max_t
+    start = torch.tensor([1e-5, -1.0], dtype=F64)
 
-    def tolerance(options):
-        problem = check_inputs(falling, dropped(), torch.tensor([0.0, 1.0], dtype=F64), 1e-7, 1e-9, "rk4",
-                               {"step_size": 0.01}, None)
-        events = EventFunction(height, problem.layout, problem.comm)
-        return EventSearch(problem, events, options, None).run().tolerance
+    def landing(options):
+        return float(pnode.odeint_event(falling, start, 0.0, event_fn=height, options={"max_t": 1.0, **options})[0])
 
-    assert tolerance(None) == 1e-6  # PETSc's default
-    assert tolerance(1e-9) == 1e-9
+    assert abs(landing({}) - 1e-5) < 1e-9  # the default 1e-6
+    assert abs(landing({"event_tol": 1e-7}) - 1e-5) < 1e-9
+    with pytest.raises(pnode.SolverError, match="no event between"):
+        landing({"event_tol": 1e-4})
     db = PETSc.Options()
     db.setValue("ts_event_tol", "1e-4")
     try:
-        assert tolerance(1e-9) == 1e-4  # the command line wins, as for every PETSc option
+        with pytest.raises(pnode.SolverError, match="no event between"):
+            landing({"event_tol": 1e-7})  # the command line wins, as for every PETSc option
     finally:
         db.delValue("ts_event_tol")
 
@@ -162,6 +164,67 @@ def test_values_do_not_depend_on_taking_gradients():
                                         atol=1e-10)
     assert t_grad.requires_grad and s_grad.requires_grad
     assert torch.equal(t_plain, t_grad.detach()) and torch.equal(s_plain, s_grad.detach())
+
+
+def test_the_first_crossing_in_a_step_is_the_event_whatever_the_step_s_end():
+    # torchdiffeq's physics idiom: the event function is exactly 0 past a terminal time. After a bounce,
+    # dopri5 takes one long step (the fall is quadratic: no error to control) that ends past the terminal
+    # time, where the function is 0, with the landing inside the step: the landing is the event.
+    t_end = 50.0
+
+    def event_fn(t, y):
+        return torch.zeros_like(t) if t > t_end else y[0]
+
+    thrown = torch.tensor([1e-9, 4.0], dtype=F64)  # just off the ground, going up at 4 m/s
+    for odeint_event in (pnode.odeint_event, lambda *a, **k: pnode.odeint(*a[:2], torch.stack([a[2], a[2] + 1]),
+                                                                           **k)):
+        event_t, solution = odeint_event(falling, thrown, torch.tensor(0.0, dtype=F64), event_fn=event_fn,
+                                         rtol=1e-8, atol=1e-8)
+        landing = (4.0 + math.sqrt(16.0 + 2 * G * 1e-9)) / G
+        assert abs(float(event_t) - landing) < 1e-12
+        assert abs(float(solution[-1, 0])) < 1e-12
+
+
+def test_a_plateau_at_zero_and_a_terminal_time_alone():
+    clamped = pnode.odeint_event(falling, dropped(), 0.0, event_fn=lambda t, y: torch.clamp(y[0], min=0.0))[0]
+    assert abs(float(clamped) - DROP) < 1e-12  # the plateau starts at the landing
+    flying = torch.tensor([H, 10.0], dtype=F64, requires_grad=True)
+
+    def terminal(t, y):
+        return torch.zeros_like(t) if t > 0.25 else y[0]
+
+    event_t, solution = pnode.odeint_event(falling, flying, 0.0, event_fn=terminal)
+    assert abs(float(event_t) - 0.25) < 1e-12 and not event_t.requires_grad  # a jump: its time has no derivative
+    (grad,) = torch.autograd.grad(solution[-1, 0], flying)  # the state at that fixed time: h + v t - g t^2 / 2
+    assert torch.allclose(grad, torch.tensor([1.0, float(event_t)], dtype=F64), atol=1e-12)
+    assert abs(float(solution[-1, 0].detach()) - (H + 10 * float(event_t) - G * float(event_t) ** 2 / 2)) < 1e-12
+
+
+@pytest.mark.parametrize("case", ["second root inside", "zero at the end", "sign flips twice", "several functions"])
+def test_locate_finds_the_first_change_of_sign_on_stub_functions(case):
+    # event_refine.locate on plain functions of h: the stand-in (the step's interpolant) differs from the
+    # computed solution by a small smooth term, as an interpolant does
+    from pnode.event_refine import locate
+
+    exact = {"second root inside": lambda h: np.array([(h - 0.3) * (h - 0.7)]),
+             "zero at the end": lambda h: np.array([0.0 if h > 0.8 else 1.0 - 2.0 * h]),
+             "sign flips twice": lambda h: np.array([math.cos(9 * h)]),
+             "several functions": lambda h: np.array([0.9 - h, 0.4 - h, h + 1.0])}[case]
+    cheap = lambda h: exact(h) + 1e-6 * h * (1 - h)  # noqa: E731
+    first = {"second root inside": 0.3, "zero at the end": 0.5, "sign flips twice": math.pi / 18,
+             "several functions": 0.4}[case]
+    start, end = exact(0.0), exact(1.0)
+    crossing = locate(cheap, exact, np.sign(start), 1.0, start, end, 1e-15, 1e-9)
+    assert abs(crossing.length - first) < 1e-12 and not crossing.jump
+    assert crossing.index == (1 if case == "several functions" else 0)
+
+
+def test_locate_tells_a_jump_from_a_root():
+    from pnode.event_refine import locate
+
+    terminal = lambda h: np.array([0.0 if h > 0.6 else 2.0])  # noqa: E731
+    crossing = locate(terminal, terminal, np.array([1.0]), 1.0, terminal(0.0), terminal(1.0), 1e-15, 1e-9)
+    assert crossing.jump and abs(crossing.length - 0.6) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------- gradients
@@ -280,12 +343,17 @@ def test_gradients_match_torchdiffeq(interface):
         assert float((a - b).norm()) <= 1e-6 * float(b.norm())
 
 
-def test_odeint_interface_odeint_gives_no_gradients():
+def test_odeint_interface_odeint_keeps_graphs_and_gives_the_same_gradients():
     func, event_fn, y0, t0 = _problem()
-    with pytest.warns(UserWarning, match="gives no gradients"):
-        event_t, solution = pnode.odeint_event(func, y0.requires_grad_(), t0, event_fn=event_fn,
-                                               odeint_interface=pnode.odeint)
-    assert not event_t.requires_grad and not solution.requires_grad
+    results = []
+    for interface in (pnode.odeint, pnode.odeint_adjoint):
+        y = y0.clone().requires_grad_()
+        event_t, solution = pnode.odeint_event(func, y, t0, event_fn=event_fn, odeint_interface=interface)
+        results.append((event_t.detach(), torch.autograd.grad(event_t + solution[-1].sum(), [y, *func.parameters()])))
+    (t_graphs, g_graphs), (t_states, g_states) = results
+    assert torch.equal(t_graphs, t_states)
+    for a, b in zip(g_graphs, g_states):
+        assert float((a - b).norm()) <= 1e-12 * float(b.norm())
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -299,14 +367,6 @@ def test_no_event_within_max_num_steps():
     with pytest.raises(pnode.SolverError, match=r"no event within 20 steps.*max_num_steps") as e:
         pnode.odeint_event(falling, dropped(), 0.0, event_fn=height, method="rk4",
                            options={"step_size": 0.01, "max_num_steps": 20})
-    assert e.value.reason == "NO_EVENT"
-
-
-def test_steps_running_out_while_localising():
-    # rk4 crosses in its 46th step; PETSc's trial steps inside it count too
-    with pytest.raises(pnode.SolverError, match=r"changed sign after t=0\.45, but the event search ran out") as e:
-        pnode.odeint_event(falling, dropped(), 0.0, event_fn=height, method="rk4",
-                           options={"step_size": 0.01, "max_num_steps": 46, "event_tol": 1e-14})
     assert e.value.reason == "NO_EVENT"
 
 
@@ -330,18 +390,23 @@ def test_event_fn_must_keep_its_number_of_events():
         pnode.odeint_event(falling, dropped(), 0.0, event_fn=changing)
 
 
-@pytest.mark.parametrize("event_fn", [lambda t, y: (t - 0.3) ** 3 + 0 * y[0], lambda t, y: (y[0] - 0.5) ** 3],
+@pytest.mark.parametrize("event_fn,root", [(lambda t, y: (t - 0.3) ** 3 + 0 * y[0], 0.3),
+                                           (lambda t, y: (y[0] - 0.5) ** 3, math.sqrt(2 * (H - 0.5) / G))],
                          ids=["time", "state"])
-def test_grazing_event(event_fn):
-    # a triple root: the event function crosses zero with zero slope, dg/dt + dg/dy . f = 0
+def test_grazing_event(event_fn, root):
+    # a triple root: the event function crosses zero with zero slope, dg/dt + dg/dy . f = 0; the time is
+    # found (a sign change, to the cube root of round-off), but it has no derivative, which a gradient asks for
+    event_t, _ = pnode.odeint_event(falling, dropped(), 0.0, event_fn=event_fn)
+    assert abs(float(event_t) - root) < 1e-4
     with pytest.raises(pnode.SolverError, match="touches zero without crossing it transversally") as e:
-        pnode.odeint_event(falling, dropped(), 0.0, event_fn=event_fn)
+        pnode.odeint_event(falling, dropped().requires_grad_(), 0.0, event_fn=event_fn)
     assert e.value.reason == "GRAZING_EVENT"
 
 
-def test_event_fn_without_autograd_is_reported_as_grazing():
+def test_event_fn_without_autograd_is_reported_when_a_gradient_is_wanted():
     with pytest.raises(pnode.SolverError, match="build it from torch operations on t and y"):
-        pnode.odeint_event(falling, dropped(), 0.0, event_fn=lambda t, y: torch.tensor(float(y[0].detach()), dtype=F64))
+        pnode.odeint_event(falling, dropped().requires_grad_(), 0.0,
+                           event_fn=lambda t, y: torch.tensor(float(y[0].detach()), dtype=F64))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -353,7 +418,8 @@ def test_event_fn_without_autograd_is_reported_as_grazing():
     ({"odeint_interface": lambda *a, **k: None}, "odeint_interface must be None or pnode.odeint_adjoint"),
     ({"reverse_time": 1}, "reverse_time must be True or False"),
     ({"event_fn": 3.0}, "event_fn must be callable"),
-    ({"options": {"ts_adapt_dt_mx": 0.1}}, r"options \['ts_adapt_dt_mx'\] were not used by PETSc's event search"),
+    ({"options": {"ts_adapt_dt_mx": 0.1}}, r"options \['ts_adapt_dt_mx'\] were not used by PETSc"),
+    ({"options": {"jump_t": [0.2]}}, "a solve until an event has none"),
     ({"adjoint_method": "rk4"}, "adjoint_method='rk4' differs"),
 ])
 def test_bad_arguments(kwargs, message):

@@ -320,7 +320,7 @@ def test_recorded_step_sizes_are_the_ones_petsc_added_to_its_time():
     problem = check_inputs(func, y0, problem_t, 1e-7, 1e-9, "dopri5", {"first_step": 0.3}, None)
     key, solver = acquire_solver(problem, 0, False)
     try:
-        record = solver.forward(RHS(func, problem.layout, (), 1.0), problem.taus, y0.to(petsc_dtype()).flatten())
+        record = solver.forward(RHS(func, problem.layout, (), 1.0), problem.span, y0.to(petsc_dtype()).flatten())
         rejected = solver.ts.getStepRejections()
     finally:
         release_solver(key, solver)

@@ -24,7 +24,7 @@ from pnode.config import SolverConfig
 from pnode.methods import resolve_method
 from pnode.rhs import RHS, EvaluationCounter
 from pnode.schedule import expected_steps
-from pnode.solver import ForwardPlan, Replay, Solver
+from pnode.solver import ForwardPlan, Replay, Solver, Span
 from pnode.testing.references import TABLEAUS, rk_solve
 
 
@@ -184,7 +184,7 @@ def test_expected_steps_is_what_the_solver_takes(t, step):
     func = MLPField().double()
     y0 = torch.randn(2, 3, dtype=torch.float64)
     solver = Solver(config, 6, 0, PETSc.COMM_SELF, record=False)
-    record = solver.forward(RHS(func, layout_of(y0), (), 1.0), taus, y0.reshape(-1))
+    record = solver.forward(RHS(func, layout_of(y0), (), 1.0), Span(taus), y0.reshape(-1))
     assert expected_steps(config, taus) == len(record.step_times) - 1
 
 
@@ -228,7 +228,7 @@ def test_a_checkpointed_forward_tells_fsal_methods_and_keeps_their_reused_deriva
     rhs = RHS(func, layout, (), 1.0)
     store = CheckpointStore(3)
     taus = np.array([0.0, 0.4, 1.0])
-    record = solver.forward(rhs, taus, y0, ForwardPlan(store=store, adjoint=True))
+    record = solver.forward(rhs, Span(taus), y0, ForwardPlan(store=store, adjoint=True))
     assert record.fsal is fsal
     if not fsal:
         assert not store.derivatives

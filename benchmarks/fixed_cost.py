@@ -1,0 +1,277 @@
+"""What each solver spends per stage and per call beyond the network: pnode against torchdiffeq, side by side.
+
+Rows (a training step each: solve, loss, backward), each in a fresh process, measured in rounds:
+
+* ``scale``: ``f(t, y) = a y`` on a batch of 256 states of 2 (float32): f costs next to nothing, so
+  the time per stage is the solver's own, at rk4 with 50 steps and dopri5 at rtol = atol = 1e-5;
+* ``small``: the MLP 2-64-64-2 on the same states, rk4 with 50 steps and dopri5 at 1e-5;
+* ``events``: a physics loop on a 3-number state (height, velocity, radius; learnable gravity): 20
+  bounces chained through ``odeint_event`` (dopri5, rtol = atol = 1e-8) and a state update, then
+  the loss's backward pass; a call is one event solve;
+* ``odenet``: the ODE-Net block (batch 128, 64 x 8 x 8, float32) at rk4 with 16 and 64 steps.
+
+For each: torchdiffeq ``odeint`` (backprop through its solver), pnode ``odeint`` (kept graphs) and
+pnode ``odeint_adjoint`` (its default, stored states); the event rows use each library's
+``odeint_event`` with ``odeint`` as its interface, and pnode's default interface. The table gives
+the median time of a training step over every round, the stages it evaluated forward (f's calls in
+the forward solve), microseconds per stage (step time over stages) and per call, and the ratio to
+torchdiffeq's row of the same workload and solver.
+
+``--compare LABEL=PATH`` adds the pnode rows of another checkout (its ``pnode`` package first on
+the path), measured in the same rounds, a row after another: the before and after of a change in
+one run::
+
+    python -m benchmarks.fixed_cost --rounds 3 --out benchmarks/results
+    python -m benchmarks.fixed_cost --compare before=/tmp/pnode-before --rounds 3
+    python -m benchmarks.fixed_cost --quick            # toy sizes, a minute
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_TAG = "FIXED_COST_RESULT "
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row: ``workload`` ('scale', 'small', 'events', 'odenet'), ``solver`` ('rk4-50', 'dopri5-1e-05',
+    'dopri5-1e-08'), ``library`` ('torchdiffeq' or 'pnode'), ``mode`` ('odeint' or 'odeint_adjoint'),
+    ``build`` (the pnode checkout's label, '' for this one)."""
+
+    workload: str
+    solver: str
+    library: str
+    mode: str
+    build: str = ""
+
+    @property
+    def id(self) -> str:
+        build = f"[{self.build}]" if self.build else ""
+        return f"{self.workload}/{self.solver}/{self.library}{build}:{self.mode}"
+
+
+SOLVERS = {"scale": ("rk4-50", "dopri5-1e-05"), "small": ("rk4-50", "dopri5-1e-05"), "events": ("dopri5-1e-08",),
+           "odenet": ("rk4-16", "rk4-64")}
+
+
+def rows(builds: Sequence[str]) -> List[Row]:
+    out = []
+    for workload, solvers in SOLVERS.items():
+        for solver in solvers:
+            out.append(Row(workload, solver, "torchdiffeq", "odeint"))
+            for build in builds:
+                out += [Row(workload, solver, "pnode", mode, build) for mode in ("odeint", "odeint_adjoint")]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _solver(solver: str):
+    method, value = solver.split("-", 1)
+    if method == "rk4":
+        return method, int(value), None
+    return method, None, float(value)
+
+
+def _training_step(row: Row, quick: bool):
+    """A zero-argument training step for ``row`` and the forward evaluations of f it counts per step."""
+    import torch
+
+    if row.workload == "events":
+        return _event_step(row, quick)
+    from benchmarks.workloads import build
+
+    problem = build(row.workload, quick)
+    method, steps, tol = _solver(row.solver)
+    counted = {"f": 0}
+    func_module = _Counted(problem.func, counted)
+    if row.library == "torchdiffeq":
+        import torchdiffeq
+
+        odeint = torchdiffeq.odeint
+        options = {} if steps is None else {"step_size": float(problem.t[-1]) / steps}
+        # torchdiffeq's rk4 is the 3/8 rule: as many stages as pnode's classic one
+    else:
+        import pnode
+
+        odeint = getattr(pnode, row.mode)
+        options = {} if steps is None else {"step_size": float(problem.t[-1]) / steps}
+    tolerances = {} if tol is None else {"rtol": tol, "atol": tol}
+
+    def step():
+        problem.func.zero_grad(set_to_none=True)
+        y0 = problem.x.detach().requires_grad_(True)
+        counted["f"] = 0
+        ys = odeint(func_module, y0, problem.t, method=method, options=options, **tolerances)
+        forward = counted["f"]
+        torch.nn.functional.mse_loss(ys[-1], problem.target).backward()
+        return forward, 1
+    return step
+
+
+def _counted_module():
+    import torch
+
+    class Counted(torch.nn.Module):
+        """The workload's module, counting its calls."""
+
+        def __init__(self, module, counted):
+            super().__init__()
+            self.module, self.counted = module, counted
+
+        def forward(self, t, y):
+            self.counted["f"] += 1
+            return self.module(t, y)
+    return Counted
+
+
+def _Counted(module, counted):
+    return _counted_module()(module, counted)
+
+
+def _event_step(row: Row, quick: bool):
+    import torch
+
+    if row.library == "torchdiffeq":
+        import torchdiffeq as library
+        interface = {"odeint_interface": library.odeint}
+    else:
+        import pnode as library
+        interface = {"odeint_interface": library.odeint} if row.mode == "odeint" else {}
+    counted = {"f": 0}
+    gravity = torch.nn.Parameter(torch.tensor(9.81, dtype=torch.float64))
+
+    class Dynamics(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gravity = gravity
+
+        def forward(self, t, state):
+            counted["f"] += 1
+            pos, vel, radius = state
+            return vel, -self.gravity * torch.ones_like(vel), torch.zeros_like(radius)
+
+    dynamics = Dynamics()
+    bounces = 4 if quick else 20
+
+    def event_fn(t, state):
+        return state[0] - state[2]
+
+    def step():
+        gravity.grad = None
+        counted["f"] = 0
+        state = (torch.tensor([2.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64),
+                 torch.tensor([0.1], dtype=torch.float64))
+        t0, loss, forward = torch.tensor([0.0], dtype=torch.float64), 0.0, 0
+        for _ in range(bounces):
+            event_t, solution = library.odeint_event(dynamics, state, t0, event_fn=event_fn, rtol=1e-8, atol=1e-8,
+                                                     method="dopri5", **interface)
+            pos, vel, radius = (s[-1] for s in solution)
+            loss = loss + event_t.sum() + pos.pow(2).sum()
+            state = (pos + 1e-7, -0.9 * vel, radius)
+            t0 = event_t.reshape(-1)
+        forward = counted["f"]
+        loss.backward()
+        return forward, bounces
+    return step
+
+
+def worker() -> None:
+    import torch
+
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec["threads"])
+    row = Row(**spec["row"])
+    step = _training_step(row, spec["quick"])
+    for _ in range(spec["warmup"]):
+        step()
+    times, stages, calls = [], 0, 1
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        stages, calls = step()
+        times.append(time.perf_counter() - start)
+    print(RESULT_TAG + json.dumps({"times": times, "stages": stages, "calls": calls}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_row(row: Row, paths: Dict[str, str], args) -> Dict[str, object]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    path = paths.get(row.build, REPO_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([path, REPO_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    spec = {"row": asdict(row), "quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
+            "threads": args.threads}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fixed_cost", "--worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return {"error": (proc.stderr or proc.stdout)[-2000:]}
+
+
+def table(results: Dict[Row, Dict[str, object]]) -> str:
+    lines = ["| workload | solver | library | call | time / step (ms) | stages / step | µs / stage | µs / call "
+             "| × torchdiffeq |", "|---|---|---|---|---|---|---|---|---|"]
+    reference = {(r.workload, r.solver): res for r, res in results.items() if r.library == "torchdiffeq"}
+    for row, res in results.items():
+        name = row.library + (f" ({row.build})" if row.build else "")
+        if "error" in res:
+            lines.append(f"| {row.workload} | {row.solver} | {name} | {row.mode} | error: "
+                         f"{res['error'].strip().splitlines()[-1][:80]} | | | | |")
+            continue
+        median = statistics.median(res["times"])
+        ref = reference.get((row.workload, row.solver))
+        ratio = f"{median / statistics.median(ref['times']):.2f}" if ref and "error" not in ref else "–"
+        lines.append(f"| {row.workload} | {row.solver} | {name} | {row.mode} | {median * 1e3:.1f} | {res['stages']} | "
+                     f"{median / max(res['stages'], 1) * 1e6:.0f} | {median / res['calls'] * 1e6:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="times every row is measured, a row after another")
+    parser.add_argument("--repeats", type=int, default=5, help="timed training steps per row and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--quick", action="store_true", help="toy sizes")
+    parser.add_argument("--rows", default="*", help="a glob of row ids (workload/solver/library:call)")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL=PATH",
+                        help="also the pnode rows of the checkout at PATH, labelled LABEL")
+    parser.add_argument("--out", default=None, help="write fixed_cost.json and fixed_cost.md here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker()
+        return
+    import fnmatch
+
+    paths = dict(item.split("=", 1) for item in args.compare)
+    selected = [r for r in rows(["", *paths]) if fnmatch.fnmatch(r.id, args.rows)]
+    results: Dict[Row, Dict[str, object]] = {r: {"times": []} for r in selected}
+    for round_ in range(args.rounds):
+        for i, row in enumerate(selected):
+            print(f"[round {round_ + 1}/{args.rounds}] {i + 1}/{len(selected)} {row.id}", file=sys.stderr, flush=True)
+            res = run_row(row, paths, args)
+            if "error" in res:
+                results[row] = res
+            elif "error" not in results[row]:
+                results[row] = {**res, "times": results[row]["times"] + res["times"]}
+    text = table(results)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "fixed_cost.json"), "w") as fh:
+            json.dump({"command": " ".join(["python -m benchmarks.fixed_cost", *(argv or sys.argv[1:])]),
+                       "rows": [{**asdict(r), **res} for r, res in results.items()]}, fh, indent=1)
+        with open(os.path.join(args.out, "fixed_cost.md"), "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
