@@ -148,13 +148,13 @@ def petsc_version():
 
 
 @functools.lru_cache(maxsize=None)
-def _real():
+def petsc_real():
     """ctypes type of PETSc's real."""
     return ctypes.c_float if PETSc.RealType().itemsize == 4 else ctypes.c_double
 
 
 @functools.lru_cache(maxsize=None)
-def _int():
+def petsc_int():
     """ctypes type of PETSc's integer."""
     return ctypes.c_int64 if PETSc.IntType().itemsize == 8 else ctypes.c_int32
 
@@ -194,9 +194,10 @@ def set_max_time(ts, t_end: float) -> None:
     (``PETSC_CURRENT``) as "keep the current one"; a solve ending at PETSc time -1 (a decreasing
     ``t`` ending at 1) then ran past its last output time. One ulp lower means the same stop:
     PETSc stops once its time is at or past the max time, and pnode's own step control lands the
-    last step on ``t_end`` itself.
+    last step on ``t_end`` itself. An infinite ``t_end`` (an event search without a limit) is the
+    largest real: PETSc's options refuse an infinite current value.
     """
-    value = np.asarray(t_end, dtype=PETSc.RealType)
+    value = np.asarray(min(t_end, float(np.finfo(PETSc.RealType).max)), dtype=PETSc.RealType)
     if float(value) in _SENTINEL_REALS:
         value = np.nextafter(value, np.asarray(-np.inf, dtype=PETSc.RealType))
     ts.setMaxTime(float(value))
@@ -208,7 +209,7 @@ def _petsc_library():
     return ctypes.CDLL(PETSc.__file__)
 
 
-def _petsc_function(name: str, restype, argtypes):
+def petsc_function(name: str, restype, argtypes):
     """A C function of the libpetsc that petsc4py loaded, or None when this PETSc does not export it."""
     try:
         fn = getattr(_petsc_library(), name)
@@ -219,7 +220,7 @@ def _petsc_function(name: str, restype, argtypes):
 
 
 def _reals(values):
-    return None if values is None else (_real() * len(values))(*values)
+    return None if values is None else (petsc_real() * len(values))(*values)
 
 
 def register_rk_tableau(name: str, order: int, a, b, c, b_embedded=None) -> None:
@@ -234,8 +235,8 @@ def register_rk_tableau(name: str, order: int, a, b, c, b_embedded=None) -> None
     Raises:
         RuntimeError: this PETSc does not export ``TSRKRegister``, or it failed.
     """
-    pointer, integer = ctypes.POINTER(_real()), _int()
-    register = _petsc_function("TSRKRegister", ctypes.c_int, [ctypes.c_char_p, integer, integer, pointer, pointer,
+    pointer, integer = ctypes.POINTER(petsc_real()), petsc_int()
+    register = petsc_function("TSRKRegister", ctypes.c_int, [ctypes.c_char_p, integer, integer, pointer, pointer,
                                                               pointer, pointer, integer, pointer])
     if register is None:
         raise RuntimeError("this PETSc library does not export TSRKRegister")
@@ -247,13 +248,13 @@ def register_rk_tableau(name: str, order: int, a, b, c, b_embedded=None) -> None
 @functools.lru_cache(maxsize=None)
 def pre_stage_type():
     """C type of a ``TSSetPreStage`` callback: ``(TS, stage_time) -> PetscErrorCode``."""
-    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, _real())
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, petsc_real())
 
 
 @functools.lru_cache(maxsize=None)
 def adjoint_monitor_type():
     """C type of a ``TSAdjointMonitorSet`` callback: ``(TS, step, time, u, numcost, lambda, mu, ctx)``."""
-    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, _int(), _real(), ctypes.c_void_p, _int(),
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, petsc_int(), petsc_real(), ctypes.c_void_p, petsc_int(),
                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
 
 
@@ -263,7 +264,7 @@ def set_pre_stage(ts, callback) -> None:
     The caller keeps ``callback`` alive while it is set.
     """
     hook_type = pre_stage_type()
-    fn = _petsc_function("TSSetPreStage", ctypes.c_int, [ctypes.c_void_p, hook_type])
+    fn = petsc_function("TSSetPreStage", ctypes.c_int, [ctypes.c_void_p, hook_type])
     if fn is None or fn(ctypes.c_void_p(ts.handle), callback if callback is not None else hook_type()):
         raise RuntimeError("TSSetPreStage is not available in this PETSc library")
 
@@ -273,10 +274,10 @@ def set_adjoint_monitor(ts, callback) -> None:
     ``TSAdjointMonitorCancel`` when ``callback`` is None (petsc4py wraps neither)."""
     handle = ctypes.c_void_p(ts.handle)
     if callback is None:
-        fn = _petsc_function("TSAdjointMonitorCancel", ctypes.c_int, [ctypes.c_void_p])
+        fn = petsc_function("TSAdjointMonitorCancel", ctypes.c_int, [ctypes.c_void_p])
         error = fn is None or fn(handle)
     else:
-        fn = _petsc_function("TSAdjointMonitorSet", ctypes.c_int,
+        fn = petsc_function("TSAdjointMonitorSet", ctypes.c_int,
                              [ctypes.c_void_p, adjoint_monitor_type(), ctypes.c_void_p, ctypes.c_void_p])
         error = fn is None or fn(handle, callback, None, None)
     if error:
@@ -297,7 +298,7 @@ def set_post_evaluate(ts, callback) -> None:
     The caller keeps ``callback`` alive while it is set.
     """
     hook_type = post_evaluate_type()
-    fn = _petsc_function("TSSetPostEvaluate", ctypes.c_int, [ctypes.c_void_p, hook_type])
+    fn = petsc_function("TSSetPostEvaluate", ctypes.c_int, [ctypes.c_void_p, hook_type])
     if fn is None or fn(ctypes.c_void_p(ts.handle), callback if callback is not None else hook_type()):
         raise RuntimeError("TSSetPostEvaluate is not available in this PETSc library")
 
@@ -306,8 +307,23 @@ def set_always_accept(ts, flag: bool) -> None:
     """``TSAdaptSetAlwaysAccept`` on the TS's adaptor: accept every step whatever its error estimate
     (a step whose size pnode has already chosen must not be retried smaller)."""
     adapt = ctypes.c_void_p()
-    get_adapt = _petsc_function("TSGetAdapt", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
-    always = _petsc_function("TSAdaptSetAlwaysAccept", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int])
+    get_adapt = petsc_function("TSGetAdapt", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    always = petsc_function("TSAdaptSetAlwaysAccept", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int])
     if get_adapt is None or always is None or get_adapt(ctypes.c_void_p(ts.handle), ctypes.byref(adapt)) \
             or always(adapt, int(flag)):
         raise RuntimeError("TSAdaptSetAlwaysAccept is not available in this PETSc library")
+
+
+def trajectory_from_options(ts) -> None:
+    """``TSTrajectorySetFromOptions`` on the TS's trajectory (petsc4py wraps neither it nor
+    ``TSGetTrajectory``): a new trajectory reads its options without the TS re-reading all of its own
+    (``TSSetFromOptions``, several times the cost). Falls back to ``ts.setFromOptions()``."""
+    handle = ctypes.c_void_p(ts.handle)
+    trajectory = ctypes.c_void_p()
+    get = petsc_function("TSGetTrajectory", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    setup = petsc_function("TSTrajectorySetFromOptions", ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p])
+    if get is None or setup is None or get(handle, ctypes.byref(trajectory)) or not trajectory.value:
+        ts.setFromOptions()
+        return
+    if setup(trajectory, handle):
+        raise RuntimeError("TSTrajectorySetFromOptions failed")

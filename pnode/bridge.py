@@ -8,9 +8,11 @@ staged through the host at this boundary and nowhere else.
 """
 
 import functools
+import math
 import warnings
-from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,21 +52,23 @@ class StateLayout:
     is_tuple: bool
     dtype: torch.dtype
     device: torch.device
+    sizes: Tuple[int, ...] = field(init=False, compare=False, repr=False)
+    numel: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def sizes(self) -> Tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @property
-    def numel(self) -> int:
-        return sum(self.sizes)
+    def __post_init__(self):
+        # computed once: every evaluation of f unflattens the state and flattens its output
+        sizes = tuple(math.prod(s) for s in self.shapes)
+        object.__setattr__(self, "shapes", tuple(tuple(s) for s in self.shapes))
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "numel", sum(sizes))
 
     def flatten(self, state: State) -> torch.Tensor:
         """Concatenate a state into a 1-D tensor of ``numel`` entries (user dtype and device)."""
-        parts = state if self.is_tuple else (state,)
-        if len(parts) == 1:
-            return parts[0].reshape(-1)
-        return torch.cat([p.reshape(-1) for p in parts])
+        if not self.is_tuple:
+            return state.reshape(-1)
+        if len(state) == 1:
+            return state[0].reshape(-1)
+        return torch.cat([p.reshape(-1) for p in state])
 
     def unflatten(self, flat: torch.Tensor) -> State:
         """Split a 1-D tensor (or ``(..., numel)`` tensor) back into the state's shapes.
@@ -72,11 +76,15 @@ class StateLayout:
         Shapes are passed to ``reshape`` as one tuple, so 0-dim states (``shape == ()``) come back
         0-dim (``reshape()`` with no arguments is an error).
         """
+        if flat.dim() == 1:
+            if not self.is_tuple:
+                return flat.reshape(self.shapes[0])
+            return tuple(p.reshape(s) for p, s in zip(torch.split(flat, self.sizes), self.shapes))
         lead = tuple(flat.shape[:-1])
         if not self.is_tuple:
-            return flat.reshape(lead + tuple(self.shapes[0]))
+            return flat.reshape(lead + self.shapes[0])
         parts = torch.split(flat, self.sizes, dim=-1)
-        return tuple(p.reshape(lead + tuple(s)) for p, s in zip(parts, self.shapes))
+        return tuple(p.reshape(lead + s) for p, s in zip(parts, self.shapes))
 
 
 def layout_of(state: State) -> StateLayout:
@@ -87,6 +95,25 @@ def layout_of(state: State) -> StateLayout:
 
 
 _READ_ONLY_WARNING_SEEN = False
+# Views of the Vecs a PETSc call hands to pnode's callbacks, by PETSc object id (unique for the life
+# of the process), one dict for reading and one for writing per call in progress (see cached_views).
+_VIEW_CACHES: List[Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]] = []
+
+
+@contextmanager
+def cached_views() -> Iterator[None]:
+    """Within the block, :func:`vec_view` and :func:`writable_view` take each Vec's array once.
+
+    A solve's callbacks see the same few Vecs (the state, the stages, the work vectors) hundreds of
+    times; getting an array costs a petsc4py call and a tensor, about 5 us, a dict lookup far less.
+    The arrays stay taken until the block ends (PETSc's CPU Vecs keep their storage meanwhile; no
+    pnode code keeps a view beyond a callback, it copies what it keeps).
+    """
+    _VIEW_CACHES.append(({}, {}))
+    try:
+        yield
+    finally:
+        _VIEW_CACHES.pop()
 
 
 def vec_view(vec) -> torch.Tensor:
@@ -94,6 +121,17 @@ def vec_view(vec) -> torch.Tensor:
 
     Valid while ``vec`` lives and its storage is not replaced; callers copy what they keep.
     """
+    if _VIEW_CACHES:
+        reads = _VIEW_CACHES[-1][0]
+        key = vec.getId()
+        view = reads.get(key)
+        if view is None:
+            view = reads[key] = _read_view(vec)
+        return view
+    return _read_view(vec)
+
+
+def _read_view(vec) -> torch.Tensor:
     global _READ_ONLY_WARNING_SEEN
     array = vec.getArray(readonly=True)
     if _READ_ONLY_WARNING_SEEN:
@@ -131,9 +169,15 @@ def writable_view(vec) -> torch.Tensor:
     petsc4py's writable ``getArray`` does not raise the Vec's state; this does, so that PETSc's
     cached norms and :func:`vec_key` see the write. Write right away, before PETSc touches ``vec``.
     """
-    array = vec.getArray()
     vec.stateIncrease()
-    return torch.from_numpy(array)
+    if _VIEW_CACHES:
+        writes = _VIEW_CACHES[-1][1]
+        key = vec.getId()
+        view = writes.get(key)
+        if view is None:
+            view = writes[key] = torch.from_numpy(vec.getArray())
+        return view
+    return torch.from_numpy(vec.getArray())
 
 
 def tensor_into_vec(tensor: torch.Tensor, vec) -> None:

@@ -41,8 +41,9 @@ class SolverConfig:
         implicit_solve: ``'newton'`` (solve each implicit step to the Newton tolerance) or
             ``'linear'`` (one Newton step from the previous state: a linearly implicit method of
             the same order; PETSc's ``ksponly``).
-        jvp: how Newton-Krylov's Jacobian-vector products are taken: ``'autodiff'`` (forward-mode
-            AD, exact, about three evaluations of f each) or ``'difference'`` (one evaluation of f,
+        jvp: how Newton-Krylov's Jacobian-vector products are taken: ``'autodiff'`` (exact, by
+            reverse mode twice: about one evaluation of f each once a linearization's transposed
+            graph is built, see :meth:`pnode.rhs.Linearization.jvp`) or ``'difference'`` (one evaluation of f,
             accurate to about the square root of ``resolution``; the Newton residual itself is
             exact, so only the convergence rate feels it). The adjoint's products are VJPs either way.
         vector_tolerances: ``rtol``/``atol`` are given per entry with each call (PETSc's vector

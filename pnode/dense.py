@@ -122,7 +122,7 @@ class DenseOutput:
         span = (float(self.taus[0]), float(self.taus[-1]))
         slack = 1e-12 * max(1.0, abs(span[0]), abs(span[1]))
         if bool((taus < span[0] - slack).any()) or bool((taus > span[1] + slack).any()):
-            lo, hi = sorted((self.direction * span[0], self.direction * span[1]))
+            lo, hi = sorted((self.direction * span[0] + 0.0, self.direction * span[1] + 0.0))  # no -0
             raise ValueError(f"odeint_dense's solution covers [{lo:.6g}, {hi:.6g}]; got times outside it")
         step = torch.clamp(torch.searchsorted(self.taus, taus, right=True) - 1, 0, len(self.taus) - 2)
         start, end = self.taus[step], self.taus[step + 1]

@@ -16,7 +16,6 @@ import bisect
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from .bridge import petsc_eps, tensor_into_vec, vec_key, vec_view
@@ -72,6 +71,7 @@ class GraphStore:
         # its stage time instead of scanning them all (a solve keeps hundreds)
         self._times: List[Tuple[float, int]] = []
         self._hits: "OrderedDict[tuple, int]" = OrderedDict()  # (tau, Vec key) -> serial, recent lookups
+        self._cursor: Optional[int] = None  # serial of the graph found last
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -113,6 +113,7 @@ class GraphStore:
             self.held_bytes -= lin.graph_bytes
             self.built_bytes -= lin.graph_bytes
         self._hits.clear()
+        self._cursor = None
 
     def _drop_oldest(self) -> Linearization:
         serial = self.built - len(self.graphs)
@@ -156,12 +157,32 @@ class GraphStore:
             lin = self._graph(self._hits[tau, key])
             if lin is not None:
                 return lin
-        found = self._nearest(rhs, float(tau), u, key)
+        found = self._next_back(rhs, tau, u, key) or self._nearest(rhs, float(tau), u, key)
         if found is not None and key is not None:
             self._hits[tau, key] = found[1]
             while len(self._hits) > _RECENT_HITS:
                 self._hits.popitem(last=False)
+        if found is not None:
+            self._cursor = found[1]
         return None if found is None else found[0]
+
+    def _next_back(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Tuple[Linearization, int]]:
+        """The graph just before the last one found, or the one before it, when it is at ``(tau, u)``
+        exactly: an adjoint goes back through the stages in the order they were built (an FSAL
+        method's last stage has no request), so this finds most without searching."""
+        if self._cursor is None:
+            return None
+        user = None
+        for serial in (self._cursor - 1, self._cursor - 2):
+            lin = self._graph(serial)
+            if lin is None or not same_stage_time(lin.tau, tau):
+                continue
+            if key is not None and key == lin.key:
+                return lin, serial
+            user = rhs.to_user(u) if user is None else user
+            if torch.equal(lin.u, user):
+                return lin, serial
+        return None
 
     def _nearest(self, rhs: RHS, tau: float, u: torch.Tensor, key) -> Optional[Tuple[Linearization, int]]:
         """(graph, serial) for :meth:`_locate`, or None. A graph of another stage at the same time is
@@ -189,7 +210,7 @@ class GraphStore:
 
     def clear(self) -> None:
         self.graphs, self._times, self._hits = [], [], OrderedDict()
-        self.held_bytes = 0
+        self.held_bytes, self._cursor = 0, None
 
 
 class StageTimes:
@@ -198,7 +219,7 @@ class StageTimes:
     def __init__(self):
         self.by_vec: Dict[int, List[float]] = {}
         self.step_ends: List[float] = []
-        self._sorted: Optional[Dict[object, np.ndarray]] = None
+        self._sorted: Optional[Dict[object, List[float]]] = None
 
     def add(self, address: int, tau: float) -> None:
         self.by_vec.setdefault(address, []).append(tau)
@@ -220,9 +241,9 @@ class StageTimes:
         stage, which reused the previous step's last evaluation, was evaluated at none: a re-taken
         step evaluates it at its start), then any forward time.
         """
-        if self._sorted is None:
+        if self._sorted is None:  # once per adjoint pass: the forward pass added every time before it
             every = [t for times in self.by_vec.values() for t in times]
-            self._sorted = {key: np.unique(np.asarray(times, dtype=np.float64)) for key, times in
+            self._sorted = {key: sorted(set(times)) for key, times in
                             [*self.by_vec.items(), ("steps", self.step_ends), ("every", every)]}
         for key in (address, "steps", "every"):
             nearest = _nearest(self._sorted.get(key), tau)
@@ -231,12 +252,17 @@ class StageTimes:
         return tau
 
 
-def _nearest(sorted_times: Optional[np.ndarray], tau: float) -> Optional[float]:
+def _nearest(sorted_times: Optional[List[float]], tau: float) -> Optional[float]:
     """The entry of ``sorted_times`` nearest to ``tau`` (None when there is none)."""
-    if sorted_times is None or not len(sorted_times):
+    if not sorted_times:
         return None
-    i = int(np.searchsorted(sorted_times, tau))
-    return float(min(sorted_times[max(i - 1, 0):i + 1], key=lambda x: abs(x - tau)))
+    i = bisect.bisect_left(sorted_times, tau)
+    if i == 0:
+        return sorted_times[0]
+    if i == len(sorted_times):
+        return sorted_times[-1]
+    before, after = sorted_times[i - 1], sorted_times[i]
+    return before if tau - before <= after - tau else after
 
 
 Observer = Callable[[object, float, object, object], None]

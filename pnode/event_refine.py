@@ -31,7 +31,7 @@ Values = Callable[[float], np.ndarray]
 """``values(h)``: every event function's value (float64, ``(count,)``) at ``h`` into the step."""
 
 # Points at which the stand-in is sampled for the first sign change in a step.
-_SAMPLES = 16
+SAMPLES = 16
 # Iterations of either stage before it gives up converging (bisection halves the bracket each time).
 _MAX_ITERATIONS = 100
 # Secant steps on the computed solution before bisection takes over (a root of the stand-in is
@@ -62,11 +62,14 @@ def crossed(values: np.ndarray, signs: np.ndarray) -> np.ndarray:
 
 
 def locate(cheap: Values, exact: Values, signs: np.ndarray, length: float, start: np.ndarray,
-           end: np.ndarray, resolution: float, zero_tol: float) -> Crossing:
+           end: np.ndarray, resolution: float, zero_tol: float, lower: Optional[np.ndarray] = None) -> Crossing:
     """The first event in a step of ``length`` whose event values were ``start`` at 0 and ``end`` at
     ``length`` (exact); ``signs``: the starting signs; ``resolution``: the smallest meaningful
-    difference of two times; ``zero_tol``: values within it are zeros (see the module docstring)."""
-    lo, hi, index = _first_bracket(cheap, signs, length, start, end)
+    difference of two times; ``zero_tol``: values within it are zeros (see the module docstring);
+    ``lower``: per function, where in the step its sign starts to count (0, or a sample point where
+    it first left zero), None for 0."""
+    lower = np.zeros(len(signs)) if lower is None else lower
+    lo, hi, index = _first_bracket(cheap, signs, length, start, end, lower)
     lo, hi, jump = _illinois(lambda h: cheap(h)[index], signs[index], lo, hi, cheap(lo)[index] if lo else start[index],
                              cheap(hi)[index] if hi < length else end[index], resolution, zero_tol)
     if jump:
@@ -75,18 +78,20 @@ def locate(cheap: Values, exact: Values, signs: np.ndarray, length: float, start
             return found
     guess = hi if jump else lo if abs(cheap(lo)[index]) < abs(cheap(hi)[index]) else hi
     slope = _slope(lambda h: cheap(h)[index], guess, length)
-    return _refine(exact, signs, index, guess, slope, length, start, end, resolution, zero_tol)
+    floor = (lower[index], exact(lower[index])) if lower[index] > 0 else (0.0, start)
+    return _refine(exact, signs, index, guess, slope, length, floor, end, resolution, zero_tol)
 
 
 def _first_bracket(cheap: Values, signs: np.ndarray, length: float, start: np.ndarray,
-                   end: np.ndarray) -> Tuple[float, float, int]:
-    """``(lo, hi, index)``: the first sample interval in which an event function leaves its sign,
-    and the function that does so first (by linear interpolation between the two samples)."""
+                   end: np.ndarray, lower: np.ndarray) -> Tuple[float, float, int]:
+    """``(lo, hi, index)``: the first sample interval in which an event function leaves its sign
+    (after its ``lower`` point), and the function that does so first (by linear interpolation between
+    the two samples)."""
     lo, before = 0.0, start
-    for k in range(1, _SAMPLES + 1):
-        hi = length * k / _SAMPLES if k < _SAMPLES else length
-        after = cheap(hi) if k < _SAMPLES else end
-        mask = crossed(after, signs)
+    for k in range(1, SAMPLES + 1):
+        hi = length * k / SAMPLES if k < SAMPLES else length
+        after = cheap(hi) if k < SAMPLES else end
+        mask = crossed(after, signs) & (hi > lower)
         if mask.any():
             candidates = np.flatnonzero(mask)
             fractions = [abs(before[i]) / max(abs(before[i]) + abs(after[i]), 1e-300) for i in candidates]
@@ -147,11 +152,12 @@ def _slope(value: Callable[[float], float], h: float, length: float) -> float:
 
 
 def _refine(exact: Values, signs: np.ndarray, index: int, guess: float, slope: float, length: float,
-            start: np.ndarray, end: np.ndarray, resolution: float, zero_tol: float) -> Crossing:
+            floor: Tuple[float, np.ndarray], end: np.ndarray, resolution: float, zero_tol: float) -> Crossing:
     """Secant steps on the computed solution from the stand-in's root, kept inside a bracket of
-    exact values (``[0, length]`` at first) and handed to bisection when they stall."""
+    exact values (from ``floor``, a point and its values, to ``length`` at first) and handed to
+    bisection when they stall."""
     sign = signs[index]
-    lo, f_lo, hi, f_hi = 0.0, start[index], length, end[index]
+    lo, f_lo, hi, f_hi = floor[0], floor[1][index], length, end[index]
     x, f_x = guess, exact(guess)[index]
     previous: Optional[Tuple[float, float]] = None
     for iteration in range(_MAX_ITERATIONS):

@@ -19,15 +19,16 @@ from ._compat import converged_reason_name
 from .bridge import StateLayout, petsc_eps
 from .distributed import check_consistent
 from .errors import InputError, SolverError
-from .event_refine import Crossing, crossed, locate
+from .event_refine import SAMPLES, Crossing, crossed, locate
 from .rhs import RHS
 
 # The step limit of an event search when options['max_num_steps'] is not given: a search that finds
 # no crossing stops with an error instead of integrating for ever.
 DEFAULT_MAX_NUM_STEPS = 10_000
-# The default event tolerance: values of an event function within it of zero count as zero at the
-# initial point (a zero at t0 is not an event) and tell a jump from a root.
-DEFAULT_EVENT_TOL = 1e-6
+# The default event tolerance, in round-off units of the coarser of the state's dtype and PETSc's
+# real type: values of an event function within it of zero count as zero at the initial point (a
+# zero at t0, up to round-off, is not an event) and tell a jump from a root.
+EVENT_TOL_ULPS = 100.0
 
 Stepper = Callable[[float, torch.Tensor, float], torch.Tensor]
 """``stepper(base_tau, base_state, h)``: one step of the method of length ``h`` from ``base_state``
@@ -162,6 +163,8 @@ class EventWatch:
         self.base_values: Optional[np.ndarray] = None  # at the last accepted step end
         self.end: Optional[Tuple[float, torch.Tensor, np.ndarray]] = None  # the crossing step's end
         self.tau0, self.steps = math.nan, 0
+        self.lower: Optional[np.ndarray] = None  # where in the crossing step each function's sign counts from
+        self.previous: Optional[Tuple[float, torch.Tensor]] = None  # the last step end, while a sign is open
         self.located: Optional[Located] = None
 
     def start(self, rhs: RHS, tau0: float, y0: torch.Tensor) -> None:
@@ -169,17 +172,41 @@ class EventWatch:
         self.signs = np.where(np.abs(values) >= self.tolerance, np.sign(values), 0.0)
         self.first_values = self.base_values = values
         self.tau0, self.steps = tau0, 0
+        self.lower = np.zeros_like(values)
+        self.previous = (tau0, y0.clone()) if (self.signs == 0).any() else None
 
     def crossed(self, rhs: RHS, tau: float, u: torch.Tensor) -> bool:
         values = self.events.values(rhs.user_time(tau), rhs.to_user(u))
-        settled = (self.signs == 0) & (np.abs(values) >= self.tolerance)
-        self.signs = np.where(settled, np.sign(values), self.signs)
-        if crossed(values, self.signs).any():
+        self.lower = np.zeros_like(values)
+        inside = self._settle_inside(rhs, tau, u, values) if self.previous is not None else False
+        if inside or crossed(values, self.signs).any():
             self.end = (tau, u.clone(), values)
             return True
         self.base_values = values
         self.steps += 1
+        self.previous = (tau, u.clone()) if (self.signs == 0).any() else None
         return False
+
+    def _settle_inside(self, rhs: RHS, tau: float, u: torch.Tensor, values: np.ndarray) -> bool:
+        """For the functions still within the tolerance of zero at the step's start: the sign each first
+        takes beyond it along the step (on the step's Hermite interpolant, at the same points
+        :func:`pnode.event_refine.locate` samples), from where it counts (:attr:`lower`); whether one
+        then leaves it again inside the step. A flight that starts at zero, rises and ends past a
+        terminal time where the function is exactly zero is seen this way."""
+        base_tau, base_state = self.previous
+        length = tau - base_tau
+        interpolant = _hermite(rhs, base_tau, base_state, tau, u)
+        open_ = self.signs == 0
+        left = np.zeros(len(values), dtype=bool)
+        for k in range(1, SAMPLES + 1):
+            h = length * k / SAMPLES if k < SAMPLES else length
+            v = values if k == SAMPLES else self.events.values(rhs.user_time(base_tau + h),
+                                                               rhs.to_user(interpolant(h / length)))
+            left |= open_ & (self.signs != 0) & (np.sign(v) != self.signs)
+            settle = open_ & (self.signs == 0) & (np.abs(v) >= self.tolerance)
+            self.signs = np.where(settle, np.sign(v), self.signs)
+            self.lower = np.where(settle, h, self.lower)
+        return bool(left.any())
 
     def locate(self, rhs: RHS, base_tau: float, base_state: torch.Tensor) -> float:
         end_tau, end_state, end_values = self.end
@@ -193,7 +220,8 @@ class EventWatch:
             return self.events.values(rhs.user_time(base_tau + h), rhs.to_user(self.stepper(base_tau, base_state, h)))
 
         resolution = 4 * petsc_eps() * max(abs(base_tau), abs(end_tau), length)
-        crossing = locate(cheap, exact, self.signs, length, self.base_values, end_values, resolution, self.tolerance)
+        crossing = locate(cheap, exact, self.signs, length, self.base_values, end_values, resolution, self.tolerance,
+                          self.lower)
         self.located = Located(base_tau, base_state, self.base_values, self.steps, crossing)
         return crossing.length
 

@@ -37,15 +37,15 @@ import numpy as np
 import torch
 
 from ._compat import serialized
-from .bridge import petsc_eps
 from .distributed import check_consistent
 from .errors import InputError, SolverError
-from .event_search import DEFAULT_EVENT_TOL, DEFAULT_MAX_NUM_STEPS, EventFunction, EventWatch, Located
+from .event_search import DEFAULT_MAX_NUM_STEPS, EVENT_TOL_ULPS, EventFunction, EventWatch, Located
 from .options import get_global_option
 from .pool import acquire_solver, release_solver
 from .problem import Problem, check_adjoint_keywords, check_inputs, reachable_params, resolve_params
 from .solve import solve_once
 from .solver import Replay
+from .tableaus import petsc_tableau
 
 Tensors = Union[torch.Tensor, tuple]
 
@@ -151,14 +151,15 @@ def solve_until_event(func: Callable, y0: Tensors, t0, event_fn: Callable, rever
     events = EventFunction(event_fn, problem.layout, problem.comm)
     stepper = _Stepper(problem)
     tau_max = max_t if max_t is not None else math.inf
-    watch = EventWatch(events, _event_tolerance(event_tol, problem.config.prefix), tau_max, stepper)
+    watch = EventWatch(events, _event_tolerance(event_tol, problem.config), tau_max, stepper)
     problem = dataclasses.replace(problem, taus=np.array([problem.taus[0], tau_max]), event=watch)
     needs_grad = torch.is_grad_enabled() and (problem.y0_flat.requires_grad or len(params) > 0)
     try:
         outputs = solve_once(problem, params if needs_grad else (), differentiable=needs_grad)
+        tableau = stepper.tableau() if needs_grad else None
     finally:
         stepper.close()
-    gradients = _EventGradients(problem, events, watch.located, step_options)
+    gradients = _EventGradients(problem, events, watch.located, step_options, tableau)
     event_t, y_event = gradients.attach(outputs[-1], shift, needs_grad)
     event_t = event_t.to(device=t0.device, dtype=t0.dtype)
     return event_t, problem.layout.unflatten(torch.stack([outputs[0], y_event]))
@@ -185,9 +186,10 @@ def _shifted(fn: Callable, shift: torch.Tensor) -> Callable:
     return moved
 
 
-def _event_tolerance(event_tol: Optional[float], prefix: str) -> float:
+def _event_tolerance(event_tol: Optional[float], config) -> float:
     """``-[<prefix>]ts_event_tol`` (the command line wins, as for every PETSc option), else
-    ``options['event_tol']``, else the default (at least the round-off of a single-precision PETSc)."""
+    ``options['event_tol']``, else 100 round-off units of the arithmetic f runs in."""
+    prefix = config.prefix
     for name in dict.fromkeys((prefix + "ts_event_tol", "ts_event_tol")):
         text = get_global_option(name)
         if text is not None:
@@ -197,7 +199,7 @@ def _event_tolerance(event_tol: Optional[float], prefix: str) -> float:
                 raise InputError(f"-{name} must be a positive number, got {text!r}") from None
     if event_tol is not None:
         return event_tol
-    return max(DEFAULT_EVENT_TOL, 1000 * petsc_eps())
+    return EVENT_TOL_ULPS * config.resolution
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -278,6 +280,15 @@ class _Stepper:
         replay = Replay(np.array([base_tau, end]), [end - base_tau], accept_all=True)
         return self.pooled[1].replay(self.rhs, base_state, replay)
 
+    def tableau(self) -> Optional[tuple]:
+        """PETSc's ``(A, b, c, fsal)`` of an explicit RK method (see :func:`pnode.tableaus.petsc_tableau`),
+        else None."""
+        if self.problem.config.method.ts_type != "rk":
+            return None
+        if self.pooled is None:
+            self.pooled = acquire_solver(self.problem, 0, False)
+        return petsc_tableau(self.pooled[1].ts) if self.pooled[1].ts.getType() == "rk" else None
+
     def close(self) -> None:
         if self.pooled is not None:
             release_solver(*self.pooled)
@@ -294,10 +305,12 @@ class _EventGradients:
         step_options: the options of the unit-time step that differentiates the event.
     """
 
-    def __init__(self, problem: Problem, events: EventFunction, located: Located, step_options: dict):
+    def __init__(self, problem: Problem, events: EventFunction, located: Located, step_options: dict,
+                 tableau: Optional[tuple] = None):
         self.problem = problem
         self.events = events
         self.located = located
+        self.tableau = tableau
         cfg = problem.config
         self.keywords = dict(rtol=cfg.rtol, atol=cfg.atol, method=cfg.method.name, comm=problem.comm,
                              options=dict(step_options, step_size=2.0))
@@ -322,11 +335,55 @@ class _EventGradients:
         if not moves:
             self._check_autograd(index, y_fixed)
             return t_event, y_fixed
-        step_change = (value - value.detach()).to("cpu", torch.float64) * (-1.0 / self.slope(index))
+        along = self._along_step()
+        slope = self.slope(index, along, y_fixed)
+        step_change = (value - value.detach()).to("cpu", torch.float64) * (-1.0 / slope)
         if problem.comm.getSize() > 1:
             step_change = _SumOverRanks.apply(step_change, problem.comm)
-        moved = _AlongTheStep.apply(step_change, self, y_fixed)
+        moved = _AlongTheStep.apply(step_change, along, y_fixed)
         return t_event + direction * step_change, y_fixed + moved
+
+    def _along_step(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``w -> w . dy_e/dh`` (float64 0-dim) for cotangents ``w`` of the state at the event.
+
+        For an explicit RK method, one step of PETSc's tableau in torch with ``h`` as a variable:
+        its graph (``s`` evaluations of ``f``) serves every cotangent. Otherwise the step solved by
+        pnode on the ODE rescaled to unit time (:meth:`step_end`), once per cotangent.
+        """
+        length = torch.tensor(self.located.crossing.length, dtype=torch.float64, requires_grad=True)
+        if self.tableau is not None:
+            with torch.enable_grad():
+                end = self._tableau_step(length)
+            if end.requires_grad:
+                return lambda w: _length_gradient(end, length, w, retain_graph=True)
+
+        def rescaled(w: torch.Tensor) -> torch.Tensor:
+            fresh = length.detach().requires_grad_(True)
+            with torch.enable_grad():
+                return _length_gradient(self.step_end(fresh), fresh, w, retain_graph=False)
+        return rescaled
+
+    def _tableau_step(self, length: torch.Tensor) -> torch.Tensor:
+        """One explicit RK step of ``length`` from the base with PETSc's tableau, float64, flat: the
+        crossing step, in PETSc's coefficients (its arithmetic differs from PETSc's in rounding only)."""
+        a, b, c, _ = self.tableau
+        problem, layout = self.problem, self.problem.layout
+        base = self.located.base_state.to(device=layout.device, dtype=torch.float64)
+        used = [i for i in range(len(b)) if b[i] != 0 or any(a[j, i] != 0 for j in range(i + 1, len(b)))]
+        ks = {}
+        for i in range(max(used) + 1):
+            stage = base
+            for j in range(i):
+                if a[i, j] != 0 and j in ks:
+                    stage = stage + (float(a[i, j]) * length) * ks[j]
+            t = problem.direction * (self.located.base_tau + float(c[i]) * length)
+            out = layout.flatten(problem.func(t.to(layout.dtype), layout.unflatten(stage.to(layout.dtype))))
+            ks[i] = problem.direction * out.to(torch.float64)
+        end = base
+        for i in used:
+            if b[i] != 0:
+                end = end + (float(b[i]) * length) * ks[i]
+        return end
 
     def user_time(self, length: torch.Tensor) -> torch.Tensor:
         """The user's time (0-dim, the state's dtype) ``length`` after the base."""
@@ -358,22 +415,30 @@ class _EventGradients:
         unit = torch.tensor([0.0, 1.0], dtype=torch.float64)
         return odeint_adjoint(rescaled, start, unit, adjoint_params=(), **self.keywords)[-1, :numel]
 
-    def slope(self, index: int) -> float:
-        """``d phi / dh`` of event function ``index`` along the computed crossing step, summed over ranks.
+    def slope(self, index: int, along: Callable[[torch.Tensor], torch.Tensor], y_event: torch.Tensor) -> float:
+        """``d phi / dh = dg/dt + dg/dy . dy_e/dh`` of event function ``index`` along the computed
+        crossing step at the event, summed over ranks: the discrete counterpart of ``dg/dt + dg/dy . f``.
 
         Raises a ``GRAZING_EVENT`` error where it (nearly) vanishes: below a millionth of the slope of
         the chord from the base to the event (a multiple root, whose time has no finite derivative).
         """
-        located = self.located
-        length = torch.tensor(located.crossing.length, dtype=torch.float64, requires_grad=True)
+        length = torch.tensor(self.located.crossing.length, dtype=torch.float64, requires_grad=True)
+        y = y_event.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = self.events.local(self.user_time(length), self.step_end(length))[index]
-            slope = torch.autograd.grad(value, length, allow_unused=True)[0] if value.requires_grad else None
-        total = float(self.events.sum_over_ranks(np.array([0.0 if slope is None else float(slope)]))[0])
+            value = self.events.local(self.user_time(length), y)[index]
+        grads = torch.autograd.grad(value, (length, y), allow_unused=True) if value.requires_grad else (None, None)
+        local = 0.0 if grads[0] is None else float(grads[0])
+        if grads[1] is not None:
+            local += float(along(grads[1]))
+        return self._checked_slope(float(self.events.sum_over_ranks(np.array([local]))[0]), index)
+
+    def _checked_slope(self, slope: float, index: int) -> float:
+        """``slope``, unless it marks a grazing event (see :meth:`slope`)."""
+        located = self.located
         chord = abs(located.base_values[index]) / located.crossing.length
-        if not math.isfinite(total) or abs(total) <= _GRAZING_SLOPE * chord:
-            raise _grazing(self.problem.direction * located.tau, index, total)
-        return total
+        if not math.isfinite(slope) or abs(slope) <= _GRAZING_SLOPE * chord:
+            raise _grazing(self.problem.direction * located.tau, index, slope)
+        return slope
 
     def _check_autograd(self, index: int, y_fixed: torch.Tensor) -> None:
         """Raise when event function ``index`` depends on neither ``t`` nor ``y`` as autograd sees it
@@ -384,26 +449,27 @@ class _EventGradients:
         if not value.requires_grad:
             raise _grazing(self.problem.direction * self.located.tau, index, 0.0)
 
-    def along_step(self, cotangent: torch.Tensor) -> torch.Tensor:
-        """``cotangent . dy_e/dh`` (float64 0-dim) for a cotangent of the state at the event."""
-        length = torch.tensor(self.located.crossing.length, dtype=torch.float64, requires_grad=True)
-        with torch.enable_grad():
-            end = self.step_end(length)
-            (grad,) = torch.autograd.grad(end, length, grad_outputs=cotangent.to(end), allow_unused=True)
-        return torch.zeros((), dtype=torch.float64) if grad is None else grad.detach()
+
+def _length_gradient(end: torch.Tensor, length: torch.Tensor, cotangent: torch.Tensor,
+                     retain_graph: bool) -> torch.Tensor:
+    """``cotangent . d end / d length`` (float64 0-dim; zero where ``end`` does not depend on it)."""
+    (grad,) = torch.autograd.grad(end, length, grad_outputs=cotangent.to(end), retain_graph=retain_graph,
+                                  allow_unused=True)
+    return torch.zeros((), dtype=torch.float64) if grad is None else grad.detach()
 
 
 class _AlongTheStep(torch.autograd.Function):
-    """Zero in value; its derivative in the step length ``h`` is the crossing step's ``dy_e/dh``."""
+    """Zero in value; its derivative in the step length ``h`` is the crossing step's ``dy_e/dh``
+    (``along(w) = w . dy_e/dh``)."""
 
     @staticmethod
-    def forward(ctx, step_change: torch.Tensor, gradients: _EventGradients, like: torch.Tensor):
-        ctx.gradients = gradients
+    def forward(ctx, step_change: torch.Tensor, along: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor):
+        ctx.along = along
         return torch.zeros_like(like)
 
     @staticmethod
     def backward(ctx, cotangent: torch.Tensor):
-        return ctx.gradients.along_step(cotangent), None, None
+        return ctx.along(cotangent), None, None
 
 
 class _SumOverRanks(torch.autograd.Function):

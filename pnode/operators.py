@@ -74,16 +74,17 @@ class ParamJacobianShell(_ScaledShell):
     def _param_vjp(self, x, y) -> None:
         _, param_grads = self.linearization.vjp(vec_view(x), vec_key(x))
         target = writable_view(y)
-        offset = 0
-        for grad, numel in zip(param_grads, self.param_numels):
-            chunk = target[offset:offset + numel]
-            if grad is None:
-                chunk.zero_()
+        if len(param_grads) == 1 and param_grads[0] is not None:
+            target.copy_(param_grads[0].reshape(-1))
+        else:  # one concatenation into PETSc's vector (a parameter f does not use contributes zeros)
+            parts = [g.reshape(-1) if g is not None else torch.zeros(n, dtype=target.dtype)
+                     for g, n in zip(param_grads, self.param_numels)]
+            if all(p.dtype == target.dtype for p in parts):
+                torch.cat(parts, out=target)
             else:
-                chunk.copy_(grad.detach().reshape(-1))
-                if self.scale_factor != 1.0:
-                    chunk.mul_(self.scale_factor)
-            offset += numel
+                target.copy_(torch.cat([p.to(target.dtype) for p in parts]))
+        if self.scale_factor != 1.0:
+            target.mul_(self.scale_factor)
 
 
 def create_shell(ctx, local_rows: int, local_cols: int, comm):

@@ -6,15 +6,17 @@ axis (``t_user = direction * t_petsc``, so decreasing ``t`` integrates ``-f`` fo
 checks what ``func`` returns, and builds :class:`Linearization` objects for JVPs and VJPs.
 """
 
-import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .bridge import StateLayout, petsc_eps
 from .errors import InputError
+
+# Stage times whose tensors an RHS keeps for reuse (a solve's stages, and their adjoint's).
+_TIME_CACHE = 4096
 
 
 def stage_time_tolerance(tau: float) -> float:
@@ -73,6 +75,8 @@ class RHS:
         self.counter = counter if counter is not None else EvaluationCounter()
         self.difference_jvp = False  # set per solve: Jacobian-vector products by differences
         self.jump_sides = tuple(jump_sides)
+        self._times: Dict[float, torch.Tensor] = {}  # tau -> the 0-dim time func is given there
+        self._checked = False  # func's output was checked once (its structure does not change)
 
     def user_time(self, tau: float) -> torch.Tensor:
         """The user's time of PETSc time ``tau`` (0-dim, the state's dtype and device).
@@ -82,10 +86,15 @@ class RHS:
         that holds inside it (as torchdiffeq's ``perturb`` does): a step ending at the jump sees ``f``
         before it, a step starting there ``f`` after it.
         """
+        t = self._times.get(tau)
+        if t is not None and t._version == 0 and not t.requires_grad:
+            return t  # the adjoint asks at the forward's stage times: one tensor each (unless func changed it)
         t = torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
         for jump, side in self.jump_sides:
             if same_stage_time(tau, jump):
-                return torch.nextafter(t, torch.tensor(side, dtype=t.dtype, device=t.device))
+                t = torch.nextafter(t, torch.tensor(side, dtype=t.dtype, device=t.device))
+        if len(self._times) < _TIME_CACHE:
+            self._times[tau] = t
         return t
 
     def to_user(self, flat: torch.Tensor) -> torch.Tensor:
@@ -95,7 +104,9 @@ class RHS:
     def call(self, tau: float, y_flat: torch.Tensor) -> torch.Tensor:
         """``direction * func(t, y)`` as a flat tensor of the user's dtype (graph kept if enabled)."""
         out = self.func(self.user_time(tau), self.layout.unflatten(y_flat))
-        self._check_output(out)
+        if not self._checked:
+            self._check_output(out)
+            self._checked = True
         flat = self.layout.flatten(out)
         return flat if self.direction > 0 else -flat
 
@@ -106,8 +117,10 @@ class RHS:
         into a PETSc Vec (:func:`pnode.bridge.tensor_into_vec`).
         """
         self.counter.forward += 1
-        with torch.no_grad():
-            return self.call(tau, self.to_user(u))
+        if torch.is_grad_enabled():  # a solve's callbacks run without grad mode already
+            with torch.no_grad():
+                return self.call(tau, self.to_user(u))
+        return self.call(tau, self.to_user(u))
 
     def linearize(self, tau: float, u: torch.Tensor, key: Optional[Tuple[int, int]] = None,
                   single_vjp: bool = False) -> "Linearization":
@@ -188,6 +201,7 @@ class Linearization:
         self.graph_bytes = 0  # bytes the graph holds: saved tensors, input and output
         self._cached_key: Optional[Tuple[int, int]] = None
         self._cached_vjp: Optional[Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]] = None
+        self._transposed_graph: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (w, J^T w) for JVPs
 
     def _build_graph(self, measure: bool = False, forward: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Evaluate f with its graph (once); ``measure``: sum the bytes it holds into ``graph_bytes``;
@@ -198,17 +212,18 @@ class Linearization:
             else:
                 self.rhs.counter.backward += 1
             y = self.u.detach().requires_grad_(True)
-            saved: Dict[int, int] = {}  # storage address -> bytes of each tensor the graph saves
-            with torch.enable_grad(), contextlib.ExitStack() as stack:
-                if measure:
-                    stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_noting_pack(saved), _same))
-                out = self.rhs.call(self.tau, y)
-            self._graph = (y, out)
-            self.value = out.detach()
             if measure:
+                saved: Dict[int, int] = {}  # storage address -> bytes of each tensor the graph saves
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_noting_pack(saved), _same):
+                    out = self.rhs.call(self.tau, y)
                 for tensor in (y, out):
                     _note_storage(saved, tensor)
                 self.graph_bytes = sum(saved.values())
+            else:
+                with torch.enable_grad():
+                    out = self.rhs.call(self.tau, y)
+            self._graph = (y, out)
+            self.value = out.detach()
         return self._graph
 
     def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
@@ -227,8 +242,7 @@ class Linearization:
         self.rhs.counter.vjp += 1
         inputs = (y,) + self.rhs.params
         if out.requires_grad:
-            grads = torch.autograd.grad(out, inputs, grad_outputs=self.rhs.to_user(x),
-                                        retain_graph=not self.single_vjp, allow_unused=True)
+            grads = vector_jacobian(out, inputs, self.rhs.to_user(x), retain_graph=not self.single_vjp)
         else:  # f depends on neither the state nor a parameter (f(t) only): every product is zero
             grads = (None,) * len(inputs)
         if self.single_vjp:
@@ -241,32 +255,45 @@ class Linearization:
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """``df/du v`` for a flat tangent ``v`` (PETSc dtype, CPU); flat, user dtype and device.
 
-        Forward-mode autodiff, or with ``rhs.difference_jvp`` a one-sided difference
-        ``(f(u + h v) - f(u)) / h`` (one evaluation; :meth:`_difference_jvp`).
+        Exact, by reverse mode twice: ``J v = d/dw (J^T w)^T v``. The graph of ``J^T w`` (``w`` a
+        free cotangent) is built once per linearization; each product is then one backward pass
+        through it, about the cost of one evaluation of f (forward-mode AD, ``torch.func.jvp``, costs
+        some twenty on the torch pnode runs on; it remains the fallback for an f without a double
+        backward). With ``rhs.difference_jvp``: a one-sided difference ``(f(u + h v) - f(u)) / h``
+        (one evaluation; :meth:`_difference_jvp`).
         """
         tangent = self.rhs.to_user(v)
         self.rhs.counter.jvp += 1
         if self.rhs.difference_jvp:
             return self._difference_jvp(tangent)
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            transposed = self._transposed()
+            if transposed is None:  # f does not depend on the state
+                return torch.zeros_like(tangent)
+            (jv,) = torch.autograd.grad(transposed[1], transposed[0], grad_outputs=tangent, retain_graph=True)
+            return jv
+        except RuntimeError:  # an operation without a double backward
+            with warnings.catch_warnings():
                 # torch.func.jvp trips torch.jit's deprecation warning internally on some versions
                 warnings.simplefilter("ignore", FutureWarning)
                 _, out = torch.func.jvp(lambda y: self.rhs.call(self.tau, y), (self.u,), (tangent,))
             return out
-        except (RuntimeError, NotImplementedError):
-            # Modules without forward-mode AD: J v = d/dw (J^T w)^T v, a double backward.
+
+    def _transposed(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(w, J^T w)`` with the graph of ``J^T w`` kept (built on first use), or None when f does not
+        depend on the state."""
+        if self._transposed_graph is None:
             y, out = self._build_graph()
             if not out.requires_grad:
-                return torch.zeros_like(out)
+                return None
             with torch.enable_grad():
                 w = torch.zeros_like(out, requires_grad=True)
                 (jt_w,) = torch.autograd.grad(out, y, grad_outputs=w, create_graph=True, retain_graph=True,
                                               allow_unused=True)
-                if jt_w is None:  # f does not depend on the state
-                    return torch.zeros_like(out)
-                (jv,) = torch.autograd.grad(jt_w, w, grad_outputs=tangent, retain_graph=True)
-            return jv
+            if jt_w is None or not jt_w.requires_grad:
+                return None
+            self._transposed_graph = (w, jt_w)
+        return self._transposed_graph
 
     def _difference_jvp(self, tangent: torch.Tensor) -> torch.Tensor:
         """``(f(u + h v) - f(u)) / h`` with ``h = sqrt(eps) max(|u|, sqrt(n)) / |v|`` (2-norms, eps of
@@ -282,6 +309,42 @@ class Linearization:
             if self.value is None:
                 self.value = self.rhs.call(self.tau, self.u)
             return (self.rhs.call(self.tau, self.u + h * tangent) - self.value) / h
+
+
+def vector_jacobian(output: torch.Tensor, inputs: Tuple[torch.Tensor, ...], cotangent: torch.Tensor,
+                    retain_graph: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """``cotangent^T d output / d inputs`` (None for an input ``output`` does not depend on).
+
+    ``torch.autograd.grad`` validates and normalises its arguments in Python first, which costs
+    about as much as the backward pass through a small network; a stage's VJP has one output and a
+    cotangent already of its shape and dtype, so autograd's engine is called directly, as
+    ``torch.autograd.grad`` itself does in the end (checked once per process, with
+    ``torch.autograd.grad`` where the engine's entry point differs).
+    """
+    if _ENGINE_VJP[0] is None:
+        _ENGINE_VJP[0] = _engine_vjp_works()
+    if _ENGINE_VJP[0]:
+        return _run_backward((output,), (cotangent,), retain_graph, False, inputs, True, False)
+    return torch.autograd.grad(output, inputs, grad_outputs=cotangent, retain_graph=retain_graph, allow_unused=True)
+
+
+def _run_backward(*args):
+    return torch.autograd.Variable._execution_engine.run_backward(*args)
+
+
+_ENGINE_VJP: List[Optional[bool]] = [None]
+
+
+def _engine_vjp_works() -> bool:
+    """Whether autograd's engine takes the arguments ``torch.autograd.grad`` gives it on this torch."""
+    try:
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        with torch.enable_grad():
+            out = x * x
+        (grad,) = _run_backward((out,), (torch.ones(2),), False, False, (x,), True, False)
+        return bool(torch.equal(grad, torch.tensor([2.0, 4.0])))
+    except (AttributeError, TypeError, RuntimeError):
+        return False
 
 
 def _note_storage(saved: Dict[int, int], tensor: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ from ._compat import (
     set_max_time,
     set_post_evaluate,
 )
-from .bridge import petsc_dtype, tensor_into_vec, vec_view, writable_view
+from .bridge import cached_views, petsc_dtype, tensor_into_vec, vec_view, writable_view
 from .config import SolverConfig
 from .errors import CallbackErrorTrap, SolverError
 from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
@@ -485,9 +485,14 @@ class Solver:
 
     def run_petsc(self, call, phase: str) -> None:
         """Run a PETSc call; a Python error in a callback is re-raised as itself (with a note on where
-        it came from), a PETSc one explained."""
+        it came from), a PETSc one explained.
+
+        The callbacks run without torch's grad mode (only a kept graph's evaluation enables it) and
+        take each Vec's array once (:func:`pnode.bridge.cached_views`).
+        """
         try:
-            call()
+            with cached_views(), torch.no_grad():
+                call()
         except PETSc.Error as exc:
             original = self.trap.pop()
             if original is not None:

@@ -4,6 +4,7 @@ The configuration is read from the TS and its SNES/KSP after PETSc applied every
 (command line, ``options``, pnode's derived defaults), so a log line says what really ran.
 """
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -33,7 +34,9 @@ class SolveStats:
     next_step: Optional[float] = None
 
     def record_forward(self, solver, adjoint_stats=None) -> None:
-        self.solver = describe_solver(solver)
+        self.solver = _descriptions.get(solver)
+        if self.solver is None:  # a solver's configuration does not change: read it once
+            self.solver = _descriptions[solver] = describe_solver(solver)
         self.newton_iterations = solver.ts.getSNESIterations()
         self.krylov_iterations = solver.ts.getKSPIterations()
         self.next_step = solver.ts.getTimeStep()
@@ -52,6 +55,10 @@ class SolveStats:
             if a.budget_bytes is not None:
                 text += f", budget {a.budget_bytes / 1e6:.0f} MB"
         return text
+
+
+# The configuration of each solver, read once (solvers are pooled and reused across calls).
+_descriptions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def describe_solver(solver) -> Dict[str, object]:

@@ -118,8 +118,14 @@ class StoredStates:
         return adjoint_over_outputs(solver, forward.record, grad_outputs, linearizer)
 
 
+# Largest state (bytes on this rank) whose stages the kept-graphs trajectory stores: below it a
+# stage's copy costs less than PETSc's re-take of the stage (a Python callback and a graph lookup).
+STORED_STAGES_BYTES = 256 * 1024
+
+
 class KeptGraphs:
-    """Every stage keeps its graph for the adjoint's VJPs; PETSc's trajectory keeps states only.
+    """Every stage keeps its graph for the adjoint's VJPs; PETSc's trajectory keeps states only (for
+    states up to :data:`STORED_STAGES_BYTES`, states and stages).
 
     Args:
         graph_bytes: keep at most this many bytes of graphs (the latest ones: the adjoint uses
@@ -141,7 +147,11 @@ class KeptGraphs:
             forward = StoredStates().forward(solver, problem, rhs, y0)
             forward.stats.strategy = "states"
             return forward
-        solution_only = self.graph_bytes is None
+        # With every graph kept, a trajectory of states alone suffices: PETSc re-takes each step to
+        # recover its stages, its evaluations served by the kept graphs. For small states a
+        # re-taken stage (a callback, a lookup of its graph by state) costs more than copying the
+        # stages in and out of the trajectory, and stored stages are found again bit for bit.
+        solution_only = self.graph_bytes is None and state_bytes(solver) > STORED_STAGES_BYTES
         # with every stage stored, the adjoint asks at exact copies of the forward's stages
         graphs = GraphStore(max_bytes=self.graph_bytes, exact=not solution_only)
         first = 0 if self.graph_steps is None else max(0, (expected_steps(problem.config, problem.taus) or 0)

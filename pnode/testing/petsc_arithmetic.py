@@ -8,34 +8,13 @@ the steps a forward solve recorded (:func:`forward_record_of`), so autograd thro
 through the same steps in the same arithmetic".
 """
 
-import ctypes
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
+from pnode.tableaus import petsc_tableau
 
-def petsc_tableau(ts) -> Optional[tuple]:
-    """``(A, b, c, fsal)`` of an explicit RK ``ts`` as PETSc holds them (``TSRKGetTableau``), as NumPy
-    arrays of PETSc's real type; None when this PETSc does not export it. PETSc's ``c`` are its own
-    row sums of ``A`` in its real type (``0.79999995`` for dopri5's 4/5 in float32), which only PETSc
-    can say."""
-    from pnode._compat import PETSc, _int, _petsc_function, _real
-
-    get = _petsc_function("TSRKGetTableau", ctypes.c_int, None)
-    if get is None:
-        return None
-    s, fsal = _int()(), ctypes.c_int()
-    a, b, c = (ctypes.POINTER(_real())() for _ in range(3))
-    if get(ctypes.c_void_p(ts.handle), ctypes.byref(s), ctypes.byref(a), ctypes.byref(b), ctypes.byref(c),
-           None, None, None, ctypes.byref(fsal)) != 0:
-        return None
-    n = s.value
-
-    def as_array(pointer, count):
-        return np.array([pointer[i] for i in range(count)], dtype=PETSc.RealType)
-
-    return as_array(a, n * n).reshape(n, n), as_array(b, n), as_array(c, n), bool(fsal.value)
+__all__ = ["petsc_tableau", "petsc_maxpy", "petsc_rk_reference", "forward_record_of"]
 
 
 def petsc_maxpy(y: torch.Tensor, weights: Sequence[torch.Tensor], ks: Sequence[torch.Tensor]) -> torch.Tensor:
