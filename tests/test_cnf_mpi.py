@@ -2,9 +2,10 @@
 
 ``tests/mpi/cnf_equivalence.py`` compares the example's loss and averaged gradients on 2 ranks with
 one process holding the whole batch (float64; both MPI modes, exact and Hutchinson traces, with and
-without regularisers). The end-to-end tests run ``examples/cnf.py`` itself on 1 and on 2 ranks from
+without regularisers). The end-to-end test runs ``examples/cnf.py`` itself on 1 and on 2 ranks from
 the same seed and compare the checkpoints: the same parameters after Adam steps, one log, one
 checkpoint. Observed errors are ~1e-16 (the order of the sums over ranks); 1e-12 is the bound.
+The weak-scaling script's CNF workload runs on 1 and 2 ranks.
 """
 
 import os
@@ -63,12 +64,10 @@ TINY = ["--data", "digits", "--niters", "3", "--log-every", "3", "--batch-size",
         "--blocks", "2", "--test-size", "20", "--kinetic", "0.05", "--jacobian", "0.05", "--plot-samples", "4"]
 
 
-@pytest.mark.parametrize("mode", [["--mpi-mode", "distributed"],
-                                  ["--mpi-mode", "independent", "--method", "rk4", "--step-size", "0.25"]],
-                         ids=["distributed-dopri5", "independent-rk4"])
-def test_the_example_on_two_ranks_trains_one_processs_model(tmp_path, mode):
-    _run_example(tmp_path / "one", 1, *TINY, *mode)
-    output = _run_example(tmp_path / "two", 2, *TINY, *mode)
+def test_the_example_on_two_ranks_trains_one_processs_model(tmp_path):
+    # the default mode (one distributed PETSc system) with dopri5; cnf_equivalence.py covers both modes
+    _run_example(tmp_path / "one", 1, *TINY)
+    output = _run_example(tmp_path / "two", 2, *TINY)
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
     assert one["iteration"] == two["iteration"] == 3
@@ -80,5 +79,21 @@ def test_the_example_on_two_ranks_trains_one_processs_model(tmp_path, mode):
     # one log (rank 0's), one checkpoint, one figure
     assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "cnf_digits.png", "log.txt", "metrics.jsonl"]
     log = (tmp_path / "two" / "log.txt").read_text()
-    assert "ranks: 2" in log and f"data parallel: 2 rank(s), global batch 24, {mode[1]}" in log
+    assert "ranks: 2" in log and "data parallel: 2 rank(s), global batch 24, distributed" in log
     assert output.count("done: test NLL") == 1
+
+
+def test_weak_scaling_script_runs_the_cnf_workload(tmp_path):
+    # Every rank holds the same rows, so the distributed dopri5 solve takes one rank's steps: the
+    # evaluation counts of the 2-rank row equal the 1-rank row's.
+    markdown = tmp_path / "scaling.md"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_scaling.py"), "--workload", "cnf",
+                           "--methods", "dopri5", "--modes", "distributed", "--batch", "8", "--repeats", "1",
+                           "--markdown", str(markdown)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith("| dopri5 |")]
+    assert [(r[1], r[2]) for r in rows] == [("-", "1"), ("distributed", "2")]
+    assert len({r[7] for r in rows}) == 1, rows  # NFE-F / NFE-B
+    assert "CNF training step of the digits flow" in markdown.read_text()
