@@ -27,7 +27,7 @@ Data (``--data``): ``digits`` (default; scikit-learn's 8x8 digits, 64 dims, offl
 ``miniboone``, ``bsds300`` from the MAF/FFJORD release in ``--data-dir`` (see ``density_data.py``).
 Defaults depend on the kind of data (:data:`DEFAULTS`).
 
-    python examples/cnf.py                                      # digits, ~7 minutes on one core
+    python examples/cnf.py                                      # digits, < 9 minutes on one core
     python examples/cnf.py --data moons                         # a 2-D density, ~3.5 minutes
     python examples/cnf.py --data 8gaussians --trace hutchinson --kinetic 0.01 --jacobian 0.01
     python examples/cnf.py --data miniboone --data-dir data     # a tabular set of the MAF release
@@ -92,7 +92,7 @@ DEFAULTS: Dict[str, Dict[str, object]] = {
             "rtol": 1e-5, "atol": 1e-5, "niters": 400, "batch_size": 512, "lr": 5e-3, "test_size": 4096,
             "log_every": 25},
     "digits": {"layer": "concatsquash", "blocks": 1, "hidden": 256, "layers": 2, "activation": "softplus",
-               "trace": "hutchinson", "rtol": 1e-4, "atol": 1e-4, "niters": 1000, "batch_size": 256, "lr": 2e-3,
+               "trace": "hutchinson", "rtol": 1e-4, "atol": 1e-4, "niters": 800, "batch_size": 256, "lr": 2e-3,
                "test_size": 0, "log_every": 200},
     "tabular": {"layer": "concatsquash", "blocks": 5, "hidden": None, "layers": 2, "activation": "softplus",
                 "trace": "hutchinson", "rtol": 1e-5, "atol": 1e-5, "niters": 10000, "batch_size": 1000,
