@@ -144,13 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fill_defaults(args: argparse.Namespace, dim: int) -> argparse.Namespace:
-    """Options left unset take the defaults of the data's kind (``dim``: the data's dimension); returns ``args``."""
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Options left unset take the defaults of the data's kind (tabular sets: ``hidden`` stays None until
+    the data's dimension is known); returns ``args``."""
     for key, value in DEFAULTS[data_kind(args.data)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.hidden is None:
-        args.hidden = HIDDEN_PER_DIM * dim
     return args
 
 
@@ -497,9 +496,9 @@ def main(argv=None) -> Dict[str, object]:
     args = parse_args(build_parser(), argv)
     logger = setup_run(args, f"cnf_{args.data}")
     distributed.seed_everything(args.seed, per_rank=False)  # every rank draws the same batches and probes
-    test_size = DEFAULTS[data_kind(args.data)]["test_size"] if args.test_size is None else args.test_size
-    data = load_density(args.data, args.data_dir, test_size, args.seed)
-    fill_defaults(args, data.dim)
+    fill_defaults(args)
+    data = load_density(args.data, args.data_dir, args.test_size, args.seed)
+    args.hidden = args.hidden or HIDDEN_PER_DIM * data.dim
     comm = distributed.world() if distributed.size() > 1 and args.mpi_mode == "distributed" else None
     model = build_model(args, data.dim, comm)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
