@@ -31,20 +31,18 @@ median counts; NLL, NFE and memory come from the first round. Writes ``cnf.json`
 """
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
-import traceback
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from benchmarks import cli
-from benchmarks.measure import RESULT_TAG, Row, Settings, apply_memory_policy, run_rows
+from benchmarks.measure import Row, Settings, run_rows, serve_worker
 
 WORKLOAD = "cnf-digits"
 TOLERANCE = 1e-4
@@ -180,20 +178,6 @@ def measure_row(row: Row, settings: Settings) -> Dict[str, object]:
     return result
 
 
-def worker_main() -> None:
-    """Read ``{"row": ..., "settings": ...}`` from stdin, measure, print the tagged result line."""
-    spec = json.load(sys.stdin)
-    sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
-    settings = Settings(**spec["settings"])
-    try:
-        apply_memory_policy(settings)
-        result = measure_row(Row.from_json(spec["row"]), settings)
-    except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
-        traceback.print_exc()
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    print(RESULT_TAG + json.dumps(result), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------- the report
 def row_name(entry: Mapping[str, object]) -> str:
     if entry["library"] != "pnode":
@@ -263,17 +247,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.repeats = DEFAULT_REPEATS
     settings = cli.settings_from(args)
     doc = document(settings, run_rows(rows, settings, module="benchmarks.cnf"), argv)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "cnf.json"), "w") as fh:
-        json.dump(doc, fh, indent=1)
-    text = markdown(doc)
-    with open(os.path.join(args.out, "cnf.md"), "w") as fh:
-        fh.write(text)
-    print(text)
+    cli.save(doc, markdown(doc), args.out, "cnf")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
-        worker_main()
+        serve_worker(measure_row)
     else:
         main()

@@ -362,18 +362,24 @@ def apply_memory_policy(settings: Settings) -> None:
             raise RuntimeError(f"{policy.__name__} needs glibc")
 
 
-def worker_main() -> None:
-    """Read ``{"row": ..., "settings": ...}`` from stdin, measure, print the tagged result line."""
+def serve_worker(measure: Callable[[Row, Settings], Dict[str, object]]) -> None:
+    """A worker process: read ``{"row": ..., "settings": ...}`` from stdin, apply the memory policy,
+    ``measure(row, settings)``, print the tagged result line (an exception becomes the row's error)."""
     spec = json.load(sys.stdin)
     row, settings = Row.from_json(spec["row"]), Settings(**spec["settings"])
     sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
     try:
         apply_memory_policy(settings)
-        result = measure_row(row, settings)
+        result = measure(row, settings)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
     print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def worker_main() -> None:
+    """The worker of this module's rows (:func:`measure_row`)."""
+    serve_worker(measure_row)
 
 
 # ---------------------------------------------------------------------------- the driver
