@@ -10,7 +10,8 @@ setup(
     install_requires=["torch>=1.10", "numpy"],
     extras_require={
         "petsc": ["petsc4py>=3.18", "mpi4py"],
-        "test": ["pytest>=7", "scipy", "scikit-learn", "matplotlib", "tqdm", "torchdiffeq==0.2.5"],
-        "examples": ["scipy", "scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest>=7", "scipy", "scikit-learn", "matplotlib", "tqdm", "torchdiffeq==0.2.5", "pandas", "h5py"],
+        # pandas and h5py read the CNF example's tabular sets (GAS, HEPMASS; BSDS300)
+        "examples": ["scipy", "scikit-learn", "matplotlib", "tqdm", "pandas", "h5py"],
     },
 )

@@ -23,15 +23,12 @@ rounds (a process per row and round, one row after another). Writes ``breakdown.
     python -m benchmarks.breakdown --rows 'small/rk4-50/*'
 """
 
-import json
-import os
 import sys
 import time
-import traceback
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from benchmarks import cli
-from benchmarks.measure import RESULT_TAG, Row, Settings, apply_memory_policy, run_in_subprocess
+from benchmarks.measure import Row, Settings, run_in_subprocess, serve_worker
 from benchmarks.strategies import base_rows
 
 DEFAULT_ROWS = ("odenet/rk4-16/torchdiffeq-odeint", "odenet/rk4-16/pnode:adjoint=graphs",
@@ -114,20 +111,6 @@ def measure(row: Row, settings: Settings) -> Dict[str, object]:
     return {"time_s": step, **parts, "rest_s": step - sum(parts.values()), "rounds": 1}
 
 
-def worker_main() -> None:
-    """Read ``{"row": ..., "settings": ...}`` from stdin, measure, print the tagged result line."""
-    spec = json.load(sys.stdin)
-    sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
-    settings = Settings(**spec["settings"])
-    try:
-        apply_memory_policy(settings)
-        result = measure(Row.from_json(spec["row"]), settings)
-    except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
-        traceback.print_exc()
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    print(RESULT_TAG + json.dumps(result), flush=True)
-
-
 def averaged(results: Sequence[Mapping[str, object]]) -> Dict[str, object]:
     """The mean over rounds of a row's step time and parts (the first error, if any round failed)."""
     failed = [r for r in results if "error" in r]
@@ -181,17 +164,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     settings = cli.settings_from(args)
     doc = cli.document("breakdown", settings, run(rows, settings), argv)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "breakdown.json"), "w") as fh:
-        json.dump(doc, fh, indent=1)
-    text = markdown(doc)
-    with open(os.path.join(args.out, "breakdown.md"), "w") as fh:
-        fh.write(text)
-    print(text)
+    cli.save(doc, markdown(doc), args.out, "breakdown")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
-        worker_main()
+        serve_worker(measure)
     else:
         main()

@@ -2,6 +2,7 @@
 
 import argparse
 import fnmatch
+import json
 import os
 import platform
 import shlex
@@ -115,6 +116,17 @@ def finish(benchmark: str, settings: Settings, entries: List[Dict[str, object]],
            out_dir: str) -> None:
     """Write a run's results document, render it, and print its markdown."""
     print(report.write(document(benchmark, settings, entries, argv), out_dir, benchmark))
+
+
+def save(doc: Dict[str, object], markdown: str, out_dir: str, stem: str) -> None:
+    """Write ``<stem>.json`` (the results document) and ``<stem>.md`` (its markdown) to ``out_dir``; print
+    the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as fh:
+        json.dump(doc, fh, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as fh:
+        fh.write(markdown)
+    print(markdown)
 
 
 def arguments(argv: Optional[Sequence[str]]) -> List[str]:

@@ -362,18 +362,24 @@ def apply_memory_policy(settings: Settings) -> None:
             raise RuntimeError(f"{policy.__name__} needs glibc")
 
 
-def worker_main() -> None:
-    """Read ``{"row": ..., "settings": ...}`` from stdin, measure, print the tagged result line."""
+def serve_worker(measure: Callable[[Row, Settings], Dict[str, object]]) -> None:
+    """A worker process: read ``{"row": ..., "settings": ...}`` from stdin, apply the memory policy,
+    ``measure(row, settings)``, print the tagged result line (an exception becomes the row's error)."""
     spec = json.load(sys.stdin)
     row, settings = Row.from_json(spec["row"]), Settings(**spec["settings"])
     sys.argv = sys.argv[:1]  # pnode initialises PETSc from sys.argv: keep the worker's own flags out
     try:
         apply_memory_policy(settings)
-        result = measure_row(row, settings)
+        result = measure(row, settings)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the row's error
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}"}
     print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def worker_main() -> None:
+    """The worker of this module's rows (:func:`measure_row`)."""
+    serve_worker(measure_row)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -409,28 +415,28 @@ def progress_line(index: int, total: int, row: Row, result: Mapping[str, object]
             f"grad error {'-' if error is None else f'{error:.1e}'} ({seconds:.0f} s)")
 
 
-def run_rows(rows: Sequence[Row], settings: Settings, done: int = 0, total: Optional[int] = None
-             ) -> List[Dict[str, object]]:
-    """Measure each row in its own process, in order, in ``settings.rounds`` rounds; returns
-    ``[{**row.to_json(), 'result': ...}]``.
+def run_rows(rows: Sequence[Row], settings: Settings, done: int = 0, total: Optional[int] = None,
+             module: str = "benchmarks.measure") -> List[Dict[str, object]]:
+    """Measure each row in its own process (``python -m <module> --worker``), in order, in
+    ``settings.rounds`` rounds; returns ``[{**row.to_json(), 'result': ...}]``.
 
     ``done`` and ``total`` number the progress lines (stderr) when a run measures rows in batches.
     """
-    entries = [{**row.to_json(), "result": _measured(row, settings, i, total or len(rows))}
+    entries = [{**row.to_json(), "result": _measured(row, settings, i, total or len(rows), module)}
                for i, row in enumerate(rows, done + 1)]
     times_only = replace(settings, memory_steps=0, grad_check=False)
     for round_number in range(2, settings.rounds + 1):
         for i, (row, entry) in enumerate(zip(rows, entries), done + 1):
             if "error" in entry["result"]:
                 continue
-            later = _measured(row, times_only, i, total or len(rows), f" (round {round_number})")
+            later = _measured(row, times_only, i, total or len(rows), module, f" (round {round_number})")
             entry["result"] = merge_round(entry["result"], later)
     return entries
 
 
-def _measured(row: Row, settings: Settings, index: int, total: int, note: str = "") -> Dict[str, object]:
+def _measured(row: Row, settings: Settings, index: int, total: int, module: str, note: str = "") -> Dict[str, object]:
     start = time.perf_counter()
-    result = run_in_subprocess(row, settings)
+    result = run_in_subprocess(row, settings, module)
     print(progress_line(index, total, row, result, time.perf_counter() - start) + note, file=sys.stderr, flush=True)
     return result
 

@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Weak-scaling benchmark: one ODE-Net training step at a fixed per-rank batch on 1 and N ranks.
+"""Weak-scaling benchmark: one training step at a fixed per-rank batch on 1 and N ranks.
 
-The step is the classic ODE-Net block (GroupNorm, ReLU, time-concatenated conv 3x3, GroupNorm,
-ReLU, time-concatenated conv 3x3, GroupNorm; 64 channels, 8x8 state, float32) integrated over
-[0, 1]: forward, backward, gradient averaging over the ranks and an SGD step. Methods: rk4 with
---steps fixed steps, dopri5 with rtol = atol = --tol, cn with --steps steps (Newton to a relative
-residual of 1e-4: float32 evaluations cannot reach PETSc's default 1e-8).
+Two workloads (``--workload``):
+
+* ``odenet`` (default): the classic ODE-Net block (GroupNorm, ReLU, time-concatenated conv 3x3,
+  GroupNorm, ReLU, time-concatenated conv 3x3, GroupNorm; 64 channels, 8x8 state, float32)
+  integrated over [0, 1]: forward, backward, gradient averaging over the ranks and an SGD step.
+  Methods: rk4 with --steps fixed steps, dopri5 with rtol = atol = --tol, cn with --steps steps
+  (Newton to a relative residual of 1e-4: float32 evaluations cannot reach PETSc's default 1e-8).
+* ``cnf``: the CNF example's digits flow (``examples/cnf.py``: 64 dims, one block of 2 x 256
+  concat-squash layers, float64, Hutchinson's trace) and its training step (``cnf.train_step``'s
+  parts: the rank's loss over its rows, backward, gradient averaging, Adam). Methods: dopri5 with
+  rtol = atol = --tol, rk4 with --steps steps.
 
 The script re-launches itself under ``mpirun -n R`` for every R in --ranks (one torch thread per
 rank) and collects the time of each step (the slowest rank's); with --rounds K it runs every
@@ -37,22 +43,25 @@ import sys
 import time
 
 MARKER = "BENCH_SCALING_RESULT "
-METHODS = ("rk4", "dopri5", "cn")
+METHODS = {"odenet": "rk4,dopri5,cn", "cnf": "dopri5,rk4"}
+DEFAULTS = {"odenet": {"batch": 32, "tol": 1e-3}, "cnf": {"batch": 256, "tol": 1e-4}}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=32, help="samples per rank")
+    parser.add_argument("--workload", choices=sorted(METHODS), default="odenet",
+                        help="odenet: the ODE-Net block; cnf: the CNF example's digits flow")
+    parser.add_argument("--batch", type=int, help="samples per rank (odenet 32, cnf 256)")
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--size", type=int, default=8, help="height and width of the state")
     parser.add_argument("--steps", type=int, default=4, help="fixed steps over [0, 1] for rk4 and cn")
-    parser.add_argument("--tol", type=float, default=1e-3, help="rtol = atol of dopri5")
+    parser.add_argument("--tol", type=float, help="rtol = atol of dopri5 (odenet 1e-3, cnf 1e-4)")
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every configuration this many times, interleaved, so that slow drifts of the "
                              "machine's speed hit all alike; the median is over all rounds' steps")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated (odenet: rk4,dopri5,cn; cnf: dopri5,rk4)")
     parser.add_argument("--ranks", default="1,2", help="comma-separated rank counts; the first is the baseline")
     parser.add_argument("--modes", default="distributed,independent")
     parser.add_argument("--mpirun", default=shutil.which("mpirun") or "mpirun")
@@ -60,21 +69,23 @@ def parse_args(argv=None):
     parser.add_argument("--profile", metavar="DIR",
                         help="cProfile rank 0's timed steps into DIR/<method>-<mode>-<ranks>.prof")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "method,mode": run as one MPI rank
-    return parser.parse_known_args(argv)
+    args, petsc_args = parser.parse_known_args(argv)
+    for key, value in DEFAULTS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.methods = args.methods or METHODS[args.workload]
+    return args, petsc_args
 
 
 # ---------------------------------------------------------------- one rank
-def worker(args) -> None:
+def odenet_step(args, method: str, mode: str):
+    """``(train_step, block list)`` of the ODE-Net block: forward, MSE loss, backward, averaging, SGD."""
     import torch
 
-    torch.set_num_threads(1)
-    from mpi4py import MPI
-
     import pnode
-    from pnode.distributed import average_gradients, broadcast_parameters, rank, size, world
+    from pnode.distributed import average_gradients, broadcast_parameters, world
     from pnode.testing.networks import ODENetFunc
 
-    method, mode = args.worker.split(",")
     options = {} if method == "dopri5" else {"step_size": 1.0 / args.steps}
     if method == "cn":
         options["snes_rtol"] = 1e-4
@@ -85,7 +96,6 @@ def worker(args) -> None:
     x = torch.randn(args.batch, args.channels, args.size, args.size)
     target = torch.randn_like(x)
     optimizer = torch.optim.SGD(block.parameters(), lr=1e-3)
-    mpi = world().tompi4py()
 
     def train_step():
         optimizer.zero_grad()
@@ -94,9 +104,59 @@ def worker(args) -> None:
         average_gradients(block.parameters())
         optimizer.step()
 
+    return train_step, [block]
+
+
+def cnf_step(args, method: str, mode: str):
+    """``(train_step, blocks)`` of the CNF example's digits flow: every rank holds the same ``--batch`` rows
+    (a global batch of that many rows per rank) and probes, and takes the example's training step."""
+    import argparse
+
+    import torch
+
+    from pnode.distributed import average_gradients, broadcast_parameters, seed_everything, size, world
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import cnf
+    from density_data import DigitsDensity
+
+    seed_everything(0, per_rank=False)
+    data = DigitsDensity()
+    flow = argparse.Namespace(blocks=1, hidden=256, layers=2, activation="softplus", layer="concatsquash",
+                              time_length=1.0, method=method, rtol=args.tol, atol=args.tol,
+                              step_size=None if method == "dopri5" else 1.0 / args.steps)
+    model = cnf.build_model(flow, data.dim, world() if mode == "distributed" else None)
+    broadcast_parameters(model)
+    x = data.batch(args.batch)
+    probes = cnf.draw_probes("rademacher", x.shape)
+    x, probes = x.repeat(size(), 1), probes.repeat(size(), 1)  # this rank's shard: the same rows as rank 0's
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def train_step():
+        optimizer.zero_grad()
+        loss, _ = cnf.local_loss(model, x, probes)
+        loss.backward()
+        average_gradients(model.parameters())
+        optimizer.step()
+
+    return train_step, list(model.blocks)
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from mpi4py import MPI
+
+    from pnode.distributed import rank, size, world
+
+    method, mode = args.worker.split(",")
+    train_step, blocks = (cnf_step if args.workload == "cnf" else odenet_step)(args, method, mode)
+    mpi = world().tompi4py()
     for _ in range(args.warmup):
         train_step()
-    block.reset_nfe()
+    for block in blocks:
+        block.reset_nfe()
     profiler = cProfile.Profile() if args.profile and rank() == 0 else None
     times = []
     wall, cpu = time.perf_counter(), time.process_time()
@@ -114,9 +174,10 @@ def worker(args) -> None:
         os.makedirs(args.profile, exist_ok=True)
         profiler.dump_stats(os.path.join(args.profile, f"{method}-{mode}-{size()}.prof"))
     if rank() == 0:
+        nfe = [sum(getattr(b, name) for b in blocks) / args.repeats for name in ("nfe_forward", "nfe_backward")]
         result = {"method": method, "mode": mode, "ranks": size(), "batch": args.batch,
                   "median_s": statistics.median(times), "times_s": times, "cpu_share": cpu_share,
-                  "nfe_forward": block.nfe_forward / args.repeats, "nfe_backward": block.nfe_backward / args.repeats}
+                  "nfe_forward": nfe[0], "nfe_backward": nfe[1]}
         print(MARKER + json.dumps(result), flush=True)
 
 
@@ -137,18 +198,24 @@ def launch(args, petsc_args, method: str, mode: str, ranks: int) -> dict:
 
 
 def _forwarded(args):
-    forwarded = [f"--batch={args.batch}", f"--channels={args.channels}", f"--size={args.size}",
+    forwarded = [f"--workload={args.workload}", f"--batch={args.batch}", f"--channels={args.channels}",
+                 f"--size={args.size}",
                  f"--steps={args.steps}", f"--tol={args.tol}", f"--repeats={args.repeats}", f"--warmup={args.warmup}"]
     return forwarded + ([f"--profile={os.path.abspath(args.profile)}"] if args.profile else [])
 
 
 def table(args, rows) -> str:
     baseline = {r["method"]: r["median_s"] for r in rows if r["ranks"] == rows[0]["ranks"]}
-    caption = (f"ODE-Net block training step (forward + backward + gradient averaging + SGD), "
-               f"{args.channels}x{args.size}x{args.size} float32, batch {args.batch} per rank, one torch thread per "
-               f"rank; median of {args.repeats} steps x {args.rounds} interleaved round(s) (each step the slowest "
-               f"rank's time), after {args.warmup} warm-up step(s) per run. rk4 and cn: {args.steps} steps "
-               f"(cn: snes_rtol 1e-4); dopri5: rtol = atol = {args.tol:g}.")
+    if args.workload == "cnf":
+        what = (f"CNF training step of the digits flow (64 dims, one block of 2 x 256 concat-squash layers, float64, "
+                f"Hutchinson's trace; forward + backward + gradient averaging + Adam), batch {args.batch} per rank")
+        solvers = f"rk4: {args.steps} steps; dopri5: rtol = atol = {args.tol:g}."
+    else:
+        what = (f"ODE-Net block training step (forward + backward + gradient averaging + SGD), "
+                f"{args.channels}x{args.size}x{args.size} float32, batch {args.batch} per rank")
+        solvers = f"rk4 and cn: {args.steps} steps (cn: snes_rtol 1e-4); dopri5: rtol = atol = {args.tol:g}."
+    caption = (f"{what}, one torch thread per rank; median of {args.repeats} steps x {args.rounds} interleaved "
+               f"round(s) (each step the slowest rank's time), after {args.warmup} warm-up step(s) per run. {solvers}")
     header = ("| method | mode | ranks | per-rank batch | global batch | median time / step (s) "
               "| weak-scaling efficiency t1/tN | NFE-F / NFE-B per step | CPU share (lowest rank) |")
     lines = [caption, "", header, "|---|---|---|---|---|---|---|---|---|"]
