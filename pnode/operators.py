@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._compat import PETSc
-from .bridge import tensor_into_vec, vec_key, vec_view, writable_view
+from .bridge import petsc_dtype, tensor_into_vec, vec_key, vec_view, writable_view
 from .errors import CallbackErrorTrap
 from .rhs import Linearization
 
@@ -51,10 +51,16 @@ class RHSJacobianShell(_ScaledShell):
     """``scale * df/du + shift * I`` applied by JVPs (``mult``) and VJPs (``multTranspose``)."""
 
     def mult(self, mat, x, y) -> None:
-        self.trap.call(lambda: self._store(self.linearization.jvp(vec_view(x)), x, y))
+        self.trap.call(self._mult, x, y)
 
     def multTranspose(self, mat, x, y) -> None:
-        self.trap.call(lambda: self._store(self.linearization.vjp(vec_view(x), vec_key(x))[0], x, y))
+        self.trap.call(self._mult_transpose, x, y)
+
+    def _mult(self, x, y) -> None:
+        self._store(self.linearization.jvp(vec_view(x)), x, y)
+
+    def _mult_transpose(self, x, y) -> None:
+        self._store(self.linearization.vjp(vec_view(x), vec_key(x))[0], x, y)
 
 
 class ParamJacobianShell(_ScaledShell):
@@ -67,6 +73,12 @@ class ParamJacobianShell(_ScaledShell):
     def __init__(self, trap: CallbackErrorTrap):
         super().__init__(trap)
         self.param_numels: Tuple[int, ...] = ()
+        self.same_dtype = True  # every parameter (so its gradient) has PETSc's scalar type
+
+    def use(self, params) -> None:
+        """The parameters of the next solves (their sizes and dtypes, read once per call)."""
+        self.param_numels = tuple(p.numel() for p in params)
+        self.same_dtype = all(p.dtype == petsc_dtype() for p in params)
 
     def multTranspose(self, mat, x, y) -> None:
         self.trap.call(self._param_vjp, x, y)
@@ -79,7 +91,7 @@ class ParamJacobianShell(_ScaledShell):
         else:  # one concatenation into PETSc's vector (a parameter f does not use contributes zeros)
             parts = [g.reshape(-1) if g is not None else torch.zeros(n, dtype=target.dtype)
                      for g, n in zip(param_grads, self.param_numels)]
-            if all(p.dtype == target.dtype for p in parts):
+            if self.same_dtype:
                 torch.cat(parts, out=target)
             else:
                 target.copy_(torch.cat([p.to(target.dtype) for p in parts]))

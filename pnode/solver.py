@@ -253,7 +253,7 @@ class Solver:
         self.rhs = rhs
         rhs.difference_jvp = self.config.jvp == "difference"
         if self.param_jacobian is not None:
-            self.param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
+            self.param_jacobian.getPythonContext().use(rhs.params)
 
     def forward(self, rhs: RHS, span: Span, y0: torch.Tensor, plan: ForwardPlan = ForwardPlan()) -> ForwardRecord:
         """Integrate from ``span.taus[0]`` through every output time, or until ``span.event``.

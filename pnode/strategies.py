@@ -150,10 +150,11 @@ class KeptGraphs:
         # With every graph kept, a trajectory of states alone suffices: PETSc re-takes each step to
         # recover its stages, its evaluations served by the kept graphs. For small states a
         # re-taken stage (a callback, a lookup of its graph by state) costs more than copying the
-        # stages in and out of the trajectory, and stored stages are found again bit for bit.
+        # stages in and out of the trajectory.
         solution_only = self.graph_bytes is None and state_bytes(solver) > STORED_STAGES_BYTES
         # with every stage stored, the adjoint asks at exact copies of the forward's stages
-        graphs = GraphStore(max_bytes=self.graph_bytes, exact=not solution_only)
+        # a budget drops graphs: then only a graph at its own state is the right one (see GraphStore)
+        graphs = GraphStore(max_bytes=self.graph_bytes, exact=self.graph_bytes is not None)
         first = 0 if self.graph_steps is None else max(0, (expected_steps(problem.config, problem.taus) or 0)
                                                         - self.graph_steps)
         plan = ForwardPlan(trajectory=True, solution_only=solution_only, graphs=graphs, graphs_from_step=first,
