@@ -13,10 +13,9 @@ Importing pnode does not initialise PETSc: the first solve does, reading PETSc o
 from ._compat import init
 from .dense import odeint_dense
 from .errors import InputError, PnodeError, SolverError
-from .events import odeint_event
 from .methods import available_methods
 from .nn import ODEBlock
-from .odeint import odeint, odeint_adjoint
+from .odeint import odeint, odeint_adjoint, odeint_event
 from .pool import clear_cache
 
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from ._compat import serialized
 from .bridge import petsc_dtype, petsc_eps, tensor_to_petsc_cpu
 from .callbacks import adjoint_step_callbacks, forward_step_callbacks
 from .pool import acquire_solver, release_solver
-from .problem import Problem
+from .problem import Problem, check_inputs
 
 
 def solve_forward(problem: Problem, params, record: bool):
@@ -60,7 +60,7 @@ class AdjointSolve(torch.autograd.Function):
         ctx.pooled = None
         grad64 = grad_outputs.detach().to(device="cpu", dtype=petsc_dtype())
         with adjoint_step_callbacks(problem.callbacks, solver):
-            grad_y0, before_first, grad_params = problem.strategy.backward(solver, ctx.forward, grad64)
+            grad_y0, before_first, grad_params = ctx.forward.strategy.backward(solver, ctx.forward, grad64)
         problem.stats.adjoint = ctx.forward.stats
         ctx.forward = None
         release_solver(key, solver)
@@ -79,7 +79,8 @@ def _record_solve(ctx, step_callbacks: bool) -> None:
     key, solver = acquire_solver(problem, sum(p.numel() for p in ctx.params), True)
     rhs = problem.rhs(ctx.params)
     with forward_step_callbacks(problem.callbacks if step_callbacks else None, solver):
-        forward = problem.strategy.forward(solver, problem, rhs, tensor_to_petsc_cpu(problem.y0_flat))
+        strategy = problem.strategy.for_solver(solver)
+        forward = strategy.forward(solver, problem, rhs, tensor_to_petsc_cpu(problem.y0_flat))
     problem.stats.record_forward(solver, forward.stats)
     ctx.pooled = (key, solver)
     ctx.forward = forward
@@ -138,8 +139,6 @@ def zero_weight_param_gradients_ok() -> bool:
     midpoint, Dormand-Prince, ...). Checked once per process on ``dy/dt = p y`` with one explicit
     midpoint step, whose exact discrete derivative is ``dy1/dp = h + h^2 p``.
     """
-    from .problem import check_inputs
-
     p = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     h = 0.5
     problem = check_inputs(lambda t, y: p * y, torch.ones(1, dtype=torch.float64),

@@ -20,6 +20,7 @@ the budget). What was chosen is in the call's :class:`pnode.strategies.AdjointSt
 """
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +29,7 @@ import torch
 from .errors import InputError
 from .schedule import expected_steps
 from .solver import RK_STAGES, Solver
-from .strategies import BinomialCheckpoints, Forward, Gradients, KeptGraphs, state_bytes
+from .strategies import BinomialCheckpoints, Forward, Gradients, KeptGraphs, Strategy, state_bytes
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -70,9 +71,9 @@ class MemoryBudget:
         self.budget = budget
         self.checkpoint_graphs = checkpoint_graphs
 
-    def choose(self, solver: Solver, problem):
-        """The strategy for this call (see the module docstring)."""
-        costs: Optional[MeasuredCosts] = getattr(solver, "measured_costs", None)
+    def choose(self, solver: Solver, problem, costs: Optional[MeasuredCosts] = None) -> Strategy:
+        """The strategy for this call (see the module docstring), from ``costs`` measured on an earlier
+        call of ``solver`` (None: none yet)."""
         steps = expected_steps(problem.config, problem.taus)
         if steps is None:
             steps = costs.steps if costs is not None else None
@@ -107,27 +108,32 @@ class MemoryBudget:
         and adjoint vectors, :attr:`pnode.solver.Solver.held_bytes`), which every strategy needs."""
         return max(0, self.budget - solver.held_bytes)
 
+    def for_solver(self, solver: Solver) -> Strategy:
+        return self
+
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
-        strategy = self.choose(solver, problem)
+        strategy = self.choose(solver, problem, _measured.get(solver)).for_solver(solver)
         forward = strategy.forward(solver, problem, rhs, y0)
-        forward.extra["strategy"] = strategy
         forward.stats.budget_bytes = self.budget
         forward.stats.solver_bytes = solver.held_bytes
         graphs = forward.graphs
         if graphs is not None and graphs.built:
-            _note_costs(solver, forward, graphs.built_bytes / forward.extra.get("steps_with_graphs",
-                                                                                 max(forward.record.steps, 1)))
+            steps = forward.steps_with_graphs or max(forward.record.steps, 1)
+            _note_costs(solver, forward, graphs.built_bytes / steps)
         return forward
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
-        result = forward.extra["strategy"].backward(solver, forward, grad_outputs)
-        step_graphs = forward.extra.get("step_graph_bytes")
-        if step_graphs:  # checkpointed: what one re-taken step's graphs cost
-            _note_costs(solver, forward, step_graphs)
+        result = forward.strategy.backward(solver, forward, grad_outputs)
+        if forward.step_graph_bytes:  # checkpointed: what one re-taken step's graphs cost
+            _note_costs(solver, forward, forward.step_graph_bytes)
         return result
 
 
+# What each solver measured on its latest budgeted call (kept here, by solver, for the next choice).
+_measured: "weakref.WeakKeyDictionary[Solver, MeasuredCosts]" = weakref.WeakKeyDictionary()
+
+
 def _note_costs(solver: Solver, forward: Forward, graph_bytes_per_step: float) -> None:
-    """Remember a call's measured costs on its solver, for the next call's choice."""
+    """Remember a call's measured costs for its solver, for the next call's choice."""
     if forward.record.steps:
-        solver.measured_costs = MeasuredCosts(graph_bytes_per_step, forward.record.stages or 1, forward.record.steps)
+        _measured[solver] = MeasuredCosts(graph_bytes_per_step, forward.record.stages or 1, forward.record.steps)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .evaluation import GraphStore, Linearizer
+from .rhs import RHS
 from .schedule import ForwardRecord
 from .solver import Replay, Solver
 
@@ -156,9 +157,9 @@ class CheckpointedAdjoint:
     """Runs the adjoint of a forward solve that kept only its outputs and a :class:`CheckpointStore`.
 
     Args:
-        solver: the forward pass's solver (built with ``record=True``), still holding that pass's
-            right-hand side; it advances between checkpoints without a trajectory, and re-takes
-            and reverses one step with one.
+        solver: the forward pass's solver (built with ``record=True``); it advances between
+            checkpoints without a trajectory, and re-takes and reverses one step with one.
+        rhs: the forward pass's right-hand side.
         checkpoints: K, the most trajectory states held at once (output states not counted), K >= 1.
         keep_graphs: how many stage graphs of a re-taken step are kept for the adjoint's VJPs
             (explicit methods): ``None`` all, ``n`` the last ``n`` stages'; the adjoint evaluates
@@ -172,10 +173,10 @@ class CheckpointedAdjoint:
             when no graphs are kept).
     """
 
-    def __init__(self, solver: Solver, checkpoints: int, keep_graphs: Optional[int] = None):
+    def __init__(self, solver: Solver, rhs: RHS, checkpoints: int, keep_graphs: Optional[int] = None):
         self.solver = solver
         self.keep_graphs = keep_graphs
-        self.rhs = solver.rhs
+        self.rhs = rhs
         self.checkpoints = checkpoints
         self.advanced_steps = 0
         self.recorded_steps = 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .methods import Method
+from .options import get_global_option
 
 # Newton's relative tolerance, in units of the round-off of the arithmetic f is evaluated in: a
 # float32 network in a float64 PETSc resolves its residual to ~1e-7 of its size, so PETSc's
@@ -120,7 +121,5 @@ class SolverConfig:
     def _ksp_rtol_given(self) -> bool:
         """Whether the caller set the linear tolerance (``options`` or the command line), which
         Eisenstat-Walker would otherwise override."""
-        from .options import get_global_option
-
         names = ("ksp_rtol", self.prefix + "ksp_rtol")
         return "ksp_rtol" in dict(self.petsc_options) or any(get_global_option(n) is not None for n in names)

@@ -36,14 +36,13 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ._compat import serialized
 from .distributed import check_consistent
 from .errors import InputError, SolverError
 from .event_search import DEFAULT_MAX_NUM_STEPS, EVENT_TOL_ULPS, EventFunction, EventWatch, Located
 from .options import get_global_option
 from .pool import acquire_solver, release_solver
-from .problem import Problem, check_adjoint_keywords, check_inputs, reachable_params, resolve_params
-from .solve import solve_once
+from .problem import Problem, check_inputs, reachable_params
+from .solve import solve, solve_once
 from .solver import Replay
 from .tableaus import petsc_tableau
 
@@ -57,70 +56,6 @@ _STEP_CONTROL_KEYS = ("step_size", "first_step", "min_step", "max_step", "max_nu
 _SEARCH_ONLY_PREFIXES = ("ts_adapt_", "ts_event_")
 # A slope along the crossing step below this fraction of the chord's marks a multiple root (grazing).
 _GRAZING_SLOPE = 1e-6
-
-
-@serialized
-def odeint_event(func: Callable, y0: Tensors, t0, *, event_fn: Callable, reverse_time: bool = False,
-                 odeint_interface: Optional[Callable] = None, rtol=1e-7, atol=1e-9,
-                 method: Optional[str] = None, options: Optional[dict] = None, adjoint_params=None, comm=None,
-                 adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
-                 adjoint_method: Optional[str] = None,
-                 adjoint_options: Optional[dict] = None) -> Tuple[torch.Tensor, Tensors]:
-    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
-
-    torchdiffeq's ``odeint_event``: the event is the first point where an event function leaves the
-    sign it started with (a zero counts), located to round-off along the computed solution, and
-    gradients flow through the event time (implicit function theorem) composed with the discrete
-    adjoint of the steps taken: they are the derivatives of the returned event time and state (see
-    :mod:`pnode.events`).
-
-    Args:
-        func: ``func(t, y) -> dy/dt`` as for :func:`pnode.odeint`.
-        y0: initial state: a floating tensor of any shape, or a tuple of such tensors.
-        t0: initial time, a scalar (0-dim or one-element tensor, or a number), in ``func``'s time
-            units. It may require grad: moving ``t0`` moves every step with it (the derivative of
-            the computed solve from ``t0 + dt``, which is the solve from ``t0`` of ``f(t + dt, y)``).
-        event_fn: ``event_fn(t, y)`` with ``t`` a 0-dim tensor and ``y`` shaped like ``y0``; returns
-            a real 0-dim tensor (one event function) or a 1-D tensor (several; the first to cross
-            zero ends the solve). Built from torch operations on ``t`` and ``y`` (its time
-            derivative is taken by autograd). A zero at ``t0`` itself (``|event_fn| < event_tol``)
-            is not an event: integration goes on to the next crossing (as after a bounce).
-        reverse_time: integrate towards decreasing ``t`` (the event time is then below ``t0``).
-        odeint_interface: how the solve is differentiated, as torchdiffeq's two modes:
-            ``None`` or :func:`pnode.odeint_adjoint` (stored states, flat memory) or
-            :func:`pnode.odeint` (kept stage graphs, backprop's memory and speed). Both give the
-            same gradients; ``options={'adjoint': ...}`` chooses explicitly.
-        rtol, atol, method, adjoint_params, comm: as in :func:`pnode.odeint_adjoint`. A fixed-step
-            method needs ``options={'step_size': h}``. Gradients flow to ``y0``, ``t0``,
-            ``adjoint_params`` (default ``func.parameters()`` for an ``nn.Module``; with
-            ``odeint_interface=pnode.odeint`` every tensor ``func`` holds) and to every tensor
-            ``event_fn`` computes with (its parameters, closed-over tensors).
-        options: as in :func:`pnode.odeint`, plus ``event_tol`` (values within it of zero count as
-            zero at ``t0`` and tell a jump from a root; default 1e-6, or ``-ts_event_tol``),
-            ``max_t`` (stop with an error if no event occurs before this time; default: no limit)
-            and ``max_num_steps`` (here default 10000).
-        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: as in
-            :func:`pnode.odeint_adjoint` (compatibility only).
-
-    Returns:
-        ``(event_t, solution)``: ``event_t`` a 0-dim tensor (dtype and device of ``t0``, or of
-        ``y0`` for a number) and ``solution`` a ``(2, *y0.shape)`` tensor (a tuple of such for a
-        tuple ``y0``) holding ``y0`` and the state at ``event_t``, dtype and device of ``y0``.
-        Under MPI (``comm`` of several ranks) the event function's value is summed over the ranks
-        (write it as a sum of per-rank contributions), every rank returns the same ``event_t`` and
-        its own rows of the state.
-
-    Raises:
-        pnode.InputError: bad arguments, or ``event_fn`` returned something other than one real
-            value per event.
-        pnode.SolverError: no event before ``max_t``/``max_num_steps`` (``reason='NO_EVENT'``), a
-            grazing event where ``d phi/dh`` vanishes (``reason='GRAZING_EVENT'``), or a failed solve.
-    """
-    adjoint = _interface_strategy(odeint_interface)
-    check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options)
-    params = resolve_params(func, adjoint_params) if adjoint is None or adjoint_params is not None else None
-    return solve_until_event(func, y0, t0, event_fn, reverse_time, adjoint, rtol, atol, method, options, params,
-                             comm)
 
 
 def solve_until_event(func: Callable, y0: Tensors, t0, event_fn: Callable, reverse_time: bool,
@@ -163,20 +98,6 @@ def solve_until_event(func: Callable, y0: Tensors, t0, event_fn: Callable, rever
     event_t, y_event = gradients.attach(outputs[-1], shift, needs_grad)
     event_t = event_t.to(device=t0.device, dtype=t0.dtype)
     return event_t, problem.layout.unflatten(torch.stack([outputs[0], y_event]))
-
-
-def _interface_strategy(odeint_interface) -> Optional[str]:
-    """The default adjoint strategy of ``odeint_interface``: None (stored states) for
-    ``odeint_adjoint``/None, ``'graphs'`` for ``odeint``."""
-    from .odeint import odeint, odeint_adjoint
-
-    if odeint_interface is None or odeint_interface is odeint_adjoint:
-        return None
-    if odeint_interface is odeint:
-        return "graphs"
-    name = getattr(odeint_interface, "__module__", "") + "." + getattr(odeint_interface, "__name__", "")
-    raise InputError(f"odeint_interface must be None or pnode.odeint_adjoint (stored states), or pnode.odeint "
-                     f"(kept graphs); got {name.strip('.') or type(odeint_interface).__name__}")
 
 
 def _shifted(fn: Callable, shift: torch.Tensor) -> Callable:
@@ -410,10 +331,11 @@ class _EventGradients:
             velocity = layout.flatten(func(t, layout.unflatten(z[:numel])))
             return torch.cat([(direction * h).to(layout.dtype) * velocity, torch.zeros_like(z[numel:])])
 
-        from .odeint import odeint_adjoint
-
         unit = torch.tensor([0.0, 1.0], dtype=torch.float64)
-        return odeint_adjoint(rescaled, start, unit, adjoint_params=(), **self.keywords)[-1, :numel]
+        keywords = self.keywords
+        unit_problem = check_inputs(rescaled, start, unit, keywords["rtol"], keywords["atol"], keywords["method"],
+                                    keywords["options"], keywords["comm"])
+        return solve(unit_problem, (), differentiable=start.requires_grad)[-1, :numel]
 
     def slope(self, index: int, along: Callable[[torch.Tensor], torch.Tensor], y_event: torch.Tensor) -> float:
         """``d phi / dh = dg/dt + dg/dy . dy_e/dh`` of event function ``index`` along the computed

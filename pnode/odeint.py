@@ -1,4 +1,4 @@
-"""The public entry points ``odeint`` and ``odeint_adjoint`` (torchdiffeq's calls, PETSc underneath).
+"""The public entry points ``odeint``, ``odeint_adjoint`` and ``odeint_event`` (torchdiffeq's calls, PETSc underneath).
 
 torchdiffeq's two modes map onto pnode's adjoint strategies (:mod:`pnode.strategies`):
 ``odeint`` is backpropagation through the solver, and pnode gives it by keeping every stage's
@@ -9,7 +9,7 @@ same, exact gradients of the steps taken; ``options={'adjoint': ...}`` (or ``che
 (:mod:`pnode.events`).
 """
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -153,3 +153,79 @@ def _stats_of(stats: Optional[SolveStats], counter: Optional[EvaluationCounter])
     if stats is not None:
         return stats
     return SolveStats(counter=counter) if counter is not None else SolveStats()
+
+
+@serialized
+def odeint_event(func: Callable, y0: Tensors, t0, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Optional[Callable] = None, rtol=1e-7, atol=1e-9,
+                 method: Optional[str] = None, options: Optional[dict] = None, adjoint_params=None, comm=None,
+                 adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
+                 adjoint_method: Optional[str] = None,
+                 adjoint_options: Optional[dict] = None) -> Tuple[torch.Tensor, Tensors]:
+    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
+
+    torchdiffeq's ``odeint_event``: the event is the first point where an event function leaves the
+    sign it started with (a zero counts), located to round-off along the computed solution, and
+    gradients flow through the event time (implicit function theorem) composed with the discrete
+    adjoint of the steps taken: they are the derivatives of the returned event time and state (see
+    :mod:`pnode.events`).
+
+    Args:
+        func: ``func(t, y) -> dy/dt`` as for :func:`pnode.odeint`.
+        y0: initial state: a floating tensor of any shape, or a tuple of such tensors.
+        t0: initial time, a scalar (0-dim or one-element tensor, or a number), in ``func``'s time
+            units. It may require grad: moving ``t0`` moves every step with it (the derivative of
+            the computed solve from ``t0 + dt``, which is the solve from ``t0`` of ``f(t + dt, y)``).
+        event_fn: ``event_fn(t, y)`` with ``t`` a 0-dim tensor and ``y`` shaped like ``y0``; returns
+            a real 0-dim tensor (one event function) or a 1-D tensor (several; the first to cross
+            zero ends the solve). Built from torch operations on ``t`` and ``y`` (its time
+            derivative is taken by autograd). A zero at ``t0`` itself (``|event_fn| < event_tol``)
+            is not an event: integration goes on to the next crossing (as after a bounce).
+        reverse_time: integrate towards decreasing ``t`` (the event time is then below ``t0``).
+        odeint_interface: how the solve is differentiated, as torchdiffeq's two modes:
+            ``None`` or :func:`pnode.odeint_adjoint` (stored states, flat memory) or
+            :func:`pnode.odeint` (kept stage graphs, backprop's memory and speed). Both give the
+            same gradients; ``options={'adjoint': ...}`` chooses explicitly.
+        rtol, atol, method, adjoint_params, comm: as in :func:`pnode.odeint_adjoint`. A fixed-step
+            method needs ``options={'step_size': h}``. Gradients flow to ``y0``, ``t0``,
+            ``adjoint_params`` (default ``func.parameters()`` for an ``nn.Module``; with
+            ``odeint_interface=pnode.odeint`` every tensor ``func`` holds) and to every tensor
+            ``event_fn`` computes with (its parameters, closed-over tensors).
+        options: as in :func:`pnode.odeint`, plus ``event_tol`` (values within it of zero count as
+            zero at ``t0`` and tell a jump from a root; default 1e-6, or ``-ts_event_tol``),
+            ``max_t`` (stop with an error if no event occurs before this time; default: no limit)
+            and ``max_num_steps`` (here default 10000).
+        adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: as in
+            :func:`pnode.odeint_adjoint` (compatibility only).
+
+    Returns:
+        ``(event_t, solution)``: ``event_t`` a 0-dim tensor (dtype and device of ``t0``, or of
+        ``y0`` for a number) and ``solution`` a ``(2, *y0.shape)`` tensor (a tuple of such for a
+        tuple ``y0``) holding ``y0`` and the state at ``event_t``, dtype and device of ``y0``.
+        Under MPI (``comm`` of several ranks) the event function's value is summed over the ranks
+        (write it as a sum of per-rank contributions), every rank returns the same ``event_t`` and
+        its own rows of the state.
+
+    Raises:
+        pnode.InputError: bad arguments, or ``event_fn`` returned something other than one real
+            value per event.
+        pnode.SolverError: no event before ``max_t``/``max_num_steps`` (``reason='NO_EVENT'``), a
+            grazing event where ``d phi/dh`` vanishes (``reason='GRAZING_EVENT'``), or a failed solve.
+    """
+    adjoint = _interface_strategy(odeint_interface)
+    check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options)
+    params = resolve_params(func, adjoint_params) if adjoint is None or adjoint_params is not None else None
+    return solve_until_event(func, y0, t0, event_fn, reverse_time, adjoint, rtol, atol, method, options, params,
+                             comm)
+
+
+def _interface_strategy(odeint_interface) -> Optional[str]:
+    """The default adjoint strategy of ``odeint_interface``: None (stored states) for
+    ``odeint_adjoint``/None, ``'graphs'`` for ``odeint``."""
+    if odeint_interface is None or odeint_interface is odeint_adjoint:
+        return None
+    if odeint_interface is odeint:
+        return "graphs"
+    name = getattr(odeint_interface, "__module__", "") + "." + getattr(odeint_interface, "__name__", "")
+    raise InputError(f"odeint_interface must be None or pnode.odeint_adjoint (stored states), or pnode.odeint "
+                     f"(kept graphs); got {name.strip('.') or type(odeint_interface).__name__}")

@@ -20,7 +20,7 @@ import weakref
 from collections import OrderedDict
 from typing import List, Tuple
 
-from ._compat import serialized
+from ._compat import PETSc, serialized
 from .budget import parse_bytes
 from .distributed import check_consistent, comm_key, local_sizes
 from .options import database_fingerprint
@@ -106,8 +106,6 @@ def destroy_all_solvers() -> None:
 
 
 def _finalized() -> bool:
-    from ._compat import PETSc
-
     if PETSc.Sys.isFinalized():
         return True
     mpi = sys.modules.get("mpi4py.MPI")

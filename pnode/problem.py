@@ -15,6 +15,7 @@ from torch import nn
 
 from ._compat import PETSc
 from .bridge import StateLayout, layout_of, petsc_dtype, petsc_eps
+from .budget import MemoryBudget, parse_bytes
 from .callbacks import StepCallbacks, find_step_callbacks
 from .config import LOW_RESOLUTION, SolverConfig
 from .distributed import resolve_comm
@@ -25,6 +26,7 @@ from .options import get_global_option, option_value
 from .rhs import RHS, EvaluationCounter
 from .solver import Span
 from .stats import SolveStats
+from .strategies import BinomialCheckpoints, KeptGraphs, StoredStates, Strategy
 from .timeplan import TimePlan, time_plan
 
 # torchdiffeq options that map onto PETSc's adaptive controller.
@@ -79,7 +81,7 @@ class Problem:
     comm: object
     params: Tuple[torch.Tensor, ...]
     counter: EvaluationCounter
-    strategy: object = None
+    strategy: Optional[Strategy] = None
     stats: Optional[SolveStats] = None
     plan: Optional[TimePlan] = None
     callbacks: Optional[StepCallbacks] = None
@@ -187,9 +189,6 @@ def adjoint_strategy(opts: Dict[str, object], prefix: str, default: str = "state
     """The adjoint strategy of ``opts`` (consumes ``adjoint``, ``checkpoints``, ``checkpoint_graphs``,
     ``memory_budget``; each also ``-[<prefix>]pnode_<key>`` on the command line, which wins);
     ``default`` ('states' or 'graphs') when they choose none."""
-    from .budget import MemoryBudget, parse_bytes
-    from .strategies import BinomialCheckpoints, KeptGraphs, StoredStates
-
     checkpoints = _checkpoints(opts.pop("checkpoints", None), prefix)
     graphs = _checkpoint_graphs(opts.pop("checkpoint_graphs", True), prefix)
     budget, budget_source = _pnode_option("memory_budget", opts.pop("memory_budget", None), prefix)

@@ -13,7 +13,7 @@ hooks call:
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -127,6 +127,41 @@ class ForwardRecord:
         return len(self.step_sizes)
 
 
+class Schedule(Protocol):
+    """What a solve does around each PETSc step (the solver's pre- and post-step hooks call these)."""
+
+    def before_step(self, ts) -> None:
+        """Before a step: its size, and what the schedule records about it."""
+
+    def after_step(self, ts) -> None:
+        """After an accepted step."""
+
+
+class StateStore(Protocol):
+    """Where a forward pass offers states to keep (:class:`pnode.checkpoint.CheckpointStore`)."""
+
+    states: Dict[int, torch.Tensor]
+
+    def offer(self, step: int, state: torch.Tensor) -> None:
+        """The state after ``step`` (a view: copied if kept)."""
+
+    def keep_derivative(self, step: int, derivative: torch.Tensor) -> None:
+        """The FSAL derivative the step after ``step`` started from (a view: copied)."""
+
+
+class StepObserver(Protocol):
+    """Told about every accepted step of a forward pass (:class:`pnode.dense.DenseRecorder`)."""
+
+    def start(self, evaluator, tau0: float, y0: torch.Tensor, solution) -> None:
+        """The initial point (flat, PETSc dtype), the solve's evaluator and its solution Vec."""
+
+    def after_step(self, ts) -> None:
+        """After an accepted step."""
+
+    def close(self) -> None:
+        """The solve is over."""
+
+
 class NoSteps:
     """The schedule of an adjoint pass: PETSc's own re-steps (solution-only trajectories) need nothing."""
 
@@ -171,8 +206,8 @@ class OutputSchedule:
         dense: told every accepted step (``dense.after_step(ts)``: dense output), or None.
     """
 
-    def __init__(self, config: SolverConfig, record: ForwardRecord, store=None, explicit: bool = True,
-                 dense=None):
+    def __init__(self, config: SolverConfig, record: ForwardRecord, store: Optional[StateStore] = None,
+                 explicit: bool = True, dense: Optional[StepObserver] = None):
         self.config = config
         self.record = record
         self.store = store

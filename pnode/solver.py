@@ -33,7 +33,7 @@ from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
 from .failures import check_forward, nonfinite_error, petsc_failure
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
-from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule
+from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule, Schedule, StateStore, StepObserver
 from .ts_setup import configure_ts, renew_trajectory, starting_step
 
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
@@ -91,7 +91,7 @@ class Call:
     ``linearizer`` gives the Jacobian shells their linearization; ``phase`` names it in errors;
     ``event``: a forward solve stops at the first step that crosses an event and rolls it back."""
 
-    schedule: object
+    schedule: Schedule
     evaluator: Optional[Evaluator]
     linearizer: Linearizer
     phase: str
@@ -115,11 +115,11 @@ class ForwardPlan:
 
     trajectory: bool = False
     solution_only: bool = False
-    store: object = None
+    store: Optional[StateStore] = None
     graphs: Optional[GraphStore] = None
     graphs_from_step: int = 0
     adjoint: bool = False
-    dense: object = None
+    dense: Optional[StepObserver] = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,12 @@ class Solver:
         record: whether the solver has adjoint vectors (forward solves can be differentiated).
     """
 
+    # every attribute a solver has, written by its own methods only (see tests/test_house.py)
+    __slots__ = ("config", "comm", "record", "local_size", "param_size", "trap", "solution", "jacobian",
+                 "adjoint_state", "param_gradient", "param_jacobian", "tolerance_vectors", "ts",
+                 "resolved_options", "explicit", "rhs", "_call", "_last_evaluator", "_has_trajectory",
+                 "__weakref__")
+
     def __init__(self, config: SolverConfig, local_size: int, param_size: int, comm, record: bool):
         self.config = config
         self.comm = comm
@@ -175,7 +181,7 @@ class Solver:
         self.tolerance_vectors = None
         if config.vector_tolerances:  # (rtol, atol), filled per call: TSSetTolerances cannot drop them again
             self.tolerance_vectors = (self.solution.duplicate(), self.solution.duplicate())
-        self.ts = configure_ts(self, config, record)
+        self.ts, self.resolved_options = configure_ts(self, config, record)
         self.explicit = self.ts.getType() in EXPLICIT_TYPES
         self.rhs: Optional[RHS] = None
         self._call: Optional[Call] = None
@@ -292,7 +298,7 @@ class Solver:
         if span.event is None:
             self._solve(call, y0, float(taus[0]), float(taus[-1]), first_step, plan.trajectory, plan.solution_only)
         else:
-            self._solve_until_event(call, record, plan, y0, first_step)
+            self._solve_until_event(call, schedule, record, plan, y0, first_step)
         check_forward(self, record, schedule.nonfinite_at)
         record.next_step = self.ts.getTimeStep()
         return record
@@ -306,13 +312,13 @@ class Solver:
         for tensor, vec in zip(tolerances, self.tolerance_vectors):
             tensor_into_vec(tensor, vec)
 
-    def _solve_until_event(self, call: Call, record: ForwardRecord, plan: ForwardPlan, y0: torch.Tensor,
-                           first_step: float) -> None:
+    def _solve_until_event(self, call: Call, schedule: OutputSchedule, record: ForwardRecord, plan: ForwardPlan,
+                           y0: torch.Tensor, first_step: float) -> None:
         """The forward solve of :meth:`forward` with an event: search, locate, then step to the event."""
         event = call.event
         event.start(call.evaluator.rhs, float(record.taus[0]), y0)
         crossed = []
-        hook = post_evaluate_type()(lambda handle: self._post_evaluate(call, crossed))
+        hook = post_evaluate_type()(lambda handle: self._post_evaluate(call, schedule, crossed))
         set_post_evaluate(self.ts, hook)
         try:
             self._solve(call, y0, float(record.taus[0]), float(record.taus[-1]), first_step, plan.trajectory,
@@ -320,12 +326,12 @@ class Solver:
         finally:
             set_post_evaluate(self.ts, None)
         if not crossed:
-            if self.ts.getConvergedReason() >= 0 and call.schedule.nonfinite_at is None:
+            if self.ts.getConvergedReason() >= 0 and schedule.nonfinite_at is None:
                 raise event.not_found(self.ts, call.evaluator.rhs)
             return  # check_forward reports the failure
         self._step_to_event(call, record, plan)
 
-    def _post_evaluate(self, call: Call, crossed: list) -> int:
+    def _post_evaluate(self, call: Call, schedule: OutputSchedule, crossed: list) -> int:
         """PETSc's post-evaluate hook of an event search: a step that crossed an event is rolled back
         (before the trajectory or the post-step hook sees it) and the solve stops at its start."""
         ts = self.ts
@@ -337,7 +343,7 @@ class Solver:
                 ts.rollBack()
                 ts.setConvergedReason(PETSc.TS.ConvergedReason.CONVERGED_USER)
                 call.evaluator.discard_step()
-                call.schedule.discard_step()
+                schedule.discard_step()
             return 0
         except BaseException as exc:  # handed to the trap, re-raised once PETSc unwinds
             if self.trap.error is None:

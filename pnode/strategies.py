@@ -15,19 +15,22 @@ they hold between the forward and the backward pass, and so in memory and time:
 * :class:`MemoryBudget` (``memory_budget='2GB'``): picks among these per call from measured costs,
   keeping graphs while they fit, then states, then checkpoints.
 
-The interface (each a sibling, no shared mode): ``forward(solver, problem, rhs, y0) -> Forward``
-runs the forward pass on a checked-out :class:`pnode.solver.Solver`; ``backward(solver, forward,
-grad_outputs) -> (grad_y0, adjoint_before_first_output, grad_params)`` runs its adjoint.
-Implicit methods keep no graphs (each stage is a Newton solve), so ``'graphs'`` stores states there.
+The interface is :class:`Strategy` (each a sibling, no shared mode): ``forward(solver, problem, rhs,
+y0) -> Forward`` runs the forward pass on a checked-out :class:`pnode.solver.Solver` with the call's
+right-hand side; ``backward(solver, forward, grad_outputs) -> (grad_y0, adjoint_before_first_output,
+grad_params)`` runs its adjoint from what :class:`Forward` carries (the record, the right-hand side,
+graphs or checkpoints). Implicit methods keep no graphs (each stage is a Newton solve):
+``Strategy.for_solver`` turns kept graphs into :class:`StoredStates` on an implicit TS.
 """
 
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Protocol, Tuple
 
 import torch
 
 from .checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints
 from .evaluation import GraphStore, Linearizer
+from .rhs import RHS
 from .schedule import ForwardRecord, expected_steps
 from .solver import ForwardPlan, Solver
 
@@ -71,14 +74,46 @@ class AdjointStats:
 
 @dataclass
 class Forward:
-    """What a forward pass leaves for its backward pass."""
+    """What a forward pass leaves for its backward pass.
+
+    Attributes:
+        record: the forward record (outputs, steps, stage times).
+        stats: what the strategy chose and held.
+        rhs: the call's right-hand side (the adjoint linearises it).
+        graphs: kept stage graphs, or None.
+        store: the checkpointed states, or None.
+        solution_only: PETSc's trajectory holds states only (it re-takes a step for its stages).
+        steps_with_graphs: steps whose stages kept graphs (kept graphs; None otherwise).
+        step_graph_bytes: bytes of the graphs one re-taken step built (checkpoints, after the
+            backward pass; None otherwise).
+        strategy: the strategy that ran the pass (a memory budget delegates the backward pass to it).
+    """
 
     record: ForwardRecord
     stats: AdjointStats
+    rhs: RHS
+    strategy: "Strategy"
     graphs: Optional[GraphStore] = None
     store: Optional[CheckpointStore] = None
     solution_only: bool = False
-    extra: dict = field(default_factory=dict)
+    steps_with_graphs: Optional[int] = None
+    step_graph_bytes: Optional[int] = None
+
+
+class Strategy(Protocol):
+    """How a forward pass keeps what its adjoint needs, and how that adjoint runs (see the module docstring)."""
+
+    name: str
+
+    def for_solver(self, solver: Solver) -> "Strategy":
+        """The strategy that runs on ``solver``: this one, or the sibling it stands for there (kept
+        graphs store states for an implicit method, whose stages are Newton solves)."""
+
+    def forward(self, solver: Solver, problem, rhs: RHS, y0: torch.Tensor) -> Forward:
+        """Run the forward pass of ``problem`` on ``solver`` (checked out) from ``y0`` (flat, PETSc dtype)."""
+
+    def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
+        """Run the adjoint of ``forward``: ``(grad_y0, adjoint_before_first_output, grad_params)``."""
 
 
 def state_bytes(solver: Solver) -> int:
@@ -105,16 +140,19 @@ class StoredStates:
 
     name = "states"
 
+    def for_solver(self, solver: Solver) -> Strategy:
+        return self
+
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
         record = solver.forward(rhs, problem.span, y0, ForwardPlan(trajectory=True, adjoint=True))
         stages = record.stages or 1
         stats = AdjointStats("states", steps=record.steps, states_stored=record.steps,
                              stage_states=record.steps * stages,
                              stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
-        return Forward(record, stats)
+        return Forward(record, stats, rhs, self)
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
-        linearizer = Linearizer(solver.rhs, solver.explicit, None, forward.record.stage_times)
+        linearizer = Linearizer(forward.rhs, solver.explicit, None, forward.record.stage_times)
         return adjoint_over_outputs(solver, forward.record, grad_outputs, linearizer)
 
 
@@ -142,11 +180,14 @@ class KeptGraphs:
         self.graph_bytes = graph_bytes
         self.graph_steps = graph_steps
 
+    def for_solver(self, solver: Solver) -> Strategy:
+        """Stored states on an implicit TS (method, or ``-ts_type`` on the command line): a stage is a
+        Newton solve, whose graph would hold every iteration; ``stats.adjoint.strategy`` says so."""
+        return self if solver.explicit else StoredStates()
+
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
         if not solver.explicit:
-            forward = StoredStates().forward(solver, problem, rhs, y0)
-            forward.stats.strategy = "states"
-            return forward
+            raise ValueError(f"kept graphs need an explicit method, not TS {solver.ts_type}: use for_solver()")
         # With every graph kept, a trajectory of states alone suffices: PETSc re-takes each step to
         # recover its stages, its evaluations served by the kept graphs. For small states a
         # re-taken stage (a callback, a lookup of its graph by state) costs more than copying the
@@ -164,13 +205,11 @@ class KeptGraphs:
         stats = AdjointStats("graphs", steps=record.steps, graphs_kept=len(graphs), graph_bytes=graphs.held_bytes,
                              states_stored=record.steps, stage_states=record.steps * stages,
                              stored_bytes=record.steps * (1 + stages) * state_bytes(solver))
-        return Forward(record, stats, graphs=graphs, solution_only=solution_only,
-                       extra={"steps_with_graphs": max(1, record.steps - first)})
+        return Forward(record, stats, rhs, self, graphs=graphs, solution_only=solution_only,
+                       steps_with_graphs=max(1, record.steps - first))
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
-        if forward.graphs is None:
-            return StoredStates().backward(solver, forward, grad_outputs)
-        linearizer = Linearizer(solver.rhs, True, forward.graphs, forward.record.stage_times)
+        linearizer = Linearizer(forward.rhs, True, forward.graphs, forward.record.stage_times)
         cached = forward.graphs if forward.solution_only else None
         try:
             return adjoint_over_outputs(solver, forward.record, grad_outputs, linearizer, cached)
@@ -187,6 +226,9 @@ class BinomialCheckpoints:
     """
 
     name = "checkpoints"
+
+    def for_solver(self, solver: Solver) -> Strategy:
+        return self
 
     def __init__(self, checkpoints: int, graphs: Optional[int] = None):
         self.checkpoints = checkpoints
@@ -206,11 +248,11 @@ class BinomialCheckpoints:
         stats = AdjointStats("checkpoints", steps=record.steps, checkpoints=self.checkpoints,
                              states_stored=len(store.states),
                              stored_bytes=(len(store.states) + len(store.derivatives)) * state_bytes(solver))
-        return Forward(record, stats, store=store)
+        return Forward(record, stats, rhs, self, store=store)
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
-        adjoint = CheckpointedAdjoint(solver, self.checkpoints, self.graphs)
+        adjoint = CheckpointedAdjoint(solver, forward.rhs, self.checkpoints, self.graphs)
         result = adjoint.run(forward.record, forward.store, grad_outputs)
         forward.stats.recomputed_steps = adjoint.advanced_steps
-        forward.extra["step_graph_bytes"] = adjoint.step_graph_bytes
+        forward.step_graph_bytes = adjoint.step_graph_bytes
         return result

@@ -1,5 +1,7 @@
 """Setting a TS up: its callbacks and options, a new trajectory per recording solve, the first step."""
 
+from typing import Dict, Tuple
+
 import numpy as np
 import torch
 
@@ -14,8 +16,9 @@ from .rhs import RHS
 _RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
 
 
-def configure_ts(solver, config: SolverConfig, record: bool):
-    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist)."""
+def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Dict[str, str]]:
+    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist), and the
+    options PETSc objects do not report back through petsc4py, as the layers resolved them."""
     ts = PETSc.TS().create(comm=solver.comm)
     ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
     ts.setRHSFunction(solver.rhs_function, None)  # explicit RK writes its stages; others get one made when needed
@@ -40,7 +43,7 @@ def configure_ts(solver, config: SolverConfig, record: bool):
             _check_revolve(config.prefix)
         ts.setFromOptions()
         _check_used(user_names)
-        solver.resolved_options = _resolved(config.prefix)
+        resolved = _resolved(config.prefix)
     if ts.getType() not in _RHS_FORM_ADJOINT_TYPES:
         ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
     if solver.param_jacobian is not None:
@@ -51,7 +54,7 @@ def configure_ts(solver, config: SolverConfig, record: bool):
             ts.setRHSJacobianP(solver.param_jacobian_rhs, solver.param_jacobian)
         else:
             ts.setIJacobianP(solver.param_jacobian_implicit, solver.param_jacobian)
-    return ts
+    return ts, resolved
 
 
 def _resolved(prefix: str) -> dict:

