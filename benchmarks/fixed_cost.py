@@ -10,9 +10,11 @@ Rows (a training step each: solve, loss, backward), each in a fresh process, mea
   the loss's backward pass; a call is one event solve;
 * ``odenet``: the ODE-Net block (batch 128, 64 x 8 x 8, float32) at rk4 with 16 and 64 steps.
 
-For each: torchdiffeq ``odeint`` (backprop through its solver), pnode ``odeint`` (kept graphs) and
-pnode ``odeint_adjoint`` (its default, stored states); the event rows use each library's
-``odeint_event`` with ``odeint`` as its interface, and pnode's default interface. The table gives
+For each: torchdiffeq ``odeint`` (backprop through its solver), pnode with kept graphs (``graphs``:
+what ``pnode.odeint`` runs) and with stored states (``states``: ``pnode.odeint_adjoint``'s default),
+both called as ``odeint_adjoint(..., options={'adjoint': ...})`` so that an older checkout runs the
+same rows; the event rows use each library's ``odeint_event`` (torchdiffeq's with its ``odeint``
+interface, backprop), pnode's with the same two strategies. The table gives
 the median time of a training step over every round, the stages it evaluated forward (f's calls in
 the forward solve), microseconds per stage (step time over stages) and per call, and the ratio to
 torchdiffeq's row of the same workload and solver.
@@ -43,8 +45,8 @@ RESULT_TAG = "FIXED_COST_RESULT "
 @dataclass(frozen=True)
 class Row:
     """One row: ``workload`` ('scale', 'small', 'events', 'odenet'), ``solver`` ('rk4-50', 'dopri5-1e-05',
-    'dopri5-1e-08'), ``library`` ('torchdiffeq' or 'pnode'), ``mode`` ('odeint' or 'odeint_adjoint'),
-    ``build`` (the pnode checkout's label, '' for this one)."""
+    'dopri5-1e-08'), ``library`` ('torchdiffeq' or 'pnode'), ``mode`` (torchdiffeq: 'odeint'; pnode:
+    'graphs' or 'states', its adjoint strategy), ``build`` (the pnode checkout's label, '' for this one)."""
 
     workload: str
     solver: str
@@ -68,7 +70,7 @@ def rows(builds: Sequence[str]) -> List[Row]:
         for solver in solvers:
             out.append(Row(workload, solver, "torchdiffeq", "odeint"))
             for build in builds:
-                out += [Row(workload, solver, "pnode", mode, build) for mode in ("odeint", "odeint_adjoint")]
+                out += [Row(workload, solver, "pnode", mode, build) for mode in ("graphs", "states")]
     return out
 
 
@@ -101,8 +103,9 @@ def _training_step(row: Row, quick: bool):
     else:
         import pnode
 
-        odeint = getattr(pnode, row.mode)
-        options = {} if steps is None else {"step_size": float(problem.t[-1]) / steps}
+        odeint = pnode.odeint_adjoint
+        options = {"adjoint": row.mode} if steps is None else {"step_size": float(problem.t[-1]) / steps,
+                                                               "adjoint": row.mode}
     tolerances = {} if tol is None else {"rtol": tol, "atol": tol}
 
     def step():
@@ -144,7 +147,7 @@ def _event_step(row: Row, quick: bool):
         interface = {"odeint_interface": library.odeint}
     else:
         import pnode as library
-        interface = {"odeint_interface": library.odeint} if row.mode == "odeint" else {}
+        interface = {"options": {"adjoint": row.mode}}
     counted = {"f": 0}
     gravity = torch.nn.Parameter(torch.tensor(9.81, dtype=torch.float64))
 
@@ -216,7 +219,7 @@ def run_row(row: Row, paths: Dict[str, str], args) -> Dict[str, object]:
 
 
 def table(results: Dict[Row, Dict[str, object]]) -> str:
-    lines = ["| workload | solver | library | call | time / step (ms) | stages / step | µs / stage | µs / call "
+    lines = ["| workload | solver | library | strategy | time / step (ms) | stages / step | µs / stage | µs / call "
              "| × torchdiffeq |", "|---|---|---|---|---|---|---|---|---|"]
     reference = {(r.workload, r.solver): res for r, res in results.items() if r.library == "torchdiffeq"}
     for row, res in results.items():

@@ -19,6 +19,7 @@ The first call of a solver has no measurement yet and takes 2 (or 3 if the state
 the budget). What was chosen is in the call's :class:`pnode.strategies.AdjointStats`.
 """
 
+import dataclasses
 import re
 import weakref
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ class MemoryBudget:
 
     def forward(self, solver: Solver, problem, rhs, y0: torch.Tensor) -> Forward:
         strategy = self.choose(solver, problem, _measured.get(solver)).for_solver(solver)
-        forward = strategy.forward(solver, problem, rhs, y0)
+        forward = dataclasses.replace(strategy.forward(solver, problem, rhs, y0), strategy=self, chosen=strategy)
         forward.stats.budget_bytes = self.budget
         forward.stats.solver_bytes = solver.held_bytes
         graphs = forward.graphs
@@ -123,7 +124,7 @@ class MemoryBudget:
         return forward
 
     def backward(self, solver: Solver, forward: Forward, grad_outputs: torch.Tensor) -> Gradients:
-        result = forward.strategy.backward(solver, forward, grad_outputs)
+        result = forward.chosen.backward(solver, forward, grad_outputs)
         if forward.step_graph_bytes:  # checkpointed: what one re-taken step's graphs cost
             _note_costs(solver, forward, forward.step_graph_bytes)
         return result

@@ -86,7 +86,9 @@ class Forward:
         steps_with_graphs: steps whose stages kept graphs (kept graphs; None otherwise).
         step_graph_bytes: bytes of the graphs one re-taken step built (checkpoints, after the
             backward pass; None otherwise).
-        strategy: the strategy that ran the pass (a memory budget delegates the backward pass to it).
+        strategy: the strategy whose backward pass reverses this one (the one that ran it, or the
+            memory budget that chose it).
+        chosen: the strategy a memory budget chose and ran (its backward pass runs it), or None.
     """
 
     record: ForwardRecord
@@ -98,6 +100,7 @@ class Forward:
     solution_only: bool = False
     steps_with_graphs: Optional[int] = None
     step_graph_bytes: Optional[int] = None
+    chosen: Optional["Strategy"] = None
 
 
 class Strategy(Protocol):

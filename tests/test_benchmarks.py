@@ -105,3 +105,15 @@ def test_breakdown(tmp_path):
         assert 0 <= result["rest_s"] < result["time_s"]
     assert odeint["petsc_vectors_s"] == 0 and pnode["petsc_vectors_s"] > 0
     assert "| small/rk4-50/pnode:adjoint=graphs |" in stdout
+
+
+def test_fixed_cost(tmp_path):
+    """The per-stage table: every row measured (one round, toy sizes), each pnode row against torchdiffeq's."""
+    stdout = run_benchmark("benchmarks.fixed_cost", tmp_path, "--rounds", "1", "--repeats", "1", "--warmup", "1",
+                           "--rows", "small/rk4-50/*")
+    doc, markdown = load(tmp_path, "fixed_cost")
+    rows = {(row["library"], row["mode"]): row for row in doc["rows"]}
+    assert set(rows) == {("torchdiffeq", "odeint"), ("pnode", "graphs"), ("pnode", "states")}
+    assert all("error" not in row and len(row["times"]) == 1 and row["stages"] == 200 for row in rows.values())
+    assert markdown.strip() in stdout
+    assert "| small | rk4-50 | pnode | graphs |" in markdown

@@ -93,3 +93,38 @@ def test_a_solver_has_the_attributes_its_class_declares_and_no_others():
             solver.measured_costs = None
     finally:
         release_solver(key, solver)
+
+
+def _defined_names() -> set:
+    """Every module-level function, class, class method and assigned name of the package, and
+    ``Class.method`` for methods."""
+    names = set()
+    for path in _modules().values():
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef):
+                        names.update({item.name, f"{node.name}.{item.name}"})
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    if isinstance(target, ast.Name):
+                        names.add(target.id)
+    return names
+
+
+def test_the_architecture_page_names_files_and_functions_that_exist():
+    with open(os.path.join(REPO, "docs", "architecture.md")) as fh:
+        text = fh.read()
+    paths = set(re.findall(r"pnode/[a-z_/]+\.py", text))
+    assert paths and all(os.path.exists(os.path.join(REPO, p)) for p in paths), paths
+    diagram = text.split("```")[1]
+    named = set(re.findall(r"\b[A-Za-z_]+(?:\.[A-Za-z_]+)?\b", " ".join(
+        line.split("pnode/")[-1].split(None, 1)[1] for line in diagram.splitlines()
+        if "pnode/" in line and len(line.split("pnode/")[-1].split(None, 1)) > 1)))
+    named |= {m for m in re.findall(r"`([A-Za-z_]+(?:\.[A-Za-z_]+)?)`", text) if not m.endswith(".py")}
+    public = {"odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "ODEBlock"}
+    missing = sorted(n for n in named - public if n not in _defined_names()
+                     and n not in {"TSSolve", "TSAdjointSolve", "func", "y0", "t"})
+    assert not missing, missing
