@@ -95,9 +95,11 @@ def layout_of(state: State) -> StateLayout:
 
 
 _READ_ONLY_WARNING_SEEN = False
-# Views of the Vecs a PETSc call hands to pnode's callbacks, by PETSc object id (unique for the life
-# of the process), one dict for reading and one for writing per call in progress (see cached_views).
-_VIEW_CACHES: List[Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]] = []
+# Views of the Vecs a PETSc call hands to pnode's callbacks, by the Vec's address, one dict for
+# reading and one for writing per call in progress (see cached_views), and the Vecs themselves: a
+# held reference keeps a Vec alive, so no other Vec can take its address while the block lasts
+# (petsc4py 3.18 has no object ids to key by).
+_VIEW_CACHES: List[Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], List[object]]] = []
 
 
 @contextmanager
@@ -109,7 +111,7 @@ def cached_views() -> Iterator[None]:
     The arrays stay taken until the block ends (PETSc's CPU Vecs keep their storage meanwhile; no
     pnode code keeps a view beyond a callback, it copies what it keeps).
     """
-    _VIEW_CACHES.append(({}, {}))
+    _VIEW_CACHES.append(({}, {}, []))
     try:
         yield
     finally:
@@ -122,11 +124,12 @@ def vec_view(vec) -> torch.Tensor:
     Valid while ``vec`` lives and its storage is not replaced; callers copy what they keep.
     """
     if _VIEW_CACHES:
-        reads = _VIEW_CACHES[-1][0]
-        key = vec.getId()
+        reads, _, held = _VIEW_CACHES[-1]
+        key = vec.handle
         view = reads.get(key)
         if view is None:
             view = reads[key] = _read_view(vec)
+            held.append(vec)
         return view
     return _read_view(vec)
 
@@ -171,11 +174,12 @@ def writable_view(vec) -> torch.Tensor:
     """
     vec.stateIncrease()
     if _VIEW_CACHES:
-        writes = _VIEW_CACHES[-1][1]
-        key = vec.getId()
+        _, writes, held = _VIEW_CACHES[-1]
+        key = vec.handle
         view = writes.get(key)
         if view is None:
             view = writes[key] = torch.from_numpy(vec.getArray())
+            held.append(vec)
         return view
     return torch.from_numpy(vec.getArray())
 

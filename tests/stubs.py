@@ -15,17 +15,17 @@ import torch
 
 
 class StubVec:
-    """A Vec with an id, a state and a local array (what ``pnode.bridge`` reads)."""
+    """A Vec with an address, a state and a local array (what ``pnode.bridge`` reads).
+
+    Only methods that petsc4py 3.18 has too (no ``getId``): pnode supports both.
+    """
 
     _ids = iter(range(1, 10**9))
 
     def __init__(self, values):
         self.array = np.asarray(values, dtype=np.float64)
-        self.handle = self._id = next(self._ids)
+        self.handle = next(self._ids)
         self.state = 0
-
-    def getId(self) -> int:
-        return self._id
 
     def stateGet(self) -> int:
         return self.state

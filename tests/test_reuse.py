@@ -18,6 +18,7 @@ import pnode
 from pnode import solver as pnode_solver
 from pnode._compat import PETSc
 from pnode.allocator import _glibc
+from pnode import bridge
 from pnode.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
 from pnode.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
 from pnode.config import SolverConfig
@@ -274,3 +275,16 @@ def test_the_interpreter_exits_cleanly_with_pooled_and_held_solvers(solvers):
                           timeout=120)
     assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
     assert done.stdout.strip() == "solved"
+
+
+def test_cached_views_never_hand_a_freed_vec_s_view_to_a_new_vec():
+    # Views are cached by a Vec's address for one PETSc call; a Vec freed inside the call must not
+    # pass its view (and its values) to a new Vec that PETSc places at the same address.
+    with bridge.cached_views():
+        for value in range(20):
+            vec = PETSc.Vec().createSeq(3, comm=PETSc.COMM_SELF)
+            vec.set(float(value))
+            assert bridge.vec_view(vec).tolist() == [float(value)] * 3
+            bridge.writable_view(vec).fill_(value + 0.5)
+            assert vec.getArray(readonly=True).tolist() == [value + 0.5] * 3
+            del vec  # PETSc frees it unless the cache keeps it alive
