@@ -11,6 +11,7 @@ from ._compat import petsc_version
 from .adjoint import AdjointSolve, solve_forward, zero_weight_param_gradients_ok
 from .distributed import local_sizes
 from .errors import InputError
+from .methods import adjoint_available
 from .pool import release_solver
 from .problem import Problem, check_inputs, resolve_params
 from .rhs import EvaluationCounter
@@ -107,6 +108,13 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: float = 1e-7, atol: 
             f"({'.'.join(map(str, petsc_version()))}) drops the parameter gradient of such stages in "
             "TSAdjointStep_RK (fixed in newer PETSc, e.g. 3.26). Use a method without one ('rk4', "
             "'bosh3', 'adaptive_heun', 'euler'), or upgrade petsc4py (bash scripts/setup.sh builds 3.26.1)")
+    if needs_grad and not adjoint_available(problem.config.method):
+        method = problem.config.method
+        raise InputError(
+            f"method {method.name!r} needs PETSc >= {'.'.join(map(str, method.adjoint_since))} for its adjoint "
+            f"(this PETSc is {'.'.join(map(str, petsc_version()))}: TS {method.ts_type} has no adjoint or a wrong "
+            "one there); use 'beuler' or 'cn' (error-controlled, L-stable / A-stable), or upgrade petsc4py "
+            "(bash scripts/setup.sh builds 3.26.1)")
     return problem.layout.unflatten(_solve(problem, params if needs_grad else (), differentiable=needs_grad))
 
 

@@ -114,7 +114,7 @@ class Solver:
         if record and param_size:
             self.param_gradient = PETSc.Vec().createMPI((param_size, PETSc.DECIDE), comm=comm)
             self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
-        self.ts = configure_ts(self, config, record)
+        self.ts, self.form = configure_ts(self, config, record)  # form: how f reaches the TS (pnode.formulation)
         self.explicit = self.ts.getType() in EXPLICIT_TYPES
         self.rhs: Optional[RHS] = None
         self._call: Optional[Call] = None
@@ -140,6 +140,7 @@ class Solver:
                     self.param_gradient):
             if obj is not None:
                 obj.destroy()
+        self.form.destroy()
 
     def detach(self) -> None:
         """Forget the last call: its right-hand side (whose graphs hold the user's tensors) and its
@@ -151,6 +152,13 @@ class Solver:
         for shell in (self.jacobian, self.param_jacobian):
             if shell is not None:
                 shell.getPythonContext().linearization = None
+        self.form.detach()
+
+    @property
+    def active_call(self) -> Optional[Call]:
+        """The call PETSc's callbacks serve now (None between solves), for the callbacks of
+        :mod:`pnode.formulation`."""
+        return self._call
 
     # ------------------------------------------------------------------ PETSc callbacks
     def rhs_function(self, ts, tau, u, f):
@@ -310,20 +318,23 @@ class Solver:
         """An implicit adjoint step solves a transposed linear system to ``config.adjoint_ksp_rtol``,
         without Eisenstat-Walker (whose pre-solve hook would set the forward pass's loose tolerance),
         and a solve that does not converge is an error (it would leave a silently wrong gradient);
-        the forward settings come back after."""
+        the Krylov method is ``config.adjoint_ksp_type`` (GMRES, also where the forward pass's
+        Newton applied the block-Jacobian preconditioner alone); the forward settings come back after."""
         if self.explicit:
             yield
             return
         snes = self.ts.getSNES()
         ksp = snes.getKSP()
-        saved, ew = ksp.getTolerances(), snes.getUseEW()
+        saved, ew, kind = ksp.getTolerances(), snes.getUseEW(), ksp.getType()
         snes.setUseEW(False)
+        ksp.setType(self.config.adjoint_ksp_type)
         ksp.setTolerances(rtol=self.config.adjoint_ksp_rtol)
         ksp.setErrorIfNotConverged(True)
         try:
             yield
         finally:
             ksp.setErrorIfNotConverged(False)
+            ksp.setType(kind)
             ksp.setTolerances(*saved)
             snes.setUseEW(ew)
 

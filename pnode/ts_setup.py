@@ -7,19 +7,17 @@ from ._compat import PETSc, has_revolve
 from .bridge import petsc_dtype
 from .config import SolverConfig
 from .errors import InputError
+from .formulation import RHS_FORM_ADJOINT_TYPES, formulation_for
 from .options import scoped_options
 from .rhs import RHS
 
-# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
-_RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
 
 
 def configure_ts(solver, config: SolverConfig, record: bool):
-    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist)."""
+    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist), and the
+    form it takes f in (:mod:`pnode.formulation`, chosen by the TS type the options resolved to)."""
     ts = PETSc.TS().create(comm=solver.comm)
     ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
-    ts.setRHSFunction(solver.rhs_function, None)  # explicit RK writes its stages; others get one made when needed
-    ts.setRHSJacobian(solver.rhs_jacobian, solver.jacobian, solver.jacobian)
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
     ts.setTolerances(rtol=config.rtol, atol=config.atol)
     ts.setMaxSteps(config.max_num_steps)
@@ -38,17 +36,11 @@ def configure_ts(solver, config: SolverConfig, record: bool):
         ts.setFromOptions()
         _check_used(user_names)
         solver.resolved_options = _resolved(config.prefix)
-    if ts.getType() not in _RHS_FORM_ADJOINT_TYPES:
+    if ts.getType() not in RHS_FORM_ADJOINT_TYPES:
         ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
-    if solver.param_jacobian is not None:
-        # Explicit RK adjoints read dG/dp of the right-hand side; implicit ones (theta, cn,
-        # beuler, ...) read dF/dp of F(udot, u) = udot - G(u), i.e. -dG/dp. Handing implicit
-        # types the RHS form would make PETSc zero and AXPY into a copy of the shell.
-        if ts.getType() in _RHS_FORM_ADJOINT_TYPES:
-            ts.setRHSJacobianP(solver.param_jacobian_rhs, solver.param_jacobian)
-        else:
-            ts.setIJacobianP(solver.param_jacobian_implicit, solver.param_jacobian)
-    return ts
+    form = formulation_for(solver, config, ts.getType())
+    form.attach(ts)
+    return ts, form
 
 
 def _resolved(prefix: str) -> dict:
@@ -123,7 +115,7 @@ def _check_used(names) -> None:
     if unused:
         raise InputError(f"options {unused} were not used by PETSc: they are neither pnode options "
                          "(step_size, first_step, min_step, max_step, max_num_steps, theta, adjoint, checkpoints, "
-                         "checkpoint_graphs, memory_budget, implicit_solve) nor PETSc options this solver reads; "
+                         "checkpoint_graphs, memory_budget, implicit_solve, jvp, jacobian) nor PETSc options this solver reads; "
                          "check the spelling (PETSc names are e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
 
 

@@ -185,11 +185,12 @@ def test_options_must_be_a_dict():
 
 def test_failed_implicit_adjoint_solve_raises_instead_of_a_wrong_gradient():
     # From y0 = 0 the forward Newton solves of a linear field converge at once; the adjoint's
-    # transposed solves get a nonzero right-hand side and cannot converge in 2 GMRES iterations.
+    # transposed solves get a nonzero right-hand side and cannot converge in 2 unpreconditioned
+    # GMRES iterations.
     func = LinearField(stable_matrix(30) * 20)
     y0 = torch.zeros(2, 30, dtype=torch.float64, requires_grad=True)
     ys = pnode.odeint_adjoint(func, y0, T01, method="cn", options={"step_size": 0.25, "ksp_max_it": 2,
-                                                                    "ksp_rtol": 1e-13})
+                                                                    "ksp_rtol": 1e-13, "jacobian": "matrix_free"})
     with pytest.raises(pnode.SolverError, match="DIVERGED_ITS.*adjoint's transposed linear solve") as info:
         (ys[-1] * torch.randn(2, 30, dtype=torch.float64)).sum().backward()
     assert info.value.reason.startswith("PETSC_ERROR")
