@@ -2,7 +2,7 @@
 
 The public surface is small: :func:`odeint` (solve), :func:`odeint_adjoint` (solve, differentiable
 by the discrete adjoint), :func:`odeint_event` (solve until an event, differentiable through the
-event time), :class:`ODEBlock`, :func:`available_methods`, :func:`clear_cache` (drop the pooled
+event time), :class:`ODEBlock`, :class:`IMEX` (a right-hand side split for IMEX methods), :func:`available_methods`, :func:`clear_cache` (drop the pooled
 solvers), :func:`init` (initialise PETSc from given options) and the exception types.
 
 Importing pnode does not initialise PETSc: the first solve does, reading PETSc options from
@@ -12,6 +12,7 @@ Importing pnode does not initialise PETSc: the first solve does, reading PETSc o
 from ._compat import init
 from .errors import InputError, PnodeError, SolverError
 from .events import odeint_event
+from .imex import IMEX
 from .methods import available_methods
 from .nn import ODEBlock
 from .odeint import odeint, odeint_adjoint
@@ -19,5 +20,5 @@ from .pool import clear_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "ODEBlock", "available_methods", "clear_cache", "init",
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "ODEBlock", "IMEX", "available_methods", "clear_cache", "init",
            "PnodeError", "InputError", "SolverError", "__version__"]

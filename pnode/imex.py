@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import InputError
+
 
 class IMEX(nn.Module):
     """``f(t, y) = explicit(t, y) + implicit(t, y)``, with the two parts kept apart for IMEX methods.
@@ -34,7 +36,8 @@ class IMEX(nn.Module):
         super().__init__()
         for name, part in (("explicit", explicit), ("implicit", implicit)):
             if not callable(part):
-                raise TypeError(f"IMEX({name}=...) must be callable as {name}(t, y), got {type(part).__name__}")
+                raise InputError(f"IMEX({name}=...) must be callable as {name}(t, y) -> dy/dt, got "
+                                 f"{type(part).__name__}")
         self.explicit = explicit
         self.implicit = implicit
 
