@@ -13,9 +13,10 @@ dimension is one block), instead of dozens without a preconditioner on a stiff s
 
 It is chosen by ``options={'jacobian': 'blocks'}`` (or ``-pnode_jacobian blocks``); by default when
 the method is implicit and a sample has at most :data:`BLOCK_LIMIT` entries (see
-``docs/implicit.md`` for when it pays). The blocks are rebuilt whenever PETSc sets the
-preconditioner up again (a new linearization point, or a new shift), which PETSc does once per
-Newton iteration.
+``docs/implicit.md`` for when it pays). PETSc sets the preconditioner up at every Newton
+iteration; the blocks are rebuilt for each stage (at its first Newton iterate; the later iterations
+of the stage reuse them, a modified Newton method whose residual stays exact) and refactorised when
+the shift changes.
 """
 
 import weakref
@@ -103,13 +104,18 @@ class BlockJacobianPC:
     everything from the preconditioning matrix, one of pnode's shells
     (:class:`pnode.operators.RHSJacobianShell`): the linearization of f it points at (whose
     right-hand side knows the state's layout, hence the blocks), and the scale and shift PETSc put
-    on it. The blocks of one linearization are built once and refactorised for a new shift.
+    on it. The blocks of one stage are built once, at its first Newton iterate, and refactorised
+    for a new shift.
     """
 
     def __init__(self):
-        self._lin = lambda: None  # weak reference to the linearization of the blocks (a pooled solver's
-        # preconditioner must not keep the user's tensors alive between calls)
-        self._blocks: Optional[torch.Tensor] = None  # (count, size, size) of J at self._lin
+        # what the blocks are of: a weak reference to the right-hand side (a pooled solver's
+        # preconditioner must not keep the user's tensors alive between calls), the stage time and the
+        # Vec of the point; and the scale and shift of the factorised matrices
+        self._rhs = _dead
+        self._point: Tuple[float, int] = (float("nan"), 0)
+        self._shift: Tuple[float, float] = (float("nan"), float("nan"))
+        self._blocks: Optional[torch.Tensor] = None  # (count, size, size), PETSc dtype, CPU
         self._factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._shape: Tuple[int, int, int] = (0, 0, 1)
 
@@ -118,17 +124,25 @@ class BlockJacobianPC:
         shell.trap.call(self._factorise, shell)
 
     def _factorise(self, shell) -> None:
+        """Blocks at the shell's linearization, unless they are of the same stage (the same right-hand
+        side, stage time and stage Vec: a Newton iteration after the stage's first keeps the first's
+        blocks, a modified Newton iteration whose residual is still exact); LU of ``scale J + shift I``
+        unless scale and shift are the same too."""
         lin = shell.linearization
         if lin is None:
             raise RuntimeError("the block-Jacobian preconditioner was set up before its operator had a "
                                "linearization; use options={'jacobian': 'matrix_free'} with this TS type")
-        if lin is not self._lin():
+        point = (lin.tau, lin.key[0] if lin.key is not None else id(lin))
+        if self._rhs() is not lin.rhs or point != self._point:
             layout = block_layout(lin.rhs.layout)
-            self._blocks, self._lin = jacobian_blocks(lin, layout), weakref.ref(lin)
+            self._blocks = jacobian_blocks(lin, layout)
+            self._rhs, self._point, self._shift = weakref.ref(lin.rhs), point, (float("nan"), float("nan"))
             self._shape = (layout.count, layout.size, 1)
-        size = self._blocks.shape[-1]
-        matrices = shell.scale_factor * self._blocks + shell.shift_amount * torch.eye(size, dtype=self._blocks.dtype)
-        self._factors = torch.linalg.lu_factor(matrices)
+        shift = (shell.scale_factor, shell.shift_amount)
+        if shift != self._shift:
+            eye = torch.eye(self._blocks.shape[-1], dtype=self._blocks.dtype)
+            self._factors = torch.linalg.lu_factor(shift[0] * self._blocks + shift[1] * eye)
+            self._shift = shift
 
     def apply(self, pc, x, y) -> None:
         self._solve(x, y, adjoint=False)
@@ -142,4 +156,8 @@ class BlockJacobianPC:
         tensor_into_vec(torch.linalg.lu_solve(lu, pivots, rhs, adjoint=adjoint).reshape(-1), y)
 
     def reset(self, pc) -> None:
-        self._lin, self._blocks, self._factors = (lambda: None), None, None
+        self.__init__()
+
+
+def _dead():
+    return None
