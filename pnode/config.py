@@ -16,6 +16,9 @@ from .methods import Method
 NEWTON_RTOL_ULPS = 100.0
 # Newton stops when its update is this many round-off units of the state (it only moves in noise).
 NEWTON_STOL_ULPS = 10.0
+# Under error control, Newton solves to at most this fraction of rtol (stage errors at the level of
+# the tolerance made kencarp5 on Robertson at rtol 1e-10 take 4672 steps instead of 832).
+NEWTON_PER_RTOL = 1e-2
 # The adjoint's transposed linear solves: tighter than Newton (they carry the gradient), but
 # above the noise floor of the Jacobian products (which run in the state's dtype), and no
 # tighter than unpreconditioned GMRES reaches on stiff systems (it breaks down at 1e-8 on
@@ -119,9 +122,10 @@ class SolverConfig:
         - GMRES without a preconditioner (a shell has no entries to build one from), or with
           ``jacobian='blocks'`` the per-sample Jacobian blocks, LU-factorised, as the linear solve
           (``preonly`` with PETSc's PCPYTHON running :class:`pnode.block_jacobian.BlockJacobianPC`);
-        - Newton's relative tolerance ``100 * resolution`` (at least PETSc's 1e-8) and a step
-          tolerance of ``10 * resolution``: a float32 network cannot get its residual below
-          ~1e-7 of its size, where PETSc's defaults would make every solve fail;
+        - Newton's relative tolerance ``100 * resolution``, at least PETSc's 1e-8, or under error
+          control ``min(1e-8, rtol / 100)``, and a step tolerance of ``10 * resolution`` (at least
+          the same): a float32 network cannot get its residual below ~1e-7 of its size, where
+          PETSc's defaults would make every solve fail;
         - for float32 arithmetic, Eisenstat-Walker forcing: early Newton iterations solve their
           linear systems loosely (float64 states, and a ``ksp_rtol`` the caller sets, keep that
           tolerance);
@@ -130,7 +134,8 @@ class SolverConfig:
         - with ``implicit_solve='linear'``, one Newton step (``ksponly``) whose linear solve meets
           the same relative tolerance.
         """
-        rtol = max(1e-8, NEWTON_RTOL_ULPS * self.resolution)
+        rtol = max(min(1e-8, NEWTON_PER_RTOL * self.rtol) if self.adaptive else 1e-8,
+                   NEWTON_RTOL_ULPS * self.resolution)
         opts: Dict[str, object] = {"ksp_type": "gmres", "pc_type": "none"}
         if self.jacobian == "blocks":
             # a Newton iteration with the block Jacobian, LU-solved (exact when f is per-sample), unless
@@ -143,7 +148,7 @@ class SolverConfig:
             opts.update({"snes_type": "ksponly", "ksp_rtol": rtol})
             return opts
         opts.update({"snes_type": "newtonls", "snes_linesearch_type": "basic",
-                     "snes_rtol": rtol, "snes_stol": max(1e-8, NEWTON_STOL_ULPS * self.resolution),
+                     "snes_rtol": rtol, "snes_stol": max(min(1e-8, rtol), NEWTON_STOL_ULPS * self.resolution),
                      "snes_max_it": 20})
         if self.resolution > LOW_RESOLUTION and not self._ksp_rtol_given():
             opts["snes_ksp_ew"] = "true"

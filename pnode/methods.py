@@ -87,7 +87,7 @@ _TABLE: Tuple[Method, ...] = (
            description="Crank-Nicolson, error-controlled steps (PETSc TS cn)"),
     Method("beuler", "beuler", adaptive=True, implicit=True, order=1, l_stable=True,
            description="backward Euler, error-controlled steps (PETSc TS beuler)"),
-    Method("theta", "theta", theta=0.5, adaptive=True, implicit=True, order=1,
+    Method("theta", "theta", theta=0.5, adaptive=True, implicit=True, order=2,
            description="theta method, options={'theta': ...}, error-controlled steps (PETSc TS theta)"),
     _kencarp("kencarp3", "3", 3, "ARK3(2)4L[2]SA"),
     _kencarp("kencarp4", "4", 4, "ARK4(3)6L[2]SA"),

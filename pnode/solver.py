@@ -26,7 +26,7 @@ from .failures import check_forward, nonfinite_error, petsc_failure
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
 from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule
-from .stiffness import watch_stiffness
+from .hints import watch_steps
 from .ts_setup import configure_ts, renew_trajectory, starting_step
 
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
@@ -228,7 +228,7 @@ class Solver:
         schedule = OutputSchedule(self.config, record, plan.store, self.explicit)
         evaluator.observer = schedule.observe
         first_step = starting_step(self.config, rhs, taus, y0, self.comm)
-        call = Call(watch_stiffness(schedule, rhs, self.config, self.explicit), evaluator,
+        call = Call(watch_steps(schedule, rhs, self.config, self.explicit), evaluator,
                     Linearizer(rhs, self.explicit, evaluated=evaluator.value_at), "forward")
         self._solve(call, y0, float(taus[0]), float(taus[-1]), first_step, plan.trajectory, plan.solution_only)
         check_forward(self, record, schedule.nonfinite_at)
