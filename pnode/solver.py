@@ -23,10 +23,10 @@ from .config import SolverConfig
 from .errors import CallbackErrorTrap, SolverError
 from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
 from .failures import check_forward, nonfinite_error, petsc_failure
+from .hints import watch_steps
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
 from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule
-from .hints import watch_steps
 from .ts_setup import configure_ts, renew_trajectory, starting_step
 
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).

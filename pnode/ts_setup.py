@@ -12,7 +12,6 @@ from .options import scoped_options
 from .rhs import RHS
 
 
-
 def configure_ts(solver, config: SolverConfig, record: bool):
     """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist), and the
     form it takes f in (:mod:`pnode.formulation`, chosen by the TS type the options resolved to)."""

@@ -12,8 +12,8 @@ from conftest import rel_err
 from problems import MLPField
 
 import pnode
-from pnode.methods import adjoint_available, resolve_method
 from pnode.hints import FirstOrderWarning, StiffnessWarning, forget_warnings
+from pnode.methods import adjoint_available, resolve_method
 from pnode.testing.references import theta_newton_solve
 from pnode.testing.stiff_problems import ROBERTSON, VDPOL, reference_solution, relative_error
 
