@@ -2,8 +2,9 @@
 
 The public surface is small: :func:`odeint` (solve), :func:`odeint_adjoint` (solve, differentiable
 by the discrete adjoint), :func:`odeint_event` (solve until an event, differentiable through the
-event time), :class:`ODEBlock`, :class:`IMEX` (a right-hand side split for IMEX methods), :func:`available_methods`, :func:`clear_cache` (drop the pooled
-solvers), :func:`init` (initialise PETSc from given options) and the exception types.
+event time), :class:`ODEBlock`, :class:`IMEX` (a right-hand side split for IMEX methods),
+:func:`available_methods`, :func:`clear_cache` (drop the pooled solvers), :func:`init` (initialise
+PETSc from given options) and the exception types.
 
 Importing pnode does not initialise PETSc: the first solve does, reading PETSc options from
 ``sys.argv`` (``-ts_type cn``), unless :func:`init` was called first.

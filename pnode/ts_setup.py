@@ -114,7 +114,8 @@ def _check_used(names) -> None:
     if unused:
         raise InputError(f"options {unused} were not used by PETSc: they are neither pnode options "
                          "(step_size, first_step, min_step, max_step, max_num_steps, theta, adjoint, checkpoints, "
-                         "checkpoint_graphs, memory_budget, implicit_solve, jvp, jacobian) nor PETSc options this solver reads; "
+                         "checkpoint_graphs, memory_budget, implicit_solve, jvp, jacobian) nor PETSc options this "
+                         "solver reads; "
                          "check the spelling (PETSc names are e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
 
 
