@@ -114,24 +114,17 @@ class Kinetics:
 
     Attributes:
         evaluations: calls of f (the Jacobian blocks' evaluations included).
-        implicit_steps: steps of the solves: those accepted under error control, else every step
-            taken (torchdiffeq's step callbacks).
+        implicit_steps: steps of the solves, counted by :meth:`count_step`, which the integrator makes
+            torchdiffeq's ``callback_accept_step`` (error control) or ``callback_step`` (fixed steps).
     """
 
     def __init__(self, k: torch.Tensor):
         self.k = k
         self.evaluations = 0
-        self.attempts = self.accepted = 0
+        self.implicit_steps = 0
 
-    @property
-    def implicit_steps(self) -> int:
-        return self.accepted or self.attempts
-
-    def callback_step(self, t0, y0, dt) -> None:
-        self.attempts += 1
-
-    def callback_accept_step(self, t0, y0, dt) -> None:
-        self.accepted += 1
+    def count_step(self, t0, y0, dt) -> None:
+        self.implicit_steps += 1
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
@@ -214,6 +207,10 @@ class Integrator:
 
     def integrate(self, kinetics: Kinetics) -> torch.Tensor:
         y0 = torch.tensor(Y0, dtype=DTYPE)
+        if self.adaptive:
+            kinetics.callback_accept_step = kinetics.count_step
+        else:
+            kinetics.callback_step = kinetics.count_step
         ys = pnode.odeint_adjoint(kinetics, y0, self.solve_times, method=self.method, options=self.options,
                                   adjoint_params=(kinetics.k,), **self.tolerances)
         return ys[::self.stride]

@@ -17,9 +17,12 @@ def check_forward(solver, record, nonfinite_at) -> None:
     name = converged_reason_name(reason)
     where = f"the solve stopped at t={t_user:.6g} after {ts.getStepNumber()} steps ({name})"
     if reason >= 0:
+        stiff = (f"; an explicit method that needs this many steps is often held by stability: if the problem is "
+                 f"stiff, an implicit method steps with the solution (method={stiff_method()!r})"
+                 if solver.explicit and solver.config.adaptive else "")
         raise SolverError(f"{where} before reaching the last output time "
                           f"{solver.rhs.direction * record.taus[-1]:.6g}: raise options['max_num_steps'] "
-                          "(or -ts_max_steps), or loosen rtol/atol", t_reached=t_user, reason=name)
+                          f"(or -ts_max_steps), or loosen rtol/atol{stiff}", t_reached=t_user, reason=name)
     if name == "DIVERGED_NONLINEAR_SOLVE":
         hint = newton_report(ts.getSNES())
     elif name == "DIVERGED_STEP_REJECTED" and ts.getSNESFailures():
