@@ -266,3 +266,17 @@ def set_adjoint_monitor(ts, callback) -> None:
         error = fn is None or fn(handle, callback, None, None)
     if error:
         raise RuntimeError("TSAdjointMonitorSet is not available in this PETSc library")
+
+
+def set_always_accept(ts, flag: bool) -> None:
+    """``TSAdaptSetAlwaysAccept`` on the adaptor of ``ts`` (petsc4py wraps neither it nor ``TSGetAdapt``).
+
+    Raises:
+        RuntimeError: this PETSc does not export them, or a call failed.
+    """
+    get = _petsc_function("TSGetAdapt", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    accept = _petsc_function("TSAdaptSetAlwaysAccept", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int])
+    adapt = ctypes.c_void_p()
+    if get is None or accept is None or get(ctypes.c_void_p(ts.handle), ctypes.byref(adapt)) or \
+            accept(adapt, int(bool(flag))):
+        raise RuntimeError("TSAdaptSetAlwaysAccept is not available in this PETSc library")

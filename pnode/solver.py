@@ -27,7 +27,7 @@ from .hints import watch_steps
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
 from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule
-from .ts_setup import configure_ts, renew_trajectory, starting_step
+from .ts_setup import accepting_every_step, configure_ts, renew_trajectory, starting_step
 
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
 EXPLICIT_TYPES = ("rk", "euler", "ssp")
@@ -251,7 +251,8 @@ class Solver:
                               graph_stages=replay.graph_stages, first_derivative=replay.first_derivative)
         schedule = ReplaySchedule(replay.sizes, lambda taken: self.replay_mismatch(len(replay.sizes), taken))
         call = Call(schedule, evaluator, Linearizer(rhs, self.explicit), "recomputation")
-        self._solve(call, y_start, float(times[0]), float(times[-1]), float(replay.sizes[0]), replay.trajectory)
+        with accepting_every_step(self.ts):
+            self._solve(call, y_start, float(times[0]), float(times[-1]), float(replay.sizes[0]), replay.trajectory)
         if self.ts.getStepNumber() != len(replay.sizes):
             raise self.replay_mismatch(len(replay.sizes), self.ts.getStepNumber())
         if not np.isfinite(self.solution.norm()):

@@ -1,13 +1,15 @@
 """Setting a TS up: its callbacks and options, a new trajectory per recording solve, the first step."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
-from ._compat import PETSc, has_revolve
+from ._compat import PETSc, has_revolve, set_always_accept
 from .bridge import petsc_dtype
 from .config import SolverConfig
 from .errors import InputError
-from .formulation import RHS_FORM_ADJOINT_TYPES, formulation_for
+from .formulation import IMPLICIT_FORM_TYPES, RHS_FORM_ADJOINT_TYPES, formulation_for
 from .options import scoped_options
 from .rhs import RHS
 
@@ -34,6 +36,7 @@ def configure_ts(solver, config: SolverConfig, record: bool):
             _check_revolve(config.prefix)
         ts.setFromOptions()
         _check_used(user_names)
+        _check_solution_only(ts, config.prefix)
         solver.resolved_options = _resolved(config.prefix)
     if ts.getType() not in RHS_FORM_ADJOINT_TYPES:
         ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
@@ -68,6 +71,20 @@ def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> N
         derived["ts_trajectory_solution_only"] = "true"
     with scoped_options(config.prefix, dict(config.petsc_options), derived):
         ts.setFromOptions()
+
+
+@contextmanager
+def accepting_every_step(ts):
+    """While a replay re-takes recorded steps, PETSc's controller accepts each of them. A re-taken
+    implicit step solves its stages again to Newton's tolerance (ARKIMEX also recomputes its first
+    stage's derivative after the restart instead of taking the previous step's), so its error
+    estimate can differ from the original's by as much and flip a close decision: kencarp4 re-took
+    9 recorded steps in 10."""
+    set_always_accept(ts, True)
+    try:
+        yield
+    finally:
+        set_always_accept(ts, False)
 
 
 def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, comm) -> float:
@@ -117,6 +134,17 @@ def _check_used(names) -> None:
                          "checkpoint_graphs, memory_budget, implicit_solve, jvp, jacobian) nor PETSc options this "
                          "solver reads; "
                          "check the spelling (PETSc names are e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
+
+
+def _check_solution_only(ts, prefix: str) -> None:
+    """Refuse a solution-only trajectory for ARKIMEX: PETSc's re-take of its steps in the adjoint gave
+    gradients 65 % off (kencarp4 on a small MLP field; cn's were right to 1e-20)."""
+    db = PETSc.Options()
+    name = prefix + "ts_trajectory_solution_only"
+    if ts.getType() in IMPLICIT_FORM_TYPES and db.hasName(name) and db.getBool(name, False):
+        raise InputError(f"-{name} is not supported with TS {ts.getType()} (kencarp*): PETSc's adjoint re-takes its "
+                         "steps from a solution-only trajectory wrongly (gradients far off); leave the stages in the "
+                         "trajectory (the default), or use checkpoints=K to bound memory")
 
 
 def _check_revolve(prefix: str) -> None:

@@ -23,6 +23,7 @@ sys.path.insert(0, EXAMPLES)
 import cnf  # noqa: E402
 import common  # noqa: E402
 import latent_ode  # noqa: E402
+import reaction_diffusion  # noqa: E402
 import robertson  # noqa: E402
 
 F64 = torch.float64
@@ -43,7 +44,7 @@ def _run(module, tmp_path, *argv):
 
 
 # ---------------------------------------------------------------------------------------------- all three
-@pytest.mark.parametrize("script", ["cnf.py", "latent_ode.py", "robertson.py"])
+@pytest.mark.parametrize("script", ["cnf.py", "latent_ode.py", "robertson.py", "reaction_diffusion.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), "--help"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
@@ -71,10 +72,11 @@ RESUME_ARGS = {
     latent_ode: ["--n-train", "16", "--n-test", "8", "--batch-size", "8", "--n-grid", "16", "--n-obs", "5",
                  "--t-obs", "6", "--hidden", "16", "--rnn-hidden", "8", "--plot-spirals", "0", "--log-every", "2"],
     robertson: ["--n-times", "21", "--explicit-max-steps", "0", "--no-plot", "--log-every", "1"],
+    reaction_diffusion: ["--batch", "4", "--grid", "32", "--n-obs", "4", "--no-plot", "--log-every", "1"],
 }
 
 
-@pytest.mark.parametrize("module", [cnf, latent_ode, robertson], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [cnf, latent_ode, robertson, reaction_diffusion], ids=lambda m: m.__name__)
 def test_resumed_run_equals_uninterrupted_run(module, tmp_path):
     # Model, optimiser (Adam moments, L-BFGS history), iteration and RNG streams are checkpointed,
     # and PETSc's solves are deterministic: the resumed run must be bitwise the uninterrupted one.
@@ -266,3 +268,12 @@ def test_robertson_fit_reduces_loss_and_dopri5_stalls(tmp_path):
     assert not explicit["completed"] and explicit["t_reached"] < 1.0  # 300 explicit steps: not even to t=1
     # two cn steps per output interval cover [0, 1e5] (PETSc may halve the last step: MATCHSTEP)
     assert result["implicit_steps"] in (42, 43)
+
+
+# ---------------------------------------------------------------------------------------------- reaction-diffusion
+def test_reaction_diffusion_trains_imex_and_dopri5_needs_many_times_the_steps(tmp_path):
+    result = _run(reaction_diffusion, tmp_path, "--niters", "40", "--batch", "4", "--log-every", "5", "--no-plot")
+    losses = [r["loss"] for r in result["history"]] + [result["final_loss"]]
+    assert losses[-1] < losses[0] / 3, losses
+    steps = result["steps"]  # the trained model, same tolerances
+    assert steps["dopri5"] > 8 * steps["kencarp4"], steps
