@@ -1,4 +1,4 @@
-"""Learning the rate constants of Robertson's stiff chemical kinetics with Crank-Nicolson and PETSc's adjoint.
+"""Learning the rate constants of Robertson's stiff chemical kinetics with implicit methods and PETSc's adjoint.
 
     y1' = -k1 y1 + k3 y2 y3
     y2' =  k1 y1 - k3 y2 y3 - k2 y2^2        y(0) = (1, 0, 0),  (k1, k2, k3) = (0.04, 3e7, 1e4)
@@ -12,16 +12,18 @@ largest value (y2 never exceeds 4e-5), with L-BFGS (or Adam). Each loss evaluati
 
 Step sizes. The eigenvalues of the Jacobian reach -1e4 while the solution changes on time scales
 from 1e-5 to 1e5, so an explicit method is held to steps of ~1e-4 by stability alone. An implicit
-method can step with the solution: ``--steps-per-interval m`` puts m log-spaced steps between
-consecutive output times (one solve with those extra output times, which pnode hits exactly), or
-``--adapt`` lets PETSc's controller choose the steps (``ts_adapt_type basic``, with ``--rtol`` and
-``--atol``). At the end, dopri5 (adaptive, explicit) integrates the true system under a step budget
-(``--explicit-max-steps``) for comparison.
+method steps with the solution. By default it is called as a stiff problem is posed: a method and
+tolerances (``--method kencarp4 --rtol 1e-6 --atol 1e-10``), and PETSc's controller chooses the
+steps from the method's error estimate, starting from pnode's automatic first step. With
+``--steps-per-interval m`` the steps are fixed instead: m log-spaced steps between consecutive
+output times (one solve with those extra output times, which pnode hits exactly). At the end,
+dopri5 (adaptive, explicit) integrates the true system under a step budget
+(``--explicit-max-steps``) for comparison: pnode warns that the problem looks stiff.
 
-    python examples/robertson.py                          # cn, 2 steps per output interval, L-BFGS; ~1 minute
-    python examples/robertson.py --method beuler --steps-per-interval 8
-    python examples/robertson.py --adapt                  # PETSc's step controller with cn (rtol 1e-3)
-    python examples/robertson.py -ksp_rtol 1e-6 -snes_converged_reason    # PETSc options pass through
+    python examples/robertson.py                          # kencarp4, rtol 1e-6, atol 1e-10, L-BFGS; ~1 minute
+    python examples/robertson.py --method cn              # Crank-Nicolson, error-controlled (many more steps)
+    python examples/robertson.py --method cn --steps-per-interval 2     # fixed steps
+    python examples/robertson.py -snes_converged_reason   # PETSc options pass through
 
 Writes ``<out>/log.txt``, ``<out>/metrics.jsonl``, ``<out>/checkpoint.pt`` (every ``--log-every``
 iterations; ``--resume`` continues from it) and ``<out>/robertson.png``.
@@ -69,13 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise", type=float, default=0.0, help="relative Gaussian noise on the reference data")
     parser.add_argument("--perturb", type=float, nargs=3, default=(2.0, 0.5, 2.0),
                         help="initial guess = true constants times these factors")
-    parser.add_argument("--method", choices=["cn", "beuler", "theta"], default="cn", help="implicit pnode method")
-    parser.add_argument("--steps-per-interval", type=int, default=2,
-                        help="fixed implicit steps between consecutive output times (log-spaced)")
-    parser.add_argument("--adapt", action="store_true",
-                        help="let PETSc adapt the step (ts_adapt_type basic) instead of fixed steps")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="tolerance of --adapt (and of dopri5)")
-    parser.add_argument("--atol", type=float, default=1e-8, help="tolerance of --adapt (and of dopri5)")
+    parser.add_argument("--method", choices=["kencarp4", "kencarp3", "kencarp5", "cn", "beuler", "theta"],
+                        default="kencarp4", help="implicit pnode method")
+    parser.add_argument("--steps-per-interval", type=int, default=None,
+                        help="fixed implicit steps between consecutive output times (log-spaced); default: "
+                             "error-controlled steps")
+    parser.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (and of dopri5)")
+    parser.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance (and of dopri5)")
     parser.add_argument("--optimizer", choices=["lbfgs", "adam"], default="lbfgs")
     parser.add_argument("--niters", type=int, default=15,
                         help="optimiser iterations (an L-BFGS iteration is one update with a line search)")
@@ -107,28 +109,25 @@ class Kinetics:
 
     ``k`` is computed from ``log10_k`` once per solve and handed to pnode as ``adjoint_params``:
     TSAdjoint returns dL/dk and autograd carries it on to ``log10_k``. (Computing k from the
-    parameter inside f would be as correct, but makes each Newton-Krylov JVP, done with
-    ``torch.func.jvp``, about three times as expensive.)
+    parameter inside f would be as correct, but adds the exponential to every evaluation and every
+    Jacobian product.)
 
     Attributes:
-        evaluations: calls of f, Newton-Krylov JVPs included.
-        times: the distinct times of the calls without a graph (forward solves); for an implicit
-            one-step method, one per step end plus the initial time.
+        evaluations: calls of f (the Jacobian blocks' evaluations included).
+        implicit_steps: steps of the solves, counted by :meth:`count_step`, which the integrator makes
+            torchdiffeq's ``callback_accept_step`` (error control) or ``callback_step`` (fixed steps).
     """
 
     def __init__(self, k: torch.Tensor):
         self.k = k
         self.evaluations = 0
-        self.times = set()
+        self.implicit_steps = 0
 
-    @property
-    def implicit_steps(self) -> int:
-        return len(self.times) - 1
+    def count_step(self, t0, y0, dt) -> None:
+        self.implicit_steps += 1
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
-        if not torch.is_grad_enabled():
-            self.times.add(float(t))
         y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
         rates = torch.stack([y1, y2 * y2, y2 * y3], dim=-1) * self.k
         return rates @ STOICHIOMETRY.T
@@ -178,21 +177,18 @@ def refine(times: torch.Tensor, m: int) -> torch.Tensor:
 class Integrator:
     """The implicit solve the fit uses: ``integrate(kinetics)`` -> ``(len(times), 3)`` at the output times.
 
-    pnode solves each implicit step by Newton-Krylov, matrix-free: GMRES without a preconditioner
-    on I - (h/2) J, whose condition number reaches ~1e8 here. With PETSc's default ``ksp_rtol``
-    (1e-5) the adjoint's transposed solves leave the gradient within ~2 % of finite differences
-    (enough for L-BFGS to reach the same constants); ``-ksp_rtol 1e-6`` gives ~0.5 %. Much tighter
-    values ask more than unpreconditioned GMRES delivers on such systems: it breaks down, and
-    pnode raises a SolverError for the failed adjoint solve (see docs/examples_science.md).
+    pnode solves each implicit stage by Newton's method, its linear systems by the LU of the 3 x 3
+    Jacobian (the state has no batch dimension, so pnode's per-sample block is the whole Jacobian);
+    the adjoint's transposed solves use the same factors, transposed, inside GMRES, to 1e-12.
     """
 
     def __init__(self, args: argparse.Namespace, times: torch.Tensor):
         self.method = args.method
         self.times = times
-        self.adaptive = args.adapt
-        if args.adapt:
+        self.adaptive = args.steps_per_interval is None
+        if self.adaptive:
             self.solve_times, self.stride = times, 1
-            self.options = {"ts_adapt_type": "basic"}
+            self.options = {}
             self.tolerances = {"rtol": args.rtol, "atol": args.atol}
         else:
             m = args.steps_per_interval
@@ -205,12 +201,16 @@ class Integrator:
 
     def describe(self) -> str:
         if self.adaptive:
-            return f"{self.method}, adaptive steps (ts_adapt_type basic, rtol={self.tolerances['rtol']:g}, " \
+            return f"{self.method}, error-controlled steps (rtol={self.tolerances['rtol']:g}, " \
                    f"atol={self.tolerances['atol']:g})"
         return f"{self.method}, {self.stride} fixed step(s) per output interval"
 
     def integrate(self, kinetics: Kinetics) -> torch.Tensor:
         y0 = torch.tensor(Y0, dtype=DTYPE)
+        if self.adaptive:
+            kinetics.callback_accept_step = kinetics.count_step
+        else:
+            kinetics.callback_step = kinetics.count_step
         ys = pnode.odeint_adjoint(kinetics, y0, self.solve_times, method=self.method, options=self.options,
                                   adjoint_params=(kinetics.k,), **self.tolerances)
         return ys[::self.stride]
@@ -340,7 +340,7 @@ def main(argv=None) -> Dict[str, object]:
     logger.info("fitted k = %s (true %s); relative errors %s; final loss %.3e; %.1f s",
                 ", ".join(f"{k:.5g}" for k in model.k.detach().tolist()), ", ".join(f"{k:g}" for k in TRUE_K),
                 ", ".join(f"{e:+.3%}" for e in errors), final_loss, elapsed)
-    logger.info("implicit solve (%s): %d steps over [0, %g], %d evaluations of f (incl. Newton-Krylov JVPs)",
+    logger.info("implicit solve (%s): %d steps over [0, %g], %d evaluations of f (the Jacobian blocks' included)",
                 args.method, steps, args.t_end, implicit_evaluations)
     summary = {"k": model.k.detach().tolist(), "relative_error": errors, "final_loss": final_loss, "elapsed": elapsed,
                "implicit_steps": steps, "implicit_evaluations": implicit_evaluations, "history": history,

@@ -3,6 +3,7 @@
 The public surface is small: :func:`odeint` (solve), :func:`odeint_adjoint` (solve, differentiable
 by the discrete adjoint), :func:`odeint_event` (solve until an event, differentiable through the
 event time), :func:`odeint_dense` (the solution as a function of time), :class:`ODEBlock`,
+:class:`IMEX` (a right-hand side split for IMEX methods),
 :func:`available_methods`, :func:`clear_cache` (drop the pooled solvers), :func:`init` (initialise
 PETSc from given options) and the exception types.
 
@@ -13,6 +14,7 @@ Importing pnode does not initialise PETSc: the first solve does, reading PETSc o
 from ._compat import init
 from .dense import odeint_dense
 from .errors import InputError, PnodeError, SolverError
+from .imex import IMEX
 from .methods import available_methods
 from .nn import ODEBlock
 from .odeint import odeint, odeint_adjoint, odeint_event
@@ -20,5 +22,5 @@ from .pool import clear_cache
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "ODEBlock", "available_methods",
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "ODEBlock", "IMEX", "available_methods",
            "clear_cache", "init", "PnodeError", "InputError", "SolverError", "__version__"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from .methods import Method
-from .options import get_global_option
+from .options import command_line_names, get_global_option
 
 # Newton's relative tolerance, in units of the round-off of the arithmetic f is evaluated in: a
 # float32 network in a float64 PETSc resolves its residual to ~1e-7 of its size, so PETSc's
@@ -17,16 +17,23 @@ from .options import get_global_option
 NEWTON_RTOL_ULPS = 100.0
 # Newton stops when its update is this many round-off units of the state (it only moves in noise).
 NEWTON_STOL_ULPS = 10.0
+# Under error control, Newton solves to at most this fraction of rtol (stage errors at the level of
+# the tolerance made kencarp5 on Robertson at rtol 1e-10 take 4672 steps instead of 832).
+NEWTON_PER_RTOL = 1e-2
 # The adjoint's transposed linear solves: tighter than Newton (they carry the gradient), but
 # above the noise floor of the Jacobian products (which run in the state's dtype), and no
 # tighter than unpreconditioned GMRES reaches on stiff systems (it breaks down at 1e-8 on
 # Robertson's kinetics, whose I - h J has a condition number of ~1e8). Ten times PETSc's default.
 ADJOINT_KSP_RTOL_ULPS = 10.0
 ADJOINT_KSP_RTOL_FLOOR = 1e-6
+# ... and preconditioned by the exact per-sample blocks (pnode.block_jacobian), GMRES reaches round-off.
+BLOCKS_ADJOINT_KSP_RTOL_FLOOR = 1e-12
 # Below this resolution (float64 arithmetic) Newton keeps PETSc's accurate linear solves: with
 # Eisenstat-Walker's loose early solves, Newton's step test declared badly scaled stiff systems
 # (Robertson's, species from 1 to 1e-5) converged too early.
 LOW_RESOLUTION = 1e-10
+# The preconditioner of ``jacobian='blocks'``, as PETSc's ``-pc_python_type`` names it.
+BLOCK_JACOBIAN_PC = "pnode.block_jacobian.BlockJacobianPC"
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,11 @@ class SolverConfig:
             exact, so only the convergence rate feels it). The adjoint's products are VJPs either way.
         vector_tolerances: ``rtol``/``atol`` are given per entry with each call (PETSc's vector
             tolerances); ``rtol``/``atol`` then hold their largest values, for display.
+        jacobian: what preconditions GMRES in implicit steps: ``'blocks'`` (the dense per-sample
+            Jacobian blocks, factorised by one batched LU: :mod:`pnode.block_jacobian`) or
+            ``'matrix_free'`` (no preconditioner: nothing but Jacobian-vector products).
+        split: ``func`` is a :class:`pnode.IMEX` split (part of the key: an IMEX method hands PETSc
+            its explicit part as the right-hand side, see :mod:`pnode.formulation`).
     """
 
     method: Method
@@ -65,6 +77,8 @@ class SolverConfig:
     implicit_solve: str = "newton"
     jvp: str = "autodiff"
     vector_tolerances: bool = False
+    jacobian: str = "matrix_free"
+    split: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -73,11 +87,21 @@ class SolverConfig:
     @property
     def adjoint_ksp_rtol(self) -> float:
         """Relative tolerance of an implicit adjoint step's transposed linear solve: the ``ksp_rtol``
-        the caller gave, else ``max(1e-6, 10 * resolution)``."""
+        the caller gave, else ``max(1e-6, 10 * resolution)``, or with ``jacobian='blocks'``
+        ``max(1e-12, 10 * resolution)``."""
         given = dict(self.petsc_options).get("ksp_rtol")
         if given is not None:
             return float(given)
+        if self.jacobian == "blocks":  # preconditioned GMRES reaches round-off in an iteration or two
+            return max(BLOCKS_ADJOINT_KSP_RTOL_FLOOR, ADJOINT_KSP_RTOL_ULPS * self.resolution)
         return max(ADJOINT_KSP_RTOL_FLOOR, ADJOINT_KSP_RTOL_ULPS * self.resolution)
+
+    @property
+    def adjoint_ksp_type(self) -> str:
+        """The Krylov method of an implicit adjoint step's transposed solve: GMRES, iterated to
+        :attr:`adjoint_ksp_rtol` (the forward pass's ``preonly`` with ``jacobian='blocks'`` would trust
+        the blocks to be the whole Jacobian, which a ``func`` that couples samples breaks)."""
+        return "gmres"
 
     def derived_options(self) -> Dict[str, object]:
         """The PETSc options that express ``method`` and the step settings (lowest precedence)."""
@@ -88,16 +112,25 @@ class SolverConfig:
             opts["ts_rk_type"] = self.method.rk_type
         if self.method.theta is not None:
             opts["ts_theta_theta"] = self.method.theta
+        if self.method.arkimex_type is not None:
+            opts["ts_arkimex_type"] = self.method.arkimex_type
+        if self.method.implicit and self.adaptive:
+            # a Newton solve that fails rejects the step, which is retried smaller (TSAdapt's
+            # scale_solve_failed, 0.25), up to ts_max_reject times per step, instead of ending the solve
+            opts["ts_max_snes_failures"] = -1
         opts.update(self.newton_options())
         return opts
 
     def newton_options(self) -> Dict[str, object]:
         """Newton-Krylov on matrix-free shell Jacobians, scaled to what f's arithmetic resolves.
 
-        - GMRES without a preconditioner (a shell has no entries to build one from);
-        - Newton's relative tolerance ``100 * resolution`` (at least PETSc's 1e-8) and a step
-          tolerance of ``10 * resolution``: a float32 network cannot get its residual below
-          ~1e-7 of its size, where PETSc's defaults would make every solve fail;
+        - GMRES without a preconditioner (a shell has no entries to build one from), or with
+          ``jacobian='blocks'`` the per-sample Jacobian blocks, LU-factorised, as the linear solve
+          (``preonly`` with PETSc's PCPYTHON running :class:`pnode.block_jacobian.BlockJacobianPC`);
+        - Newton's relative tolerance ``100 * resolution``, at least PETSc's 1e-8, or under error
+          control ``min(1e-8, rtol / 100)``, and a step tolerance of ``10 * resolution`` (at least
+          the same): a float32 network cannot get its residual below ~1e-7 of its size, where
+          PETSc's defaults would make every solve fail;
         - for float32 arithmetic, Eisenstat-Walker forcing: early Newton iterations solve their
           linear systems loosely (float64 states, and a ``ksp_rtol`` the caller sets, keep that
           tolerance);
@@ -106,13 +139,21 @@ class SolverConfig:
         - with ``implicit_solve='linear'``, one Newton step (``ksponly``) whose linear solve meets
           the same relative tolerance.
         """
-        rtol = max(1e-8, NEWTON_RTOL_ULPS * self.resolution)
+        rtol = max(min(1e-8, NEWTON_PER_RTOL * self.rtol) if self.adaptive else 1e-8,
+                   NEWTON_RTOL_ULPS * self.resolution)
         opts: Dict[str, object] = {"ksp_type": "gmres", "pc_type": "none"}
+        if self.jacobian == "blocks":
+            # a Newton iteration with the block Jacobian, LU-solved (exact when f is per-sample), unless
+            # the caller tunes the Krylov solve; the adjoint's transposed solves iterate GMRES with it
+            # to their tolerance (adjoint_ksp_type)
+            opts.update({"pc_type": "python", "pc_python_type": BLOCK_JACOBIAN_PC})
+            if not self._ksp_options_given():
+                opts["ksp_type"] = "preonly"
         if self.implicit_solve == "linear":
             opts.update({"snes_type": "ksponly", "ksp_rtol": rtol})
             return opts
         opts.update({"snes_type": "newtonls", "snes_linesearch_type": "basic",
-                     "snes_rtol": rtol, "snes_stol": max(1e-8, NEWTON_STOL_ULPS * self.resolution),
+                     "snes_rtol": rtol, "snes_stol": max(min(1e-8, rtol), NEWTON_STOL_ULPS * self.resolution),
                      "snes_max_it": 20})
         if self.resolution > LOW_RESOLUTION and not self._ksp_rtol_given():
             opts["snes_ksp_ew"] = "true"
@@ -123,3 +164,10 @@ class SolverConfig:
         Eisenstat-Walker would otherwise override."""
         names = ("ksp_rtol", self.prefix + "ksp_rtol")
         return "ksp_rtol" in dict(self.petsc_options) or any(get_global_option(n) is not None for n in names)
+
+    def _ksp_options_given(self) -> bool:
+        """Whether the caller set a Krylov option (``ksp_*``, in ``options`` or on the command line): its
+        linear solves then iterate (GMRES preconditioned by the blocks) instead of taking the blocks' LU."""
+        given = [name for name in dict(self.petsc_options)] + [name[len(self.prefix):] if name.startswith(
+            self.prefix) else name for name in command_line_names()]
+        return any(name.startswith("ksp_") for name in given)

@@ -32,6 +32,14 @@ class Method:
         description: a one-line description shown by :func:`available_methods`.
         tableau: for a tableau PETSc does not ship, the tableau pnode registers with PETSc (as
             ``rk_type``) before the first solve that uses it; None for PETSc's own methods.
+        arkimex_type: PETSc ``TSARKIMEXType`` for ``ts_type == 'arkimex'``: f is handed to PETSc in
+            implicit form, ``F(t, y, y') = y' - f(t, y)`` (or ``y' - f_implicit`` with the explicit part
+            of a :class:`pnode.IMEX` split as the right-hand side), see :mod:`pnode.formulation`.
+        adjoint_since: the oldest PETSc ``(major, minor)`` whose TSAdjoint of this method is right.
+        l_stable: the implicit method damps infinitely stiff components in one step (its stability
+            function vanishes at infinity): stiff transients do not ring.
+        imex: a :class:`pnode.IMEX` split is integrated as IMEX (its explicit part explicitly); other
+            methods integrate the split's sum.
     """
 
     name: str
@@ -46,11 +54,25 @@ class Method:
     dense_midpoint: bool = False
     description: str = ""
     tableau: Optional[RKTableau] = field(default=None, compare=False, repr=False)
+    arkimex_type: Optional[str] = None
+    adjoint_since: Tuple[int, int] = (3, 0)
+    l_stable: bool = False
+    imex: bool = False
 
 
 def _registered_rk(name: str, tableau: RKTableau, adaptive: bool, description: str, fsal: bool = False) -> Method:
     return Method(name, "rk", rk_type=tableau.name, adaptive=adaptive, order=tableau.order,
                   zero_weight_stage=tableau.zero_weight_stage, fsal=fsal, description=description, tableau=tableau)
+
+
+def _kencarp(name: str, arkimex_type: str, order: int, paper_name: str) -> Method:
+    """Kennedy & Carpenter's additive Runge-Kutta pair (Appl. Numer. Math. 44, 2003) as PETSc's ARKIMEX
+    ``arkimex_type``: its L-stable, stiffly accurate ESDIRK (embedded order ``order - 1``) on f, and the
+    IMEX pair on a :class:`pnode.IMEX` split. TSAdjoint has its current ARKIMEX adjoint since 3.20."""
+    return Method(name, "arkimex", arkimex_type=arkimex_type, adaptive=True, implicit=True, order=order,
+                  adjoint_since=(3, 20), l_stable=True, imex=True,
+                  description=f"Kennedy-Carpenter {paper_name}: L-stable ESDIRK, IMEX on a pnode.IMEX split "
+                              f"(PETSc TS arkimex {arkimex_type})")
 
 
 _TABLE: Tuple[Method, ...] = (
@@ -65,10 +87,17 @@ _TABLE: Tuple[Method, ...] = (
            dense_midpoint=True, description="Dormand-Prince 5(4) (PETSc RK 5dp)"),
     Method("adaptive_heun", "rk", rk_type="2a", adaptive=True, order=2,
            description="Heun with embedded Euler (PETSc RK 2a)"),
-    Method("cn", "cn", implicit=True, order=2, description="Crank-Nicolson (PETSc TS cn)"),
-    Method("beuler", "beuler", implicit=True, order=1, description="backward Euler (PETSc TS beuler)"),
-    Method("theta", "theta", theta=0.5, implicit=True, order=1,
-           description="theta method, options={'theta': ...} (PETSc TS theta)"),
+    # pnode's own implicit names adapt their steps (PETSc's estimate from the last three step ends);
+    # torchdiffeq's names below keep torchdiffeq's meaning: fixed steps
+    Method("cn", "cn", adaptive=True, implicit=True, order=2,
+           description="Crank-Nicolson, error-controlled steps (PETSc TS cn)"),
+    Method("beuler", "beuler", adaptive=True, implicit=True, order=1, l_stable=True,
+           description="backward Euler, error-controlled steps (PETSc TS beuler)"),
+    Method("theta", "theta", theta=0.5, adaptive=True, implicit=True, order=2,
+           description="theta method, options={'theta': ...}, error-controlled steps (PETSc TS theta)"),
+    _kencarp("kencarp3", "3", 3, "ARK3(2)4L[2]SA"),
+    _kencarp("kencarp4", "4", 4, "ARK4(3)6L[2]SA"),
+    _kencarp("kencarp5", "5", 5, "ARK5(4)8L[2]SA"),
     Method("heun2", "rk", rk_type="2a", order=2, description="Heun's method, fixed steps (PETSc RK 2a)"),
     _registered_rk("heun3", HEUN3, False, "Heun's third-order method (tableau registered with TSRKRegister)"),
     _registered_rk("fehlberg2", FEHLBERG2, True, "Fehlberg 2(1) (tableau registered with TSRKRegister)"),
@@ -88,17 +117,18 @@ _PETSC_RK: Dict[str, Tuple[bool, int, bool]] = {
     "5bs": (True, 5, True), "6vr": (True, 6, True), "7vr": (True, 7, True), "8vr": (True, 8, True),
 }
 
-_FULLY_IMPLICIT = ("PETSc's fully implicit Runge-Kutta methods (TSIRK) have no adjoint; use 'implicit_midpoint' "
-                   "or 'trapezoid' (A-stable, second order) or 'implicit_euler' (L-stable)")
+_FULLY_IMPLICIT = ("PETSc's fully implicit Runge-Kutta methods (TSIRK) have no adjoint; use 'kencarp4' or "
+                   "'kencarp5' (L-stable ESDIRKs, error-controlled), or with fixed steps 'implicit_midpoint' or "
+                   "'trapezoid' (A-stable, second order) or 'implicit_euler' (L-stable)")
 _MULTISTEP = "PETSc has no adjoint for multistep methods"
 
 # torchdiffeq methods that PETSc cannot serve with an adjoint, with why and what to use instead.
 _UNAVAILABLE: Dict[str, str] = {
     "explicit_adams": f"{_MULTISTEP}; use 'rk4' or 'dopri5'",
-    "implicit_adams": f"{_MULTISTEP}; use 'dopri5', or 'trapezoid'/'implicit_euler' for stiff problems",
+    "implicit_adams": f"{_MULTISTEP}; use 'dopri5', or 'kencarp4'/'beuler' for stiff problems",
     "fixed_adams": f"{_MULTISTEP}; use 'rk4'",
-    "scipy_solver": "pnode integrates with PETSc only; use 'dopri5', or 'trapezoid'/'implicit_euler' for "
-                    "stiff problems",
+    "scipy_solver": "pnode integrates with PETSc only; use 'dopri5', or 'kencarp4' (L-stable, error-controlled) "
+                    "for stiff problems",
     "radauiia3": _FULLY_IMPLICIT,
     "radauiia5": _FULLY_IMPLICIT,
     "gl4": _FULLY_IMPLICIT,
@@ -113,6 +143,22 @@ _UNAVAILABLE: Dict[str, str] = {
 _BY_NAME: Dict[str, Method] = {m.name: m for m in _TABLE}
 
 DEFAULT_METHOD = "dopri5"
+# What a stiff problem should try first (error messages and the stiffness hint name it), and where
+# this PETSc cannot differentiate it.
+STIFF_METHOD = "kencarp4"
+STIFF_METHOD_OLD_PETSC = "beuler"
+
+
+def stiff_method() -> str:
+    """The method to suggest for a stiff problem: :data:`STIFF_METHOD` where this PETSc differentiates it."""
+    return STIFF_METHOD if adjoint_available(_BY_NAME[STIFF_METHOD]) else STIFF_METHOD_OLD_PETSC
+
+
+def adjoint_available(method: Method) -> bool:
+    """Whether this PETSc's TSAdjoint differentiates ``method`` (``method.adjoint_since``)."""
+    from ._compat import petsc_version
+
+    return tuple(petsc_version()[:2]) >= method.adjoint_since
 
 
 def available_methods() -> List[str]:

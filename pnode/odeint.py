@@ -17,6 +17,7 @@ from ._compat import petsc_version, serialized
 from .adjoint import zero_weight_param_gradients_ok
 from .errors import InputError
 from .events import solve_until_event
+from .methods import adjoint_available
 from .problem import check_adjoint_keywords, check_inputs, reachable_params, resolve_params
 from .rhs import EvaluationCounter
 from .solve import solve
@@ -135,6 +136,13 @@ def _differentiate(problem, params) -> torch.Tensor:
             f"({'.'.join(map(str, petsc_version()))}) drops the parameter gradient of such stages in "
             "TSAdjointStep_RK (fixed in newer PETSc, e.g. 3.26). Use a method without one ('rk4', "
             "'bosh3', 'adaptive_heun', 'euler'), or upgrade petsc4py (bash scripts/setup.sh builds 3.26.1)")
+    if needs_grad and not adjoint_available(problem.config.method):
+        method = problem.config.method
+        raise InputError(
+            f"method {method.name!r} needs PETSc >= {'.'.join(map(str, method.adjoint_since))} for its adjoint "
+            f"(this PETSc is {'.'.join(map(str, petsc_version()))}: TS {method.ts_type} has no adjoint or a wrong "
+            "one there); use 'beuler' or 'cn' (error-controlled, L-stable / A-stable), or upgrade petsc4py "
+            "(bash scripts/setup.sh builds 3.26.1)")
     return solve(problem, params if needs_grad else (), differentiable=needs_grad)
 
 

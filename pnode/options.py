@@ -67,6 +67,11 @@ def _command_line_options(db) -> Dict[str, str]:
     return {name.lstrip("-"): value for name, value in db.getAll().items()}
 
 
+def command_line_names() -> List[str]:
+    """The names of the options in PETSc's database (the command line), without the dash."""
+    return list(_command_line_options(PETSc.Options()))
+
+
 def get_global_option(name: str, default=None):
     """The value of ``-name`` in PETSc's database (command line), or ``default``."""
     db = PETSc.Options()

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ._compat import PETSc
+from .block_jacobian import CHOICES as JACOBIAN_CHOICES
+from .block_jacobian import default_jacobian
 from .bridge import StateLayout, layout_of, petsc_dtype, petsc_eps
 from .budget import MemoryBudget, parse_bytes
 from .callbacks import StepCallbacks, find_step_callbacks
@@ -21,6 +23,7 @@ from .config import LOW_RESOLUTION, SolverConfig
 from .distributed import resolve_comm
 from .errors import InputError
 from .event_search import EventWatch
+from .imex import is_split
 from .methods import resolve_method
 from .options import get_global_option, option_value
 from .rhs import RHS, EvaluationCounter
@@ -126,7 +129,8 @@ def check_inputs(func, y0, t, rtol, atol, method, options, comm, params=(), pref
     strategy = adjoint_strategy(opts, prefix, default_adjoint)
     prescribed = [opts.pop(key, None) for key in ("jump_t", "step_t", "grid_constructor")]
     resolution = max(float(torch.finfo(layout.dtype).eps), petsc_eps())
-    config = _make_config(resolve_method(method), rtol, atol, opts, prefix, resolution, tolerances is not None)
+    config = _make_config(resolve_method(method), rtol, atol, opts, prefix, resolution, tolerances is not None,
+                          layout=layout, split=is_split(func))
     plan = time_plan(*prescribed, func, y0, t, config.adaptive, config.step_size is not None, config.method.name)
     callbacks = find_step_callbacks(func, layout, direction, t.dtype, config.adaptive, config.method.name)
     stats = stats if stats is not None else SolveStats()
@@ -306,8 +310,10 @@ def _check_t(t, layout: StateLayout) -> torch.Tensor:
 
 
 def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resolution: float,
-                 vector_tolerances: bool = False) -> SolverConfig:
-    """The solver configuration; consumes the keys of ``opts`` (a copy) and takes a normalised prefix."""
+                 vector_tolerances: bool = False, layout: Optional[StateLayout] = None,
+                 split: bool = False) -> SolverConfig:
+    """The solver configuration; consumes the keys of ``opts`` (a copy) and takes a normalised prefix
+    (``layout``: the state's, for the default of ``jacobian``; ``split``: func is a pnode.IMEX)."""
     step_size = _positive(opts.pop("step_size", None), "step_size")
     first_step = _positive(opts.pop("first_step", None), "first_step")
     min_step = _positive(opts.pop("min_step", None), "min_step", allow_zero=True)
@@ -324,6 +330,7 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resol
     if jvp not in ("autodiff", "difference"):
         raise InputError(f"{source} must be 'autodiff' (exact Jacobian-vector products) or 'difference' "
                          f"(one evaluation of f each), got {jvp!r}")
+    jacobian = _jacobian_choice(opts.pop("jacobian", None), prefix, layout, method.implicit)
     petsc: Dict[str, object] = {}
     if "theta" in opts:
         petsc["ts_theta_theta"] = opts.pop("theta")
@@ -349,7 +356,19 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resol
                         max_num_steps=max_num_steps if max_num_steps is not None else 2**31 - 1,
                         petsc_options=tuple(sorted((k, option_value(v)) for k, v in petsc.items())),
                         prefix=prefix, resolution=resolution, implicit_solve=implicit_solve,
-                        jvp=jvp, vector_tolerances=vector_tolerances)
+                        jvp=jvp, vector_tolerances=vector_tolerances,
+                        jacobian=jacobian, split=split)
+
+def _jacobian_choice(value, prefix: str, layout: Optional[StateLayout], implicit: bool) -> str:
+    """``options['jacobian']`` (or ``-[<prefix>]pnode_jacobian``): ``'blocks'``, ``'matrix_free'``, or by
+    default :func:`pnode.block_jacobian.default_jacobian` of the state's layout."""
+    value, source = _pnode_option("jacobian", value, prefix)
+    if value is None:
+        return default_jacobian(layout, implicit) if layout is not None else "matrix_free"
+    if value not in JACOBIAN_CHOICES:
+        raise InputError(f"{source} must be 'blocks' (precondition Newton-Krylov with the dense per-sample Jacobian "
+                         f"blocks, one batched LU) or 'matrix_free' (Jacobian-vector products only), got {value!r}")
+    return value
 
 
 def _warn_below_resolution(petsc: Dict[str, object]) -> None:

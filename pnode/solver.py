@@ -22,7 +22,6 @@ from ._compat import (
     PETSc,
     converged_reason_name,
     post_evaluate_type,
-    set_always_accept,
     set_max_time,
     set_post_evaluate,
 )
@@ -31,10 +30,11 @@ from .config import SolverConfig
 from .errors import CallbackErrorTrap, SolverError
 from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
 from .failures import check_forward, nonfinite_error, petsc_failure
+from .hints import watch_steps
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
 from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule, Schedule, StateStore, StepObserver
-from .ts_setup import configure_ts, renew_trajectory, starting_step
+from .ts_setup import accepting_every_step, configure_ts, renew_trajectory, starting_step
 
 # TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
 EXPLICIT_TYPES = ("rk", "euler", "ssp")
@@ -134,8 +134,9 @@ class Replay:
         graph_stages: keep graphs of each step's first ``graph_stages`` evaluations only.
         trajectory: record the steps for :meth:`Solver.adjoint_steps`.
         accept_all: the adaptor accepts every step whatever its error estimate (steps of sizes
-            chosen elsewhere, not recorded ones: a recorded step is accepted again anyway, and a
-            rejection there means a right-hand side that is not deterministic).
+            chosen elsewhere, not recorded ones). A recorded explicit step is accepted again anyway
+            (a rejection there means a right-hand side that is not deterministic); a recorded
+            implicit step is always accepted (see :func:`pnode.ts_setup.accepting_every_step`).
     """
 
     times: np.ndarray
@@ -161,7 +162,7 @@ class Solver:
     # every attribute a solver has, written by its own methods only (see tests/test_house.py)
     __slots__ = ("config", "comm", "record", "local_size", "param_size", "trap", "solution", "jacobian",
                  "adjoint_state", "param_gradient", "param_jacobian", "tolerance_vectors", "ts",
-                 "resolved_options", "explicit", "rhs", "_call", "_last_evaluator", "_has_trajectory",
+                 "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator", "_has_trajectory",
                  "__weakref__")
 
     def __init__(self, config: SolverConfig, local_size: int, param_size: int, comm, record: bool):
@@ -181,7 +182,8 @@ class Solver:
         self.tolerance_vectors = None
         if config.vector_tolerances:  # (rtol, atol), filled per call: TSSetTolerances cannot drop them again
             self.tolerance_vectors = (self.solution.duplicate(), self.solution.duplicate())
-        self.ts, self.resolved_options = configure_ts(self, config, record)
+        # form: how f reaches the TS (pnode.formulation)
+        self.ts, self.resolved_options, self.form = configure_ts(self, config, record)
         self.explicit = self.ts.getType() in EXPLICIT_TYPES
         self.rhs: Optional[RHS] = None
         self._call: Optional[Call] = None
@@ -207,6 +209,7 @@ class Solver:
                     self.param_gradient, *(self.tolerance_vectors or ())):
             if obj is not None:
                 obj.destroy()
+        self.form.destroy()
 
     def detach(self) -> None:
         """Forget the last call: its right-hand side (whose graphs hold the user's tensors) and its
@@ -218,6 +221,13 @@ class Solver:
         for shell in (self.jacobian, self.param_jacobian):
             if shell is not None:
                 shell.getPythonContext().linearization = None
+        self.form.detach()
+
+    @property
+    def active_call(self) -> Optional[Call]:
+        """The call PETSc's callbacks serve now (None between solves), for the callbacks of
+        :mod:`pnode.formulation`."""
+        return self._call
 
     # ------------------------------------------------------------------ PETSc callbacks
     def rhs_function(self, ts, tau, u, f):
@@ -293,8 +303,8 @@ class Solver:
         if plan.dense is not None:
             plan.dense.start(evaluator, float(taus[0]), y0, self.solution)
         first_step = span.first_step or starting_step(self.config, rhs, record.taus, y0, self.comm, span.tolerances)
-        call = Call(schedule, evaluator, Linearizer(rhs, self.explicit, evaluated=evaluator.value_at), "forward",
-                    span.event)
+        call = Call(watch_steps(schedule, rhs, self.config, self.explicit), evaluator,
+                    Linearizer(rhs, self.explicit, evaluated=evaluator.value_at), "forward", span.event)
         if span.event is None:
             self._solve(call, y0, float(taus[0]), float(taus[-1]), first_step, plan.trajectory, plan.solution_only)
         else:
@@ -359,8 +369,7 @@ class Solver:
         length = call.event.locate(call.evaluator.rhs, base_tau, base)
         record.taus[-1] = base_tau + length
         call.event = None  # the step to the event ends on it: nothing more to watch
-        set_always_accept(ts, True)
-        try:
+        with accepting_every_step(ts):
             if ts.getStepNumber() == 0:  # a resumed solve would record the initial state twice
                 self._solve(call, base, base_tau, float(record.taus[-1]), length, plan.trajectory, plan.solution_only)
             else:
@@ -368,8 +377,6 @@ class Solver:
                 with self._active(call):
                     self.pre_step(ts)  # PETSc skips the pre-step hook of the step after a roll-back
                     self.run_petsc(lambda: ts.solve(self.solution), call.phase)
-        finally:
-            set_always_accept(ts, False)
 
     def replay(self, rhs: RHS, y_start: torch.Tensor, replay: Replay, copy: bool = True) -> torch.Tensor:
         """Re-take the steps of ``replay`` from ``y_start`` (flat, PETSc dtype, CPU); see :class:`Replay`.
@@ -388,13 +395,8 @@ class Solver:
                               graph_stages=replay.graph_stages, first_derivative=replay.first_derivative)
         schedule = ReplaySchedule(replay.sizes, lambda taken: self.replay_mismatch(len(replay.sizes), taken))
         call = Call(schedule, evaluator, Linearizer(rhs, self.explicit), "recomputation")
-        if replay.accept_all:
-            set_always_accept(self.ts, True)
-        try:
+        with accepting_every_step(self.ts, replay.accept_all or not self.explicit):
             self._solve(call, y_start, float(times[0]), float(times[-1]), float(replay.sizes[0]), replay.trajectory)
-        finally:
-            if replay.accept_all:
-                set_always_accept(self.ts, False)
         if self.ts.getStepNumber() != len(replay.sizes):
             raise self.replay_mismatch(len(replay.sizes), self.ts.getStepNumber())
         if not np.isfinite(self.solution.norm()):
@@ -463,20 +465,23 @@ class Solver:
         """An implicit adjoint step solves a transposed linear system to ``config.adjoint_ksp_rtol``,
         without Eisenstat-Walker (whose pre-solve hook would set the forward pass's loose tolerance),
         and a solve that does not converge is an error (it would leave a silently wrong gradient);
-        the forward settings come back after."""
+        the Krylov method is ``config.adjoint_ksp_type`` (GMRES, also where the forward pass's
+        Newton applied the block-Jacobian preconditioner alone); the forward settings come back after."""
         if self.explicit:
             yield
             return
         snes = self.ts.getSNES()
         ksp = snes.getKSP()
-        saved, ew = ksp.getTolerances(), snes.getUseEW()
+        saved, ew, kind = ksp.getTolerances(), snes.getUseEW(), ksp.getType()
         snes.setUseEW(False)
+        ksp.setType(self.config.adjoint_ksp_type)
         ksp.setTolerances(rtol=self.config.adjoint_ksp_rtol)
         ksp.setErrorIfNotConverged(True)
         try:
             yield
         finally:
             ksp.setErrorIfNotConverged(False)
+            ksp.setType(kind)
             ksp.setTolerances(*saved)
             snes.setUseEW(ew)
 

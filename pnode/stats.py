@@ -24,6 +24,11 @@ class SolveStats:
             methods; 0 for explicit ones).
         next_step: the step size PETSc's controller proposed at the end of the latest forward pass
             (PETSc time): an integration split at a jump goes on with it.
+        steps: steps the latest forward pass accepted.
+        rejected_steps: step attempts it rejected and retried smaller: for the error estimate, or
+            because a Newton solve failed (those are also in ``newton_failures``).
+        newton_failures: Newton solves that did not converge in the latest forward pass (each
+            rejected its step attempt, which PETSc retried with a quarter of the step).
     """
 
     counter: EvaluationCounter = field(default_factory=EvaluationCounter)
@@ -32,20 +37,31 @@ class SolveStats:
     newton_iterations: int = 0
     krylov_iterations: int = 0
     next_step: Optional[float] = None
+    steps: int = 0
+    rejected_steps: int = 0
+    newton_failures: int = 0
 
     def record_forward(self, solver, adjoint_stats=None) -> None:
         self.solver = _descriptions.get(solver)
         if self.solver is None:  # a solver's configuration does not change: read it once
             self.solver = _descriptions[solver] = describe_solver(solver)
-        self.newton_iterations = solver.ts.getSNESIterations()
-        self.krylov_iterations = solver.ts.getKSPIterations()
-        self.next_step = solver.ts.getTimeStep()
+        ts = solver.ts
+        self.newton_iterations = ts.getSNESIterations()
+        self.krylov_iterations = ts.getKSPIterations()
+        self.next_step = ts.getTimeStep()
+        self.steps, self.rejected_steps, self.newton_failures = (ts.getStepNumber(), ts.getStepRejections(),
+                                                                 ts.getSNESFailures())
         if adjoint_stats is not None:
             self.adjoint = adjoint_stats
 
     def summary(self) -> str:
         """One line: what PETSc ran (and, after a backward pass, what the adjoint held)."""
         text = format_solver(self.solver)
+        if self.solver:
+            text += f"; {self.steps} steps, {self.rejected_steps} rejected"
+            if self.newton_iterations:
+                text += (f" ({self.newton_failures} by failed Newton solves), {self.newton_iterations} Newton and "
+                         f"{self.krylov_iterations} Krylov iterations")
         if self.adjoint is not None:
             a = self.adjoint
             text += (f"; adjoint: {a.strategy}, {a.steps} steps, {a.graphs_kept} graphs "
@@ -69,6 +85,8 @@ def describe_solver(solver) -> Dict[str, object]:
         info["rk_type"] = ts.getRKType()
     if info["ts_type"] in ("theta", "cn", "beuler"):
         info["theta"] = ts.getTheta()
+    if info["ts_type"] == "arkimex":
+        info["arkimex_type"] = ts.getARKIMEXType()
     info["steps"] = "adaptive" if config.adaptive else (
         f"fixed {config.step_size:g}" if config.step_size is not None else "one per output interval")
     info.update(solver.resolved_options)
@@ -77,18 +95,27 @@ def describe_solver(solver) -> Dict[str, object]:
         ksp = snes.getKSP()
         rtol, atol, stol, max_it = snes.getTolerances()
         info.update({"snes_type": snes.getType(), "snes_rtol": rtol, "snes_stol": stol, "snes_max_it": max_it,
-                     "ksp_type": ksp.getType(), "pc_type": ksp.getPC().getType(),
+                     "ksp_type": ksp.getType(), "pc_type": _pc_name(ksp.getPC()),
                      # Eisenstat-Walker sets the rtol of every linear solve from Newton's progress
                      "ksp_rtol": "Eisenstat-Walker" if snes.getUseEW() else ksp.getTolerances()[0],
                      "adjoint_ksp_rtol": config.adjoint_ksp_rtol, "jvp": config.jvp})
     return info
 
 
+def _pc_name(pc) -> str:
+    """The preconditioner's type, ``'blocks'`` for pnode's block-Jacobian preconditioner."""
+    kind = pc.getType()
+    if kind == "python" and type(pc.getPythonContext()).__name__ == "BlockJacobianPC":
+        return "blocks"
+    return kind
+
+
 def format_solver(info: Dict[str, object]) -> str:
     """``describe_solver``'s dict as one readable line."""
     if not info:
         return "not run yet"
-    method = info["ts_type"] + (f" {info['rk_type']}" if "rk_type" in info else "")
+    method = info["ts_type"] + (f" {info['rk_type']}" if "rk_type" in info else "") + (
+        f" {info['arkimex_type']}" if "arkimex_type" in info else "")
     if "theta" in info and info["ts_type"] == "theta":
         method += f" (theta {info['theta']:g})"
     parts = [f"TS {method}", f"steps {info['steps']}"]

@@ -1,28 +1,26 @@
 """Setting a TS up: its callbacks and options, a new trajectory per recording solve, the first step."""
 
+from contextlib import contextmanager
 from typing import Dict, Tuple
 
 import numpy as np
 import torch
 
-from ._compat import PETSc, has_revolve, trajectory_from_options
+from ._compat import PETSc, has_revolve, set_always_accept, trajectory_from_options
 from .bridge import petsc_dtype
 from .config import SolverConfig
 from .errors import InputError
+from .formulation import IMPLICIT_FORM_TYPES, RHS_FORM_ADJOINT_TYPES, formulation_for
 from .options import scoped_options
 from .rhs import RHS
 
-# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
-_RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
 
-
-def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Dict[str, str]]:
-    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist), and the
-    options PETSc objects do not report back through petsc4py, as the layers resolved them."""
+def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Dict[str, str], object]:
+    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist), the
+    options PETSc objects do not report back through petsc4py, as the layers resolved them, and the
+    form it takes f in (:mod:`pnode.formulation`, chosen by the TS type the options resolved to)."""
     ts = PETSc.TS().create(comm=solver.comm)
     ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
-    ts.setRHSFunction(solver.rhs_function, None)  # explicit RK writes its stages; others get one made when needed
-    ts.setRHSJacobian(solver.rhs_jacobian, solver.jacobian, solver.jacobian)
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)
     if solver.tolerance_vectors is not None:
         ts.setTolerances(rtol=solver.tolerance_vectors[0], atol=solver.tolerance_vectors[1])
@@ -43,18 +41,13 @@ def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Di
             _check_revolve(config.prefix)
         ts.setFromOptions()
         _check_used(user_names)
+        _check_solution_only(ts, config.prefix)
         resolved = _resolved(config.prefix)
-    if ts.getType() not in _RHS_FORM_ADJOINT_TYPES:
+    if ts.getType() not in RHS_FORM_ADJOINT_TYPES:
         ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
-    if solver.param_jacobian is not None:
-        # Explicit RK adjoints read dG/dp of the right-hand side; implicit ones (theta, cn,
-        # beuler, ...) read dF/dp of F(udot, u) = udot - G(u), i.e. -dG/dp. Handing implicit
-        # types the RHS form would make PETSc zero and AXPY into a copy of the shell.
-        if ts.getType() in _RHS_FORM_ADJOINT_TYPES:
-            ts.setRHSJacobianP(solver.param_jacobian_rhs, solver.param_jacobian)
-        else:
-            ts.setIJacobianP(solver.param_jacobian_implicit, solver.param_jacobian)
-    return ts, resolved
+    form = formulation_for(solver, config, ts.getType())
+    form.attach(ts)
+    return ts, resolved, form
 
 
 def _resolved(prefix: str) -> dict:
@@ -83,6 +76,23 @@ def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> N
         derived["ts_trajectory_solution_only"] = "true"
     with scoped_options(config.prefix, dict(config.petsc_options), derived):
         trajectory_from_options(ts)
+
+
+@contextmanager
+def accepting_every_step(ts, accept: bool = True):
+    """Within the block PETSc's controller accepts every step (if ``accept``): a step whose size is
+    chosen (the step to an event), or a re-taken implicit step. A re-taken implicit step solves its
+    stages again to Newton's tolerance (ARKIMEX also recomputes its first stage's derivative after
+    the restart instead of taking the previous step's), so its error estimate can differ from the
+    original's by as much and flip a close decision: kencarp4 re-took 9 recorded steps in 10."""
+    if not accept:
+        yield
+        return
+    set_always_accept(ts, True)
+    try:
+        yield
+    finally:
+        set_always_accept(ts, False)
 
 
 def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Tensor, comm,
@@ -133,8 +143,20 @@ def _check_used(names) -> None:
     if unused:
         raise InputError(f"options {unused} were not used by PETSc: they are neither pnode options "
                          "(step_size, first_step, min_step, max_step, max_num_steps, theta, adjoint, checkpoints, "
-                         "checkpoint_graphs, memory_budget, implicit_solve) nor PETSc options this solver reads; "
+                         "checkpoint_graphs, memory_budget, implicit_solve, jvp, jacobian) nor PETSc options this "
+                         "solver reads; "
                          "check the spelling (PETSc names are e.g. 'ts_trajectory_type', 'ksp_rtol', 'snes_max_it')")
+
+
+def _check_solution_only(ts, prefix: str) -> None:
+    """Refuse a solution-only trajectory for ARKIMEX: PETSc's re-take of its steps in the adjoint gave
+    gradients 65 % off (kencarp4 on a small MLP field; cn's were right to 1e-20)."""
+    db = PETSc.Options()
+    name = prefix + "ts_trajectory_solution_only"
+    if ts.getType() in IMPLICIT_FORM_TYPES and db.hasName(name) and db.getBool(name, False):
+        raise InputError(f"-{name} is not supported with TS {ts.getType()} (kencarp*): PETSc's adjoint re-takes its "
+                         "steps from a solution-only trajectory wrongly (gradients far off); leave the stages in the "
+                         "trajectory (the default), or use checkpoints=K to bound memory")
 
 
 def _check_revolve(prefix: str) -> None:

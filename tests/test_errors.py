@@ -185,11 +185,12 @@ def test_options_must_be_a_dict():
 
 def test_failed_implicit_adjoint_solve_raises_instead_of_a_wrong_gradient():
     # From y0 = 0 the forward Newton solves of a linear field converge at once; the adjoint's
-    # transposed solves get a nonzero right-hand side and cannot converge in 2 GMRES iterations.
+    # transposed solves get a nonzero right-hand side and cannot converge in 2 unpreconditioned
+    # GMRES iterations.
     func = LinearField(stable_matrix(30) * 20)
     y0 = torch.zeros(2, 30, dtype=torch.float64, requires_grad=True)
     ys = pnode.odeint_adjoint(func, y0, T01, method="cn", options={"step_size": 0.25, "ksp_max_it": 2,
-                                                                    "ksp_rtol": 1e-13})
+                                                                    "ksp_rtol": 1e-13, "jacobian": "matrix_free"})
     with pytest.raises(pnode.SolverError, match="DIVERGED_ITS.*adjoint's transposed linear solve") as info:
         (ys[-1] * torch.randn(2, 30, dtype=torch.float64)).sum().backward()
     assert info.value.reason.startswith("PETSC_ERROR")
@@ -245,3 +246,32 @@ def test_gather_metrics_refuses_an_unknown_reduction(kwargs):
     with pytest.raises(pnode.InputError, match="op must be 'sum' or 'max'"):
         distributed.gather_metrics({"peak_mb": 1.0}, **kwargs)
     assert distributed.gather_metrics({"peak_mb": 2.0}, op="max") == {"peak_mb": 2.0}
+
+
+def test_kencarp_gradients_are_refused_where_petsc_has_no_arkimex_adjoint():
+    """kencarp* run on PETSc's ARKIMEX, whose adjoint arrived in 3.19 and took its current form in 3.20:
+    on an older PETSc (Debian's 3.18) odeint_adjoint refuses them up front and names what works."""
+    from pnode._compat import petsc_version
+
+    W = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    y0 = _y0(2, 3)
+
+    def f(t, y):
+        return torch.tanh(y @ W) - 3.0 * y
+
+    def solve():
+        return pnode.odeint_adjoint(f, y0, T01, method="kencarp4", adjoint_params=(W,))
+
+    if tuple(petsc_version()[:2]) < (3, 20):
+        with pytest.raises(pnode.InputError, match=r"'kencarp4' needs PETSc >= 3\.20 for its adjoint.*'beuler'"):
+            solve()
+        with torch.no_grad():  # forward-only solves need no adjoint
+            pnode.odeint(f, y0, T01, method="kencarp4")
+    else:
+        (grad,) = torch.autograd.grad(solve()[-1].sum(), W)
+        assert torch.isfinite(grad).all()
+
+
+def test_explicit_method_out_of_steps_suggests_an_implicit_one():
+    with pytest.raises(pnode.SolverError, match=r"max_num_steps.*held by stability.*method='(kencarp4|beuler)'"):
+        pnode.odeint(lambda t, y: -1e4 * y, _y0(3), T01, method="dopri5", options={"max_num_steps": 20})

@@ -411,7 +411,7 @@ def test_event_fn_without_autograd_is_reported_when_a_gradient_is_wanted():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"method": "rk4"}, r"method 'rk4' takes fixed steps.*options=\{'step_size': h\}"),
-    ({"method": "cn"}, "method 'cn' takes fixed steps"),
+    ({"method": "trapezoid"}, "method 'trapezoid' takes fixed steps"),
     ({"options": {"event_tol": -1.0}}, r"options\['event_tol'\] must be positive"),
     ({"options": {"max_t": -1.0}}, r"options\['max_t'\] = -1.0 must be finite and above t0 = 0"),
     ({"options": {"max_t": 1.0}, "reverse_time": True}, "must be finite and below t0"),

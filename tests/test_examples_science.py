@@ -23,6 +23,7 @@ sys.path.insert(0, EXAMPLES)
 import cnf  # noqa: E402
 import common  # noqa: E402
 import latent_ode  # noqa: E402
+import reaction_diffusion  # noqa: E402
 import robertson  # noqa: E402
 
 F64 = torch.float64
@@ -43,7 +44,7 @@ def _run(module, tmp_path, *argv):
 
 
 # ---------------------------------------------------------------------------------------------- all three
-@pytest.mark.parametrize("script", ["cnf.py", "latent_ode.py", "robertson.py"])
+@pytest.mark.parametrize("script", ["cnf.py", "latent_ode.py", "robertson.py", "reaction_diffusion.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), "--help"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
@@ -70,12 +71,12 @@ RESUME_ARGS = {
           "--plot-samples", "0", "--log-every", "2"],
     latent_ode: ["--n-train", "16", "--n-test", "8", "--batch-size", "8", "--n-grid", "16", "--n-obs", "5",
                  "--t-obs", "6", "--hidden", "16", "--rnn-hidden", "8", "--plot-spirals", "0", "--log-every", "2"],
-    robertson: ["--n-times", "21", "--steps-per-interval", "2", "--explicit-max-steps", "0", "--no-plot",
-                "--log-every", "1"],
+    robertson: ["--n-times", "21", "--explicit-max-steps", "0", "--no-plot", "--log-every", "1"],
+    reaction_diffusion: ["--batch", "4", "--grid", "32", "--n-obs", "4", "--no-plot", "--log-every", "1"],
 }
 
 
-@pytest.mark.parametrize("module", [cnf, latent_ode, robertson], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [cnf, latent_ode, robertson, reaction_diffusion], ids=lambda m: m.__name__)
 def test_resumed_run_equals_uninterrupted_run(module, tmp_path):
     _check_resume(module, RESUME_ARGS[module], tmp_path)
 
@@ -305,7 +306,8 @@ def test_latent_ode_short_training_reduces_the_loss(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- Robertson
 def _robertson_error(steps_per_interval, *extra):
-    args = robertson.build_parser().parse_args(["--steps-per-interval", str(steps_per_interval), *extra])
+    steps = [] if steps_per_interval is None else ["--steps-per-interval", str(steps_per_interval)]
+    args = robertson.build_parser().parse_args([*steps, *extra])
     times = robertson.output_times(args.t_end, args.n_times)
     reference = torch.as_tensor(robertson.reference_solution(times.numpy()), dtype=F64)
     integrator = robertson.Integrator(args, times)
@@ -318,18 +320,19 @@ def test_robertson_cn_matches_bdf_reference_with_second_order():
     # Errors are relative to each species' largest value. cn with 2 steps per output interval
     # (82 steps over [0, 1e5]) is within 5e-3 of SciPy's BDF at 1e-10; halving the steps again
     # divides the error by ~4 (second order), which rules out a loose Newton solve.
-    coarse, fine = _robertson_error(2), _robertson_error(4)
+    coarse, fine = _robertson_error(2, "--method", "cn"), _robertson_error(4, "--method", "cn")
     assert coarse < 5e-3
     assert 3.0 < coarse / fine < 5.5, (coarse, fine)
 
 
-def test_robertson_adaptive_cn_matches_bdf_reference():
-    assert _robertson_error(1, "--adapt", "--rtol", "1e-3", "--atol", "1e-8") < 1e-3
+def test_robertson_with_tolerances_alone_matches_bdf_reference():
+    # the default path: kencarp4 with rtol 1e-6, atol 1e-10 and no step settings
+    assert _robertson_error(None) < 1e-5
 
 
 def test_robertson_fit_reduces_loss_and_dopri5_stalls(tmp_path):
     result = _run(robertson, tmp_path, "--niters", "3", "--n-times", "21", "--steps-per-interval", "2",
-                  "--explicit-max-steps", "300", "--no-plot")
+                  "--method", "cn", "--explicit-max-steps", "300", "--no-plot")
     losses = [r["loss"] for r in result["history"]] + [result["final_loss"]]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] / 10
@@ -337,3 +340,12 @@ def test_robertson_fit_reduces_loss_and_dopri5_stalls(tmp_path):
     assert not explicit["completed"] and explicit["t_reached"] < 1.0  # 300 explicit steps: not even to t=1
     # two cn steps per output interval cover [0, 1e5] (PETSc may halve the last step: MATCHSTEP)
     assert result["implicit_steps"] in (42, 43)
+
+
+# ---------------------------------------------------------------------------------------------- reaction-diffusion
+def test_reaction_diffusion_trains_imex_and_dopri5_needs_many_times_the_steps(tmp_path):
+    result = _run(reaction_diffusion, tmp_path, "--niters", "40", "--batch", "4", "--log-every", "5", "--no-plot")
+    losses = [r["loss"] for r in result["history"]] + [result["final_loss"]]
+    assert losses[-1] < losses[0] / 3, losses
+    steps = result["steps"]  # the trained model, same tolerances
+    assert steps["dopri5"] > 8 * steps["kencarp4"], steps

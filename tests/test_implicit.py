@@ -113,11 +113,12 @@ def test_bad_implicit_solve_value_is_reported():
 
 
 def test_a_failing_newton_solve_reports_what_it_tried():
-    # A stiff linear ODE with one huge step, one Newton iteration allowed and an unreachable tolerance.
+    # A stiff linear ODE with one huge fixed step (torchdiffeq's implicit_euler: one step per output
+    # interval, no retry), one Newton iteration allowed and an unreachable tolerance.
     func = LinearField(-50.0 * torch.eye(3, dtype=torch.float64) + stable_matrix(3))
     with pytest.raises(pnode.SolverError, match=r"Newton failed to converge \(.*\) after 1 iterations.*"
                        r"residual .* from .* snes_rtol=1e-14.*snes_max_it=1") as info:
         pnode.odeint(lambda t, y: func(t, y) ** 3, torch.ones(2, 3, dtype=torch.float64),
-                     torch.tensor([0.0, 1.0], dtype=torch.float64), method="beuler",
+                     torch.tensor([0.0, 1.0], dtype=torch.float64), method="implicit_euler",
                      options={"snes_max_it": 1, "snes_rtol": 1e-14, "snes_stol": 0})
     assert info.value.reason == "DIVERGED_NONLINEAR_SOLVE"

@@ -15,10 +15,10 @@ from conftest import CheckpointSpy, rel_err
 from problems import MLPField
 
 import pnode
+from pnode import bridge
 from pnode import solver as pnode_solver
 from pnode._compat import PETSc
 from pnode.allocator import _glibc
-from pnode import bridge
 from pnode.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
 from pnode.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
 from pnode.config import SolverConfig

@@ -301,3 +301,89 @@ def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) ->
     num = sum(float((g.double() - w.double()).norm() ** 2) for g, w in zip(got, want)) ** 0.5
     den = sum(float(w.double().norm() ** 2) for w in want) ** 0.5
     return num / den
+
+
+# Kennedy & Carpenter's additive Runge-Kutta pairs (Appl. Numer. Math. 44 (2003) 139-181), as
+# (implicit A, explicit A): ESDIRK tableaus with an explicit first stage, stiffly accurate (the
+# weights b are the implicit tableau's last row, shared by both parts), abscissae the row sums.
+KENCARP = {
+    "kencarp3": (
+        [[0, 0, 0, 0],
+         [1767732205903 / 4055673282236, 1767732205903 / 4055673282236, 0, 0],
+         [2746238789719 / 10658868560708, -640167445237 / 6845629431997, 1767732205903 / 4055673282236, 0],
+         [1471266399579 / 7840856788654, -4482444167858 / 7529755066697, 11266239266428 / 11593286722821,
+          1767732205903 / 4055673282236]],
+        [[0, 0, 0, 0],
+         [1767732205903 / 2027836641118, 0, 0, 0],
+         [5535828885825 / 10492691773637, 788022342437 / 10882634858940, 0, 0],
+         [6485989280629 / 16251701735622, -4246266847089 / 9704473918619, 10755448449292 / 10357097424841, 0]]),
+    "kencarp4": (
+        [[0, 0, 0, 0, 0, 0],
+         [1 / 4, 1 / 4, 0, 0, 0, 0],
+         [8611 / 62500, -1743 / 31250, 1 / 4, 0, 0, 0],
+         [5012029 / 34652500, -654441 / 2922500, 174375 / 388108, 1 / 4, 0, 0],
+         [15267082809 / 155376265600, -71443401 / 120774400, 730878875 / 902184768, 2285395 / 8070912, 1 / 4, 0],
+         [82889 / 524892, 0, 15625 / 83664, 69875 / 102672, -2260 / 8211, 1 / 4]],
+        [[0, 0, 0, 0, 0, 0],
+         [1 / 2, 0, 0, 0, 0, 0],
+         [13861 / 62500, 6889 / 62500, 0, 0, 0, 0],
+         [-116923316275 / 2393684061468, -2731218467317 / 15368042101831, 9408046702089 / 11113171139209, 0, 0, 0],
+         [-451086348788 / 2902428689909, -2682348792572 / 7519795681897, 12662868775082 / 11960479115383,
+          3355817975965 / 11060851509271, 0, 0],
+         [647845179188 / 3216320057751, 73281519250 / 8382639484533, 552539513391 / 3454668386233,
+          3354512671639 / 8306763924573, 4040 / 17871, 0]]),
+}
+
+
+def ark_step(f_implicit: Func, f_explicit, t: float, y: torch.Tensor, h: float, tableau,
+             newton_iters: int = 12) -> torch.Tensor:
+    """One step of an additive Runge-Kutta method ``tableau = (implicit A, explicit A)`` (weights: the
+    implicit tableau's last row; abscissae: row sums) on ``dy/dt = f_explicit + f_implicit``
+    (``f_explicit`` None: the implicit tableau alone, a DIRK on ``f_implicit``). Each implicit stage
+    ``Y = z + h a_ii f_I(t_i, Y)`` is solved by autograd-differentiated Newton iterations from the
+    previous stage (exact after one for a linear ``f_I``), so backprop gives the implicit function
+    theorem's derivative of the converged stages."""
+    a_imp, a_exp = tableau
+    s = len(a_imp)
+    b = a_imp[-1]
+    c_imp = [sum(row) for row in a_imp]
+    c_exp = [sum(row) for row in a_exp]
+    k_imp, k_exp = [], []
+    stage = y
+    for i in range(s):
+        z = y
+        for j in range(i):
+            z = z + h * a_imp[i][j] * k_imp[j]
+            if f_explicit is not None:
+                z = z + h * a_exp[i][j] * k_exp[j]
+        ti = torch.tensor(t + c_imp[i] * h, dtype=y.dtype)
+        if a_imp[i][i] == 0.0:
+            stage = z
+        else:
+            gamma = h * a_imp[i][i]
+
+            def residual_of(v, ti=ti, z=z, gamma=gamma):
+                return v - gamma * f_implicit(ti, v) - z
+
+            for _ in range(newton_iters):
+                stage = stage - _newton_update(lambda v, ti=ti, gamma=gamma: v - gamma * f_implicit(ti, v),
+                                               stage, residual_of(stage))
+        k_imp.append(f_implicit(ti, stage))
+        if f_explicit is not None:
+            k_exp.append(f_explicit(torch.tensor(t + c_exp[i] * h, dtype=y.dtype), stage))
+    out = y
+    for i in range(s):
+        out = out + h * b[i] * k_imp[i]
+        if f_explicit is not None:
+            out = out + h * b[i] * k_exp[i]
+    return out
+
+
+def ark_reference(f_implicit: Func, f_explicit, y0: torch.Tensor, steps: Sequence[tuple], method: str,
+                  newton_iters: int = 12) -> torch.Tensor:
+    """``y`` after the steps ``[(t0, h), ...]`` (e.g. those an adaptive solve accepted) of Kennedy &
+    Carpenter's pair ``method`` (:data:`KENCARP`), differentiable; see :func:`ark_step`."""
+    y = y0
+    for t0, h in steps:
+        y = ark_step(f_implicit, f_explicit, t0, y, h, KENCARP[method], newton_iters)
+    return y
