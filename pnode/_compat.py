@@ -88,8 +88,8 @@ def _import_initialised(words):
 
 
 def _with_device_defaults(words):
-    """``words`` with ``-use_gpu_aware_mpi 0`` after the program name, for a PETSc built with CUDA,
-    unless the command line or ``PETSC_OPTIONS`` sets it.
+    """``words`` with ``-use_gpu_aware_mpi 0`` after the program name (first when there is none: petsc4py
+    adds it), for a PETSc built with CUDA, unless the command line or ``PETSC_OPTIONS`` sets it.
 
     On its first use of a GPU, such a PETSc tests whether MPI can read device memory and aborts the
     process when it cannot (Debian's Open MPI cannot), unless told not to rely on it. pnode's
@@ -102,7 +102,8 @@ def _with_device_defaults(words):
     if any("use_gpu_aware_mpi" in str(word) for word in words) or "use_gpu_aware_mpi" in os.environ.get(
             "PETSC_OPTIONS", ""):
         return words
-    return [words[0], "-use_gpu_aware_mpi", "0", *words[1:]]
+    at = 1 if words and not str(words[0]).startswith("-") else 0  # after the program name, when there is one
+    return [*words[:at], "-use_gpu_aware_mpi", "0", *words[at:]]
 
 
 def petsc():

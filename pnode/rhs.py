@@ -90,7 +90,8 @@ class RHS:
         t = self._times.get(tau)
         if t is not None and t._version == 0 and not t.requires_grad:
             return t  # the adjoint asks at the forward's stage times: one tensor each (unless func changed it)
-        t = torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
+        # a fill, not torch.tensor: on a GPU that would copy the value from the host for every new stage time
+        t = torch.full((), self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
         for jump, side in self.jump_sides:
             if same_stage_time(tau, jump):
                 t = torch.nextafter(t, torch.tensor(side, dtype=t.dtype, device=t.device))

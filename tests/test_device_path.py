@@ -88,6 +88,9 @@ def test_a_cuda_petsc_starts_without_gpu_aware_mpi_unless_told(monkeypatch):
     monkeypatch.delenv("PETSC_OPTIONS", raising=False)
     assert _compat._with_device_defaults(["prog", "-ts_type", "cn"]) == [
         "prog", "-use_gpu_aware_mpi", "0", "-ts_type", "cn"]
+    # without a program name (pnode.init([])), petsc4py adds one before the first word: the pair "-options_left no"
+    # must stay together
+    assert _compat._with_device_defaults(["-options_left", "no"]) == ["-use_gpu_aware_mpi", "0", "-options_left", "no"]
     assert _compat._with_device_defaults(["prog", "-use_gpu_aware_mpi", "1"]) == ["prog", "-use_gpu_aware_mpi", "1"]
     monkeypatch.setenv("PETSC_OPTIONS", "-use_gpu_aware_mpi 1")
     assert _compat._with_device_defaults(["prog"]) == ["prog"]
