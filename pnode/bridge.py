@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._compat import PETSc, petsc_has_cuda
+from .errors import InputError
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,8 +166,6 @@ def check_vec_device(vec, device: torch.device) -> None:
     """
     seen = vec_view(vec).device
     if seen != device:
-        from .errors import InputError
-
         raise InputError(f"the state is on {device} but PETSc keeps its vectors on {seen} in this process: "
                          f"put the state on {seen}, or start the program with -device_select {device.index} "
                          f"(or CUDA_VISIBLE_DEVICES) so that PETSc uses {device}")
