@@ -106,9 +106,15 @@ prebuild_petsc4py() {
         "$py" -m venv "$build"
         "$build/bin/python" -m pip install -q --disable-pip-version-check wheel setuptools "cython>=3" numpy
     fi
-    log "building petsc4py 3.26.1 for Python 3.12 against $petsc_dir (a few minutes)"
-    PETSC_DIR=$petsc_dir PETSC_ARCH="" "$build/bin/python" -m pip install -q --disable-pip-version-check \
-        --no-build-isolation --no-deps --no-cache-dir --target "$stage/site" "$stage/petsc4py-3.26.1.tar.gz"
+    local built=$WORK/site-py312  # kept for the next --prepare: a rebuild takes minutes
+    if [ ! -d "$built/petsc4py" ] || [ "$built" -ot "$petsc_dir/lib/$(basename "$(ls "$petsc_dir"/lib/libpetsc.so.* | head -1)")" ]; then
+        log "building petsc4py 3.26.1 for Python 3.12 against $petsc_dir (a few minutes)"
+        rm -rf "$built"
+        PETSC_DIR=$petsc_dir PETSC_ARCH="" "$build/bin/python" -m pip install -q --disable-pip-version-check \
+            --no-build-isolation --no-deps --no-cache-dir --target "$built" "$stage/petsc4py-3.26.1.tar.gz"
+        find "$built" -name '*.so' -exec strip --strip-debug {} +  # PETSc's -g: 39 MB, 8 without
+    fi
+    cp -a "$built" "$stage/site"
 }
 
 # ------------------------------------------------------------------ the check (on the GPU machine)
@@ -155,9 +161,12 @@ unpack() {
     tar -C "$B" -xzf "$HERE/$BUNDLE"
     # shellcheck disable=SC1091
     . "$B/MANIFEST"
-    # petsc4py and petscconf.h name the build machine's PETSC_DIR: make that path this PETSc
-    mkdir -p "$(dirname "$OLD_PETSC_DIR")"
-    rm -rf "$OLD_PETSC_DIR" && ln -s "$B/petsc" "$OLD_PETSC_DIR"
+    # petsc4py and petscconf.h name the build machine's PETSC_DIR: make that path this PETSc (a real folder
+    # there is the build machine's own PETSc, left alone)
+    if [ -L "$OLD_PETSC_DIR" ] || [ ! -e "$OLD_PETSC_DIR" ]; then
+        mkdir -p "$(dirname "$OLD_PETSC_DIR")"
+        ln -sfn "$B/petsc" "$OLD_PETSC_DIR"
+    fi
     if [ -f "$HERE/$PACK/petsc4py-cp312.tar.gz" ] && [ ! -d "$B/site/petsc4py" ]; then
         mkdir -p "$B/site" && tar -C "$B/site" -xzf "$HERE/$PACK/petsc4py-cp312.tar.gz"
     fi
@@ -168,11 +177,12 @@ unpack() {
 runtime_environment() {
     local dirs="$B/petsc/lib:$B/runtime/lib" roots lib found round
     roots="$(python3 -c 'import site; print(" ".join(site.getsitepackages()))') /usr/local /usr/lib/x86_64-linux-gnu"
+    # shellcheck disable=SC2086
+    find $roots -name 'lib*.so*' 2>/dev/null >"$B/libraries.txt" || true
     for round in 1 2 3; do
         for lib in $(LD_LIBRARY_PATH=$dirs ldd "$B/petsc/lib/$LIBPETSC" | awk '/not found/ {print $1}'); do
-            # shellcheck disable=SC2086
-            found=$(find $roots -name "$lib*" -print 2>/dev/null | head -1)
-            [ -n "$found" ] && dirs="$dirs:$(dirname "$found")"
+            found=$(grep -m1 "/$lib" "$B/libraries.txt" || true)
+            [ -z "$found" ] || case ":$dirs:" in *":$(dirname "$found"):"*) ;; *) dirs="$dirs:$(dirname "$found")" ;; esac
         done
     done
     export LD_LIBRARY_PATH="$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
