@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=None,
                        help="global batch size, sharded over MPI ranks (digits 64, cifar10 200, mnist 128)")
     train.add_argument("--test-batch-size", type=int, default=500)
+    train.add_argument("--device", default="cpu",
+                       help="where the model and its ODE states live: cpu (default) or cuda (with a PETSc built "
+                            "with CUDA, PETSc's vectors live on the GPU too; see docs/gpu.md)")
     add_training_args(train)
     add_common_args(parser)
     parser.set_defaults(threads=1)
@@ -112,6 +115,7 @@ def main(argv=None) -> int:
     else:
         model = build_mnist_style_net("odenet", "conv", data.in_channels, data.num_classes, data.image_size, solver)
         logger.info("model: classic ODE-Net (MNIST style), ODE solver asked for: %s", solver.describe())
+    model.to(args.device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=args.lr_decay)
     fit(args, model, optimizer, scheduler, data, logger, started)

@@ -448,11 +448,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, sho
     model.train()
     blocks = ode_blocks(model)
     ranks = distributed.size()
+    device = next(model.parameters()).device
     loss_sum = correct = seen = nfe_f = nfe_b = 0.0
     n_batches = 0
     for x, y in progress(batches, "train", show_progress, total):
         global_size = len(y)
-        x, y = local_shard(x, y)
+        x, y = (part.to(device) for part in local_shard(x, y))
         for block in blocks:
             block.reset_nfe()
         logits = model(x)
@@ -480,9 +481,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, sho
 def evaluate(model: nn.Module, batches) -> float:
     """Accuracy over ``batches`` (global batches; each rank evaluates its shard)."""
     model.eval()
+    device = next(model.parameters()).device
     correct = seen = 0.0
     for x, y in batches:
-        x, y = local_shard(x, y)
+        x, y = (part.to(device) for part in local_shard(x, y))
         correct += float((model(x).argmax(1) == y).sum())
         seen += len(y)
     totals = distributed.gather_metrics({"correct": correct, "seen": seen})

@@ -81,10 +81,29 @@ def _import_initialised(words):
         if "-options_left" not in words:
             # the script's own flags (--epochs 10, pytest's -q) are not PETSc's: don't list them at exit
             words = words + ["-options_left", "no"]
-        petsc4py.init(words)
+        petsc4py.init(_with_device_defaults(words))
     from petsc4py import PETSc as module
 
     return module
+
+
+def _with_device_defaults(words):
+    """``words`` with ``-use_gpu_aware_mpi 0`` after the program name (first when there is none: petsc4py
+    adds it), for a PETSc built with CUDA, unless the command line or ``PETSC_OPTIONS`` sets it.
+
+    On its first use of a GPU, such a PETSc tests whether MPI can read device memory and aborts the
+    process when it cannot (Debian's Open MPI cannot), unless told not to rely on it. pnode's
+    solves exchange only reductions of host scalars between ranks (no ghost updates of device
+    vectors), so they lose nothing without it. Later words override earlier ones in PETSc's
+    options, so a ``-use_gpu_aware_mpi 1`` on the command line still wins.
+    """
+    if not configured_with("PETSC_HAVE_CUDA"):
+        return words
+    if any("use_gpu_aware_mpi" in str(word) for word in words) or "use_gpu_aware_mpi" in os.environ.get(
+            "PETSC_OPTIONS", ""):
+        return words
+    at = 1 if words and not str(words[0]).startswith("-") else 0  # after the program name, when there is one
+    return [*words[:at], "-use_gpu_aware_mpi", "0", *words[at:]]
 
 
 def petsc():
@@ -167,24 +186,37 @@ def converged_reason_name(reason: int) -> str:
     return str(reason)
 
 
-def has_revolve() -> bool:
-    """Whether this PETSc build was configured with Revolve (needed by ``-ts_trajectory_max_cps_ram``)."""
+@functools.lru_cache(maxsize=None)
+def configured_with(macro: str) -> bool:
+    """Whether the PETSc that petsc4py links defines ``macro`` in its ``petscconf.h``
+    (e.g. ``PETSC_HAVE_REVOLVE``); readable before PETSc is initialised."""
     try:
         import petsc4py
 
         conf = petsc4py.get_config()
         petsc_dir = conf.get("PETSC_DIR", "")
         arch = conf.get("PETSC_ARCH", "") or ""
-        import os
-
         for path in (os.path.join(petsc_dir, arch, "include", "petscconf.h"),
                      os.path.join(petsc_dir, "include", "petscconf.h")):
             if os.path.exists(path):
                 with open(path) as fh:
-                    return "PETSC_HAVE_REVOLVE" in fh.read()
+                    return f"#define {macro} " in fh.read()
     except Exception:  # pragma: no cover - configuration layout varies between installs
         pass
     return False
+
+
+def has_revolve() -> bool:
+    """Whether this PETSc build was configured with Revolve (needed by ``-ts_trajectory_max_cps_ram``)."""
+    return configured_with("PETSC_HAVE_REVOLVE")
+
+
+@functools.lru_cache(maxsize=None)
+def petsc_has_cuda() -> bool:
+    """Whether this PETSc was built with CUDA (it can hold vectors on a GPU); True says nothing about
+    whether this machine has a GPU."""
+    has = getattr(PETSc.Sys, "hasExternalPackage", None)
+    return bool(has("cuda")) if has is not None else configured_with("PETSC_HAVE_CUDA")
 
 
 def set_max_time(ts, t_end: float) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._compat import serialized
-from .bridge import petsc_dtype, petsc_eps, tensor_to_petsc_cpu
+from .bridge import petsc_eps, stream_order, to_petsc
 from .callbacks import adjoint_step_callbacks, forward_step_callbacks
 from .pool import acquire_solver, release_solver
 from .problem import Problem, check_inputs
@@ -23,8 +23,8 @@ def solve_forward(problem: Problem, params, record: bool):
     key, solver = acquire_solver(problem, 0, record)
     rhs = problem.rhs(params)
     # on error the solver is dropped, not pooled
-    with forward_step_callbacks(problem.callbacks, solver):
-        return key, solver, solver.forward(rhs, problem.span, tensor_to_petsc_cpu(problem.y0_flat))
+    with forward_step_callbacks(problem.callbacks, solver), stream_order(solver.device):
+        return key, solver, solver.forward(rhs, problem.span, to_petsc(problem.y0_flat, solver.device))
 
 
 class AdjointSolve(torch.autograd.Function):
@@ -58,8 +58,8 @@ class AdjointSolve(torch.autograd.Function):
             _record_solve(ctx, step_callbacks=False)
         key, solver = ctx.pooled
         ctx.pooled = None
-        grad64 = grad_outputs.detach().to(device="cpu", dtype=petsc_dtype())
-        with adjoint_step_callbacks(problem.callbacks, solver):
+        grad64 = to_petsc(grad_outputs, solver.device)
+        with adjoint_step_callbacks(problem.callbacks, solver), stream_order(solver.device):
             grad_y0, before_first, grad_params = ctx.forward.strategy.backward(solver, ctx.forward, grad64)
         problem.stats.adjoint = ctx.forward.stats
         ctx.forward = None
@@ -78,9 +78,9 @@ def _record_solve(ctx, step_callbacks: bool) -> None:
     problem: Problem = ctx.problem
     key, solver = acquire_solver(problem, sum(p.numel() for p in ctx.params), True)
     rhs = problem.rhs(ctx.params)
-    with forward_step_callbacks(problem.callbacks if step_callbacks else None, solver):
+    with forward_step_callbacks(problem.callbacks if step_callbacks else None, solver), stream_order(solver.device):
         strategy = problem.strategy.for_solver(solver)
-        forward = strategy.forward(solver, problem, rhs, tensor_to_petsc_cpu(problem.y0_flat))
+        forward = strategy.forward(solver, problem, rhs, to_petsc(problem.y0_flat, solver.device))
     problem.stats.record_forward(solver, forward.stats)
     ctx.pooled = (key, solver)
     ctx.forward = forward
@@ -125,8 +125,8 @@ def _time_gradient(ctx, grad64: torch.Tensor, before_first: torch.Tensor) -> tor
                 continue
             y = layout.unflatten(ctx.outputs[i].to(device=layout.device, dtype=layout.dtype))
             problem.counter.backward += 1
-            velocity = layout.flatten(problem.func(t[i], y)).to("cpu", torch.float64)
-            value = torch.dot(cotangent.to(torch.float64), velocity)  # a float32 PETSc's cotangent too
+            velocity = layout.flatten(problem.func(t[i], y)).to(cotangent.device, torch.float64)
+            value = float(torch.dot(cotangent.to(torch.float64), velocity))  # a float32 PETSc's cotangent too
             grad_t[i] = -value if i == 0 else value
     return grad_t.to(device=t.device, dtype=t.dtype)
 

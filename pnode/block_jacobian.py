@@ -62,7 +62,8 @@ def default_jacobian(layout: StateLayout, implicit: bool) -> str:
 
 
 def jacobian_blocks(lin: Linearization, blocks: BlockLayout) -> torch.Tensor:
-    """The per-sample Jacobian blocks of f at ``lin``'s point: ``(count, size, size)``, PETSc dtype, CPU.
+    """The per-sample Jacobian blocks of f at ``lin``'s point: ``(count, size, size)``, PETSc dtype, on
+    the device of the point (the PETSc vectors').
 
     Block ``b`` is ``d f_b / d u_b``. Row ``k`` of every block comes from one vector-Jacobian product
     with the cotangent ``e_k`` in every sample; the ``size`` products run as one batched backward pass
@@ -81,15 +82,15 @@ def jacobian_blocks(lin: Linearization, blocks: BlockLayout) -> torch.Tensor:
     rhs.counter.backward += 1
     rhs.counter.vjp += size
     if not out.requires_grad:  # f does not depend on the state
-        return torch.zeros((count, size, size), dtype=petsc_dtype())
+        return torch.zeros((count, size, size), dtype=petsc_dtype(), device=lin.u.device)
     try:
         (rows,) = torch.autograd.grad(out, y, cotangents, retain_graph=True, is_grads_batched=True,
                                       allow_unused=True)
     except RuntimeError:  # an operation without a batching rule: one product at a time
         rows = torch.stack([_vjp(out, y, c) for c in cotangents])
     if rows is None:
-        return torch.zeros((count, size, size), dtype=petsc_dtype())
-    return rows.reshape(size, count, size).transpose(0, 1).to("cpu", petsc_dtype())
+        return torch.zeros((count, size, size), dtype=petsc_dtype(), device=lin.u.device)
+    return rows.reshape(size, count, size).transpose(0, 1).to(device=lin.u.device, dtype=petsc_dtype())
 
 
 def _vjp(out: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:
@@ -115,7 +116,7 @@ class BlockJacobianPC:
         self._rhs = _dead
         self._point: Tuple[float, int] = (float("nan"), 0)
         self._shift: Tuple[float, float] = (float("nan"), float("nan"))
-        self._blocks: Optional[torch.Tensor] = None  # (count, size, size), PETSc dtype, CPU
+        self._blocks: Optional[torch.Tensor] = None  # (count, size, size), PETSc dtype, the vectors' device
         self._factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._shape: Tuple[int, int, int] = (0, 0, 1)
 
@@ -140,7 +141,7 @@ class BlockJacobianPC:
             self._shape = (layout.count, layout.size, 1)
         shift = (shell.scale_factor, shell.shift_amount)
         if shift != self._shift:
-            eye = torch.eye(self._blocks.shape[-1], dtype=self._blocks.dtype)
+            eye = torch.eye(self._blocks.shape[-1], dtype=self._blocks.dtype, device=self._blocks.device)
             self._factors = torch.linalg.lu_factor(shift[0] * self._blocks + shift[1] * eye)
             self._shift = shift
 

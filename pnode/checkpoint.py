@@ -98,7 +98,7 @@ class CheckpointStore:
     Attributes:
         capacity: the most states held at once by the forward pass.
         stride: the current spacing of kept steps.
-        states: step number -> state (flat, PETSc dtype, CPU; copies).
+        states: step number -> state (flat, PETSc dtype, on the solver's device; copies).
         derivatives: for an FSAL method (dopri5, bosh3), step number -> the derivative the next
             step started from (its first stage, reused from this step's last), for kept states and
             output steps: a step re-taken from the state starts from it, as the forward pass did.

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ._compat import serialized
-from .bridge import petsc_dtype, vec_view
+from .bridge import vec_view
 from .problem import check_inputs
 from .rhs import RHS
 from .solve import solve_forward_with
@@ -80,7 +80,7 @@ class DenseRecorder:
         """The initial point; ``evaluator`` evaluates the solve's stages, ``solution`` is its state Vec."""
         self._evaluator = evaluator
         self._work = solution.duplicate() if self.midpoint else None
-        self._add(tau0, y0.clone(), self.rhs.evaluate(tau0, y0).to(petsc_dtype()))
+        self._add(tau0, y0.clone(), self.rhs.evaluate(tau0, y0).to(y0))
 
     def after_step(self, ts) -> None:
         """After an accepted step (PETSc's post-step)."""
@@ -90,7 +90,7 @@ class DenseRecorder:
         if self.midpoint:
             ts.interpolate(0.5 * (tau + self.taus[-1]), self._work)
             self.middles.append(vec_view(self._work).clone())
-        self._add(tau, u.clone(), derivative.to(petsc_dtype()).clone())
+        self._add(tau, u.clone(), derivative.to(u).clone())
 
     def _add(self, tau: float, state: torch.Tensor, derivative: torch.Tensor) -> None:
         self.taus.append(tau)
@@ -126,8 +126,8 @@ class DenseOutput:
             raise ValueError(f"odeint_dense's solution covers [{lo:.6g}, {hi:.6g}]; got times outside it")
         step = torch.clamp(torch.searchsorted(self.taus, taus, right=True) - 1, 0, len(self.taus) - 2)
         start, end = self.taus[step], self.taus[step + 1]
-        length = (end - start).unsqueeze(1)
-        theta = ((taus - start) / (end - start)).unsqueeze(1)
+        length = (end - start).unsqueeze(1).to(self.states.device)  # the states are where PETSc kept them
+        theta = ((taus - start) / (end - start)).unsqueeze(1).to(self.states.device)
         values = self._hermite(step, theta, length)
         values = values.reshape(*t.shape, *self.shape).to(device=self.device, dtype=self.dtype)
         if self.watched and torch.is_grad_enabled():

@@ -32,7 +32,7 @@ EVENT_TOL_ULPS = 100.0
 
 Stepper = Callable[[float, torch.Tensor, float], torch.Tensor]
 """``stepper(base_tau, base_state, h)``: one step of the method of length ``h`` from ``base_state``
-(flat, PETSc dtype, CPU) at PETSc time ``base_tau``; the state at its end, likewise."""
+(flat, PETSc dtype, on the solver's device) at PETSc time ``base_tau``; the state at its end, likewise."""
 
 
 # ---------------------------------------------------------------------------------------------- event function
@@ -118,7 +118,7 @@ class Located:
 
     Attributes:
         base_tau: PETSc time of the start of the step that crossed (the last step end before the event).
-        base_state: the state there, flat, PETSc dtype, CPU (this rank's rows).
+        base_state: the state there, flat, PETSc dtype, the solver's device (this rank's rows).
         base_values: the event functions there (summed over the ranks).
         steps: accepted steps up to the base.
         crossing: where the event lies in that step.
@@ -240,7 +240,7 @@ class EventWatch:
 
 
 def _hermite(rhs: RHS, tau0: float, y0: torch.Tensor, tau1: float, y1: torch.Tensor):
-    """The cubic Hermite interpolant of a step, ``theta -> y`` for ``theta`` in [0, 1] (PETSc dtype, CPU)."""
+    """The cubic Hermite interpolant of a step, ``theta -> y`` for ``theta`` in [0, 1] (PETSc dtype, device of y0)."""
     length = tau1 - tau0
     f0 = rhs.evaluate(tau0, y0).to(y0) * length
     f1 = rhs.evaluate(tau1, y1).to(y1) * length

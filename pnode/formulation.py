@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ._compat import PETSc
+from .bridge import place_operator
 from .config import SolverConfig
 from .evaluation import Evaluator, Linearizer
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
@@ -104,6 +105,7 @@ class ImplicitForm:
         if self.split:
             ts.setRHSFunction(self.rhs_function, None)
         self.explicit_jacobian = create_shell(RHSJacobianShell(s.trap) if self.split else ZeroOperator(), n, n, comm)
+        place_operator(self.explicit_jacobian, s.device)
         ts.setRHSJacobian(self.rhs_jacobian, self.explicit_jacobian, self.explicit_jacobian)
         if s.param_jacobian is not None:
             ts.setIJacobianP(self.i_jacobian_p, s.param_jacobian)

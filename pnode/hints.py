@@ -145,14 +145,14 @@ class StiffnessWatch:
 
 def spectral_radius(rhs: RHS, tau: float, u: torch.Tensor, iterations: int = POWER_ITERATIONS) -> float:
     """An estimate of the largest ``|lambda|`` of ``df/du`` at ``(tau, u)`` (``u`` flat, PETSc dtype,
-    CPU): power iteration with Jacobian-vector products from a fixed pseudo-random start."""
+    on the PETSc vectors' device): power iteration with Jacobian-vector products from a fixed pseudo-random start."""
     lin = rhs.linearize(tau, u)
     generator = torch.Generator().manual_seed(0)
-    v = torch.randn(u.numel(), generator=generator, dtype=petsc_dtype())
+    v = torch.randn(u.numel(), generator=generator, dtype=petsc_dtype()).to(u.device)
     v /= v.norm()
     radius = 0.0
     for _ in range(iterations):
-        w = lin.jvp(v).to("cpu", petsc_dtype())
+        w = lin.jvp(v).to(dtype=petsc_dtype())
         norm = float(w.norm())
         if not np.isfinite(norm) or norm == 0.0:
             return radius if np.isfinite(norm) else float("inf")

@@ -73,12 +73,13 @@ class ParamJacobianShell(_ScaledShell):
     def __init__(self, trap: CallbackErrorTrap):
         super().__init__(trap)
         self.param_numels: Tuple[int, ...] = ()
-        self.same_dtype = True  # every parameter (so its gradient) has PETSc's scalar type
+        self.fits_vector = True  # every parameter (so its gradient) has PETSc's scalar type and the vector's device
 
-    def use(self, params) -> None:
-        """The parameters of the next solves (their sizes and dtypes, read once per call)."""
+    def use(self, params, device: torch.device) -> None:
+        """The parameters of the next solves (their sizes, dtypes and devices, read once per call); ``device``:
+        where PETSc's vectors live."""
         self.param_numels = tuple(p.numel() for p in params)
-        self.same_dtype = all(p.dtype == petsc_dtype() for p in params)
+        self.fits_vector = all(p.dtype == petsc_dtype() and p.device == device for p in params)
 
     def multTranspose(self, mat, x, y) -> None:
         self.trap.call(self._param_vjp, x, y)
@@ -89,12 +90,12 @@ class ParamJacobianShell(_ScaledShell):
         if len(param_grads) == 1 and param_grads[0] is not None:
             target.copy_(param_grads[0].reshape(-1))
         else:  # one concatenation into PETSc's vector (a parameter f does not use contributes zeros)
-            parts = [g.reshape(-1) if g is not None else torch.zeros(n, dtype=target.dtype)
+            parts = [g.reshape(-1) if g is not None else torch.zeros(n, dtype=target.dtype, device=target.device)
                      for g, n in zip(param_grads, self.param_numels)]
-            if self.same_dtype:
+            if self.fits_vector:
                 torch.cat(parts, out=target)
-            else:
-                target.copy_(torch.cat([p.to(target.dtype) for p in parts]))
+            else:  # cast (and, for a CUDA state on a host PETSc, staged) on the way
+                target.copy_(torch.cat([p.to(device=target.device, dtype=target.dtype) for p in parts]))
         if self.scale_factor != 1.0:
             target.mul_(self.scale_factor)
 

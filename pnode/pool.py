@@ -21,6 +21,7 @@ from collections import OrderedDict
 from typing import List, Tuple
 
 from ._compat import PETSc, serialized
+from .bridge import vec_device
 from .budget import parse_bytes
 from .distributed import check_consistent, comm_key, local_sizes
 from .options import database_fingerprint
@@ -36,7 +37,7 @@ _serial = itertools.count()
 
 def pool_key(problem, param_size: int, record: bool) -> tuple:
     return (problem.config, local_sizes(problem.comm, problem.layout.numel), param_size, comm_key(problem.comm),
-            record, database_fingerprint())
+            record, database_fingerprint(), vec_device(problem.layout.device))
 
 
 def acquire_solver(problem, param_size: int, record: bool) -> Tuple[tuple, Solver]:
@@ -50,7 +51,8 @@ def acquire_solver(problem, param_size: int, record: bool) -> Tuple[tuple, Solve
         if not idle:
             del _idle[key]
         return key, solver
-    solver = Solver(problem.config, problem.layout.numel, param_size, problem.comm, record)
+    solver = Solver(problem.config, problem.layout.numel, param_size, problem.comm, record,
+                    vec_device(problem.layout.device))
     _built[next(_serial)] = solver
     return key, solver
 

@@ -90,7 +90,8 @@ class RHS:
         t = self._times.get(tau)
         if t is not None and t._version == 0 and not t.requires_grad:
             return t  # the adjoint asks at the forward's stage times: one tensor each (unless func changed it)
-        t = torch.tensor(self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
+        # a fill, not torch.tensor: on a GPU that would copy the value from the host for every new stage time
+        t = torch.full((), self.direction * tau, dtype=self.layout.dtype, device=self.layout.device)
         for jump, side in self.jump_sides:
             if same_stage_time(tau, jump):
                 t = torch.nextafter(t, torch.tensor(side, dtype=t.dtype, device=t.device))
@@ -99,7 +100,7 @@ class RHS:
         return t
 
     def to_user(self, flat: torch.Tensor) -> torch.Tensor:
-        """A flat PETSc-dtype CPU tensor as a flat tensor of the user's dtype and device."""
+        """A flat PETSc-dtype tensor (host or the state's GPU) as a flat tensor of the user's dtype and device."""
         return flat.to(device=self.layout.device, dtype=self.layout.dtype)
 
     def call(self, tau: float, y_flat: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class RHS:
         return flat if self.direction > 0 else -flat
 
     def evaluate(self, tau: float, u: torch.Tensor) -> torch.Tensor:
-        """Forward evaluation without a graph at a flat PETSc-dtype CPU state ``u``.
+        """Forward evaluation without a graph at a flat PETSc-dtype state ``u``.
 
         Returns a flat tensor of the user's dtype and device: the caller casts it once, on its way
         into a PETSc Vec (:func:`pnode.bridge.tensor_into_vec`).
@@ -125,7 +126,7 @@ class RHS:
 
     def linearize(self, tau: float, u: torch.Tensor, key: Optional[Tuple[int, int]] = None,
                   single_vjp: bool = False) -> "Linearization":
-        """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype CPU view, copied into the user's dtype.
+        """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype view, copied into the user's dtype.
 
         ``key``: the :func:`pnode.bridge.vec_key` of the Vec that ``u`` views, if any.
         ``single_vjp``: the caller expects one cotangent only (explicit RK adjoints), so the graph
@@ -150,7 +151,7 @@ class RHS:
 
     def matches(self, lin: Optional["Linearization"], tau: float, u: torch.Tensor,
                 key: Optional[Tuple[int, int]] = None) -> bool:
-        """Whether ``lin`` linearises ``f`` at ``(tau, u)`` (``u``: flat PETSc-dtype CPU view).
+        """Whether ``lin`` linearises ``f`` at ``(tau, u)`` (``u``: flat PETSc-dtype view).
 
         The time may differ by round-off: PETSc's RK adjoint recomputes a stage time as
         ``t_end - (1 - c_i) h`` where the forward step used ``t + c_i h``. The state matches when
@@ -228,7 +229,7 @@ class Linearization:
         return self._graph
 
     def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
-        """``(x^T df/du, x^T df/dp)`` for a flat cotangent ``x`` (PETSc dtype, CPU).
+        """``(x^T df/du, x^T df/dp)`` for a flat cotangent ``x`` (PETSc dtype, the vectors' device).
 
         ``key``: the :func:`pnode.bridge.vec_key` of the Vec that ``x`` views; PETSc asks for the
         state and the parameter part with the same unchanged Vec, and the second ask is served
@@ -254,7 +255,7 @@ class Linearization:
         return self._cached_vjp
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
-        """``df/du v`` for a flat tangent ``v`` (PETSc dtype, CPU); flat, user dtype and device.
+        """``df/du v`` for a flat tangent ``v`` (PETSc dtype, the vectors' device); flat, user dtype and device.
 
         Exact, by reverse mode twice: ``J v = d/dw (J^T w)^T v``. The graph of ``J^T w`` (``w`` a
         free cotangent) is built once per linearization; each product is then one backward pass

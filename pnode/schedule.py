@@ -95,7 +95,7 @@ class ForwardRecord:
     Attributes:
         taus: output times in PETSc time, increasing, shape ``(n_times,)``.
         step_of_output: TS step number at which each output time was reached (0 for the first).
-        outputs: the solution at every output time, ``(n_times, local_size)``, PETSc dtype, CPU.
+        outputs: the solution at every output time, ``(n_times, local_size)``, PETSc dtype, on the solver's device.
         step_times: PETSc time at the end of every accepted step, starting with ``taus[0]``.
         step_sizes: the size PETSc gave every accepted step (``step_times[k + 1]`` is PETSc's sum
             ``step_times[k] + step_sizes[k]``, rounded; the difference of the two times can be an

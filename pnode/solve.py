@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .adjoint import AdjointSolve, solve_forward
-from .bridge import tensor_to_petsc_cpu
+from .bridge import stream_order, to_petsc
 from .distributed import local_sizes
 from .pool import acquire_solver, release_solver
 from .problem import Problem
@@ -77,7 +77,8 @@ def solve_forward_with(problem: Problem, rhs: RHS, dense) -> None:
     (:class:`pnode.dense.DenseRecorder`)."""
     key, solver = acquire_solver(problem, 0, False)
     try:
-        solver.forward(rhs, problem.span, tensor_to_petsc_cpu(problem.y0_flat), ForwardPlan(dense=dense))
+        with stream_order(solver.device):
+            solver.forward(rhs, problem.span, to_petsc(problem.y0_flat, solver.device), ForwardPlan(dense=dense))
     finally:
         dense.close()
     problem.stats.record_forward(solver)

@@ -25,7 +25,17 @@ from ._compat import (
     set_max_time,
     set_post_evaluate,
 )
-from .bridge import cached_views, petsc_dtype, tensor_into_vec, vec_view, writable_view
+from .bridge import (
+    CPU,
+    cached_views,
+    check_vec_device,
+    create_vec,
+    petsc_dtype,
+    place_operator,
+    tensor_into_vec,
+    vec_view,
+    writable_view,
+)
 from .config import SolverConfig
 from .errors import CallbackErrorTrap, SolverError
 from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
@@ -53,7 +63,7 @@ class EventStop(Protocol):
     tau_max: float
 
     def start(self, rhs: RHS, tau0: float, y0: torch.Tensor) -> None:
-        """The initial point (flat, PETSc dtype, CPU): where the signs of the event functions begin."""
+        """The initial point (flat, PETSc dtype, the solver's device): where the event functions' signs begin."""
 
     def crossed(self, rhs: RHS, tau: float, u: torch.Tensor) -> bool:
         """Whether the step that has just ended at ``(tau, u)`` crossed an event (it is then rolled back)."""
@@ -74,8 +84,8 @@ class Span:
             ``[tau0, event.tau_max]``.
         first_step: the first step's size, instead of the configured or estimated one (an
             integration continued past a jump keeps the size its controller had reached), or None.
-        tolerances: per-entry ``(rtol, atol)`` of this call (flat, PETSc dtype, CPU), for a solver
-            configured with vector tolerances; None for scalar ones (the configuration's).
+        tolerances: per-entry ``(rtol, atol)`` of this call (flat, PETSc dtype, any device), for a
+            solver configured with vector tolerances; None for scalar ones (the configuration's).
         event: the event that ends the solve, or None.
     """
 
@@ -157,28 +167,40 @@ class Solver:
         param_size: number of parameter entries (adjoint_params) on this rank.
         comm: the PETSc communicator the state is distributed over.
         record: whether the solver has adjoint vectors (forward solves can be differentiated).
+        device: where every PETSc vector of its solves lives (:func:`pnode.bridge.vec_device`): the
+            host, or the state's GPU (PETSc's TS work vectors, trajectory and Krylov vectors are
+            duplicates of these, so they live there too).
+
+    Tensors it takes and gives in PETSc's layout (flat states, cotangents, outputs) are of PETSc's
+    dtype on ``device``.
     """
 
     # every attribute a solver has, written by its own methods only (see tests/test_house.py)
-    __slots__ = ("config", "comm", "record", "local_size", "param_size", "trap", "solution", "jacobian",
+    __slots__ = ("config", "comm", "record", "local_size", "param_size", "device", "trap", "solution", "jacobian",
                  "adjoint_state", "param_gradient", "param_jacobian", "tolerance_vectors", "ts",
                  "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator", "_has_trajectory",
                  "__weakref__")
 
-    def __init__(self, config: SolverConfig, local_size: int, param_size: int, comm, record: bool):
+    def __init__(self, config: SolverConfig, local_size: int, param_size: int, comm, record: bool,
+                 device: torch.device = CPU):
         self.config = config
         self.comm = comm
         self.record = record
         self.local_size = local_size
         self.param_size = param_size
+        self.device = device
         self.trap = CallbackErrorTrap()
-        self.solution = PETSc.Vec().createMPI((local_size, PETSc.DECIDE), comm=comm)
+        self.solution = create_vec(local_size, comm, device)
+        if device != CPU:
+            check_vec_device(self.solution, device)
         self.jacobian = create_shell(RHSJacobianShell(self.trap), local_size, local_size, comm)
+        place_operator(self.jacobian, device)
         self.adjoint_state = self.solution.duplicate() if record else None
         self.param_gradient = self.param_jacobian = None
         if record and param_size:
-            self.param_gradient = PETSc.Vec().createMPI((param_size, PETSc.DECIDE), comm=comm)
+            self.param_gradient = create_vec(param_size, comm, device)
             self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
+            place_operator(self.param_jacobian, device)
         self.tolerance_vectors = None
         if config.vector_tolerances:  # (rtol, atol), filled per call: TSSetTolerances cannot drop them again
             self.tolerance_vectors = (self.solution.duplicate(), self.solution.duplicate())
@@ -269,7 +291,7 @@ class Solver:
         self.rhs = rhs
         rhs.difference_jvp = self.config.jvp == "difference"
         if self.param_jacobian is not None:
-            self.param_jacobian.getPythonContext().use(rhs.params)
+            self.param_jacobian.getPythonContext().use(rhs.params, self.device)
 
     def forward(self, rhs: RHS, span: Span, y0: torch.Tensor, plan: ForwardPlan = ForwardPlan()) -> ForwardRecord:
         """Integrate from ``span.taus[0]`` through every output time, or until ``span.event``.
@@ -277,7 +299,7 @@ class Solver:
         Args:
             rhs: the right-hand side for this call.
             span: the output times, first step, tolerances and event of this call (:class:`Span`).
-            y0: initial state, flat, PETSc dtype, CPU, ``(local_size,)``.
+            y0: initial state, flat, PETSc dtype, on :attr:`device`, ``(local_size,)``.
             plan: trajectory, checkpoint store and kept graphs of this pass.
 
         With an event, the solve stops at the first step that crosses it: that step is rolled back
@@ -291,18 +313,19 @@ class Solver:
         taus = span.taus
         record = ForwardRecord(taus=np.array(taus, dtype=np.float64), step_of_output=[0],
                                step_times=[float(taus[0])], stage_times=StageTimes() if plan.adjoint else None)
-        record.outputs = torch.empty((len(taus), y0.numel()), dtype=petsc_dtype())
+        record.outputs = torch.empty((len(taus), y0.numel()), dtype=petsc_dtype(), device=self.device)
         record.outputs[0].copy_(y0)
         if len(taus) == 1:
             return record
-        self._set_tolerances(span.tolerances)
+        tolerances = None if span.tolerances is None else tuple(tol.to(self.device) for tol in span.tolerances)
+        self._set_tolerances(tolerances)
         evaluator = Evaluator(rhs, graphs=plan.graphs if self.explicit else None,
                               graphs_from_step=plan.graphs_from_step)
         schedule = OutputSchedule(self.config, record, plan.store, self.explicit, plan.dense)
         evaluator.observer = schedule.observe
         if plan.dense is not None:
             plan.dense.start(evaluator, float(taus[0]), y0, self.solution)
-        first_step = span.first_step or starting_step(self.config, rhs, record.taus, y0, self.comm, span.tolerances)
+        first_step = span.first_step or starting_step(self.config, rhs, record.taus, y0, self.comm, tolerances)
         call = Call(watch_steps(schedule, rhs, self.config, self.explicit), evaluator,
                     Linearizer(rhs, self.explicit, evaluated=evaluator.value_at), "forward", span.event)
         if span.event is None:
@@ -379,14 +402,14 @@ class Solver:
                     self.run_petsc(lambda: ts.solve(self.solution), call.phase)
 
     def replay(self, rhs: RHS, y_start: torch.Tensor, replay: Replay, copy: bool = True) -> torch.Tensor:
-        """Re-take the steps of ``replay`` from ``y_start`` (flat, PETSc dtype, CPU); see :class:`Replay`.
+        """Re-take the steps of ``replay`` from ``y_start`` (flat, PETSc dtype, on :attr:`device`); see :class:`Replay`.
 
         The same step sizes from the same state repeat the original arithmetic, so an adaptive
         controller accepts every step again. With ``replay.trajectory`` the steps are left in the
         trajectory for :meth:`adjoint_steps`.
 
         Returns:
-            the state at ``replay.times[-1]`` (PETSc dtype, CPU): a copy, or with ``copy=False`` a
+            the state at ``replay.times[-1]`` (PETSc dtype, on :attr:`device`): a copy, or with ``copy=False`` a
             view of this solver's solution Vec, valid until its next solve.
         """
         self._use(rhs)
@@ -486,7 +509,7 @@ class Solver:
             snes.setUseEW(ew)
 
     def add_to_adjoint_state(self, cotangent: torch.Tensor) -> None:
-        writable_view(self.adjoint_state).add_(cotangent)
+        writable_view(self.adjoint_state, keep=True).add_(cotangent)
 
     def adjoint_state_tensor(self) -> torch.Tensor:
         return vec_view(self.adjoint_state).clone()
@@ -539,5 +562,5 @@ def work_vectors(config: SolverConfig, record: bool) -> int:
 def _views(tensor: torch.Tensor, vec) -> bool:
     """Whether ``tensor`` is the whole local part of ``vec`` in place (same memory, dtype and size)."""
     view = vec_view(vec)
-    return (tensor.device.type == "cpu" and tensor.dtype == view.dtype and tensor.numel() == view.numel()
+    return (tensor.device == view.device and tensor.dtype == view.dtype and tensor.numel() == view.numel()
             and tensor.data_ptr() == view.data_ptr())

@@ -28,6 +28,7 @@ from typing import Optional, Protocol, Tuple
 
 import torch
 
+from .bridge import petsc_dtype
 from .checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints
 from .evaluation import GraphStore, Linearizer
 from .rhs import RHS
@@ -120,8 +121,9 @@ class Strategy(Protocol):
 
 
 def state_bytes(solver: Solver) -> int:
-    """Bytes of one state-sized PETSc vector on this rank."""
-    return solver.solution.getLocalSize() * solver.solution.getArray(readonly=True).itemsize
+    """Bytes of one state-sized PETSc vector on this rank (without reading it: a CUDA Vec's ``getArray``
+    would copy it to the host)."""
+    return solver.solution.getLocalSize() * petsc_dtype().itemsize
 
 
 def adjoint_over_outputs(solver: Solver, record: ForwardRecord, grad_outputs: torch.Tensor,

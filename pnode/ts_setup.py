@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from ._compat import PETSc, has_revolve, set_always_accept, trajectory_from_options
-from .bridge import petsc_dtype
 from .config import SolverConfig
 from .errors import InputError
 from .formulation import IMPLICIT_FORM_TYPES, RHS_FORM_ADJOINT_TYPES, formulation_for
@@ -115,13 +114,13 @@ def starting_step(config: SolverConfig, rhs: RHS, taus: np.ndarray, y0: torch.Te
 def initial_step(rhs: RHS, rtol, atol, order: int, tau0: float, y0: torch.Tensor, comm,
                  span: float = float("inf")) -> float:
     """Hairer, Norsett & Wanner's starting step (Solving ODEs I, II.4), in PETSc's weighted RMS norm,
-    at most ``span`` (``y0``: the initial state, flat, PETSc dtype, CPU; ``order``: the method's;
-    ``rtol``, ``atol``: numbers or per-entry tensors like ``y0``)."""
+    at most ``span`` (``y0``: the initial state, flat, PETSc dtype, on the solver's device; ``order``:
+    the method's; ``rtol``, ``atol``: numbers or per-entry tensors like ``y0``)."""
     scale = atol + rtol * y0.abs()
-    f0 = rhs.evaluate(tau0, y0).to("cpu", petsc_dtype())
+    f0 = rhs.evaluate(tau0, y0).to(y0)
     d0, d1 = _rms(y0 / scale, comm), _rms(f0 / scale, comm)
     h0 = min(1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1, span)
-    f1 = rhs.evaluate(tau0 + h0, y0 + h0 * f0).to("cpu", petsc_dtype())
+    f1 = rhs.evaluate(tau0 + h0, y0 + h0 * f0).to(y0)
     d2 = _rms((f1 - f0) / scale, comm) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
     return min(100 * h0, h1, span)

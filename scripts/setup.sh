@@ -5,13 +5,22 @@
 # Environment: PYTHON (base interpreter, default python3), VENV (default .venv at the repo root),
 #              PETSC_VERSION (default 3.26.1), PETSC_PRECISION (double, the default, or single: a
 #              float32 PETSc for float32 training, built without pip's wheel cache so that it never
-#              picks up a cached double-precision wheel; give it its own VENV).
+#              picks up a cached double-precision wheel; give it its own VENV),
+#              PNODE_CUDA (1: build PETSc with CUDA, 0: without; unset: with CUDA where nvidia-smi
+#              lists a GPU), NVCC (default: nvcc on the PATH), PNODE_CUDA_ARCH (default: the GPU's
+#              compute capability, else 90 for H100/H200).
+# A CUDA PETSc is compiled by this machine's nvcc against the CUDA 13 headers and libraries that torch
+# installs into the venv (nvidia/cu13), built without pip's wheel cache (a plain `pip install petsc`
+# must never pick up a CUDA wheel), and needs no GPU to build, import or run CPU solves.
+# `bash scripts/setup.sh --print-petsc-options` prints the PETSc configure options this machine gets
+# (the CUDA ones once torch is in the venv) and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 PETSC_VERSION=${PETSC_VERSION:-3.26.1}
 PETSC_PRECISION=${PETSC_PRECISION:-double}
+BASE_OPTS="--with-fc=0 --with-debugging=0"
 case "$PETSC_PRECISION" in
     double) PRECISION_OPTS=""; PETSC_PIP_EXTRA=() ;;
     single) PRECISION_OPTS=" --with-precision=single"; PETSC_PIP_EXTRA=(--no-cache-dir) ;;
@@ -21,12 +30,81 @@ STAMP="$VENV/.pnode-setup-done"
 
 log() { printf '[setup] %s\n' "$*"; }
 
+# Whether this build is a CUDA one: PNODE_CUDA=1/0, else whether nvidia-smi lists a GPU.
+want_cuda() {
+    case "${PNODE_CUDA:-}" in
+        1) return 0 ;;
+        0) return 1 ;;
+        "") nvidia-smi -L 2>/dev/null | grep -q '^GPU ' ;;
+        *) echo "[setup] PNODE_CUDA must be 1, 0 or unset, not '$PNODE_CUDA'" >&2; exit 2 ;;
+    esac
+}
+if want_cuda; then PETSC_KIND=cuda; else PETSC_KIND=cpu; fi
+
+# PETSc's CUDA configure options (printed; no spaces inside a value: PETSc's setup.py splits on them).
+# The toolkit's own include folder (crt/, cccl/) comes first, then torch's CUDA 13 headers; the
+# libraries are torch's, versioned names only, so an unversioned link to each goes in $VENV/cuda-link.
+cuda_options() {
+    local nvcc=${NVCC:-$(command -v nvcc || true)}
+    [ -n "$nvcc" ] || { echo "[setup] a CUDA build needs nvcc on the PATH (or NVCC=/path/to/nvcc)" >&2; exit 2; }
+    local top; top=$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+    local toolkit; toolkit=$(cd "${top:-$(dirname "$nvcc")/..}/include" 2>/dev/null && pwd -P) || {
+        echo "[setup] no include folder beside $nvcc (nvcc --dryrun names its TOP)" >&2; exit 2; }
+    local cu; cu=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1)
+    [ -n "$cu" ] && [ -d "$cu/include" ] && [ -d "$cu/lib" ] || {
+        echo "[setup] a CUDA build needs torch's CUDA 13 headers and libraries in $VENV (site-packages/nvidia/cu13)" >&2
+        exit 2; }
+    cu=$(cd "$cu" && pwd -P)
+    local links; links="$(cd "$VENV" && pwd -P)/cuda-link"
+    mkdir -p "$links"
+    local lib name
+    for lib in "$cu"/lib/lib*.so.*; do
+        name=$(basename "$lib"); ln -sf "$lib" "$links/${name%%.so.*}.so"
+    done
+    local arch=${PNODE_CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')}
+    printf '%s' "--with-cuda=1 --with-cudac=$nvcc --with-cuda-arch=${arch:-90}"
+    printf ' %s' "--with-cuda-include=[$toolkit,$cu/include,$toolkit/cccl]"
+    printf ' %s' "--with-cuda-lib=[-L$links,-L$cu/lib,-lcudart,-lnvtx3interop,-lcufft,-lcublas,-lcusparse,-lcusolver,-lcurand]"
+    printf ' %s\n' "--with-x=0"
+}
+
+petsc_options() {
+    local opts="${PETSC_CONFIGURE_OPTIONS:-$BASE_OPTS}$PRECISION_OPTS"
+    if [ "$PETSC_KIND" = cuda ]; then opts="$opts $(cuda_options)"; fi
+    printf '%s\n' "$opts"
+}
+if [ "${1:-}" = "--print-petsc-options" ]; then
+    petsc_options
+    exit 0
+fi
+if [ "$PETSC_KIND" = cuda ]; then PETSC_PIP_EXTRA=(--no-cache-dir); fi
+
 # The precision ("single" or "double") of the PETSc that $VENV's petsc4py links, or nothing.
 installed_precision() {
     [ -x "$VENV/bin/python" ] || return 0
     "$VENV/bin/python" -c 'import numpy; from petsc4py import PETSc
 print("single" if numpy.dtype(PETSc.RealType).itemsize == 4 else "double")' 2>/dev/null || true
 }
+# "cuda" or "cpu": whether the PETSc that $VENV's petsc4py links has CUDA, or nothing.
+installed_kind() {
+    [ -x "$VENV/bin/python" ] || return 0
+    "$VENV/bin/python" -c 'from petsc4py import PETSc
+print("cuda" if PETSc.Sys.hasExternalPackage("cuda") else "cpu")' 2>/dev/null || true
+}
+HAVE_KIND=$(installed_kind)
+case "$HAVE_KIND" in cuda|cpu) ;; *) HAVE_KIND="" ;; esac
+if [ -n "$HAVE_KIND" ] && [ "$HAVE_KIND" != "$PETSC_KIND" ]; then
+    if [ -z "${PNODE_CUDA:-}" ]; then  # detected, not asked for: the venv's PETSc stays
+        log "keeping $VENV's PETSc built for $HAVE_KIND (this machine would get a $PETSC_KIND build;" \
+            "PNODE_CUDA=$([ "$PETSC_KIND" = cuda ] && echo 1 || echo 0) VENV=.venv-$PETSC_KIND bash scripts/setup.sh makes one)"
+        PETSC_KIND=$HAVE_KIND
+    else
+        echo "[setup] $VENV already has a PETSc built for $HAVE_KIND, but PNODE_CUDA=$PNODE_CUDA asks for $PETSC_KIND;" \
+             "one venv holds one PETSc: give this build its own, e.g." \
+             "PNODE_CUDA=$PNODE_CUDA VENV=.venv-$PETSC_KIND bash scripts/setup.sh" >&2
+        exit 2
+    fi
+fi
 HAVE_PRECISION=$(installed_precision)
 if [ -n "$HAVE_PRECISION" ] && [ "$HAVE_PRECISION" != "$PETSC_PRECISION" ]; then
     echo "[setup] $VENV already has a $HAVE_PRECISION-precision PETSc, but PETSC_PRECISION=$PETSC_PRECISION;" \
@@ -76,8 +154,8 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 fi
 if ! "$VENV/bin/python" -c 'import petsc4py' 2>/dev/null; then
-    log "building PETSc $PETSC_VERSION ($PETSC_PRECISION) and petsc4py (about 11 minutes the first time; pip caches the double-precision wheels)"
-    PETSC_CONFIGURE_OPTIONS="${PETSC_CONFIGURE_OPTIONS:---with-fc=0 --with-debugging=0}$PRECISION_OPTS" \
+    log "building PETSc $PETSC_VERSION ($PETSC_PRECISION, $PETSC_KIND) and petsc4py (about 11 minutes the first time; pip caches the double-precision CPU wheels)"
+    PETSC_CONFIGURE_OPTIONS="$(petsc_options)" \
         "${PIP[@]}" --no-build-isolation "${PETSC_PIP_EXTRA[@]}" "petsc==$PETSC_VERSION"
     "${PIP[@]}" --no-build-isolation "${PETSC_PIP_EXTRA[@]}" "petsc4py==$PETSC_VERSION"
 fi
