@@ -114,13 +114,10 @@ class RecordingVec:
         self.data = torch.arange(float(n), dtype=torch.float64)
         self.calls = []
         self.state = 0
-        self.id = next(self._ids)
+        self.handle = next(self._ids)  # petsc4py's address of the Vec (3.18 has no object ids)
 
     def getType(self):
         return self.vec_type
-
-    def getId(self):
-        return self.id
 
     def toDLPack(self, mode):
         self.calls.append(("toDLPack", mode))
