@@ -29,7 +29,7 @@ import torch
 
 from .errors import InputError
 from .schedule import expected_steps
-from .solver import RK_STAGES, Solver
+from .solver import Solver
 from .strategies import BinomialCheckpoints, Forward, Gradients, KeptGraphs, Strategy, state_bytes
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -79,7 +79,7 @@ class MemoryBudget:
         if steps is None:
             steps = costs.steps if costs is not None else None
         one = state_bytes(solver)
-        stages = costs.stages if costs is not None else RK_STAGES.get(problem.config.method.rk_type, 1)
+        stages = costs.stages if costs is not None else problem.config.method.stages or 1
         available = self.available(solver)
         if steps is None:  # adaptive, first call: keep graphs within the budget, store every state
             return KeptGraphs(graph_bytes=available // 2)

@@ -24,18 +24,14 @@ from ._compat import PETSc
 from .bridge import place_operator
 from .config import SolverConfig
 from .evaluation import Evaluator, Linearizer
+from .methods import steps_explicitly, takes_implicit_form
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
-
-# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
-RHS_FORM_ADJOINT_TYPES = ("rk", "euler", "ssp")
-# TS types that take f in implicit form (their adjoint needs F = y' - f with an identity mass matrix).
-IMPLICIT_FORM_TYPES = ("arkimex",)
 
 
 def formulation_for(solver, config: SolverConfig, ts_type: str):
     """The form ``solver``'s TS of type ``ts_type`` takes f in."""
-    return ImplicitForm(solver, config) if ts_type in IMPLICIT_FORM_TYPES else RHSForm(solver)
+    return ImplicitForm(solver, config) if takes_implicit_form(ts_type) else RHSForm(solver)
 
 
 class RHSForm:
@@ -52,7 +48,7 @@ class RHSForm:
             # Explicit RK adjoints read dG/dp of the right-hand side; implicit ones (theta, cn,
             # beuler, ...) read dF/dp of F(udot, u) = udot - G(u), i.e. -dG/dp. Handing implicit
             # types the RHS form would make PETSc zero and AXPY into a copy of the shell.
-            if ts.getType() in RHS_FORM_ADJOINT_TYPES:
+            if steps_explicitly(ts.getType()):
                 ts.setRHSJacobianP(s.param_jacobian_rhs, s.param_jacobian)
             else:
                 ts.setIJacobianP(s.param_jacobian_implicit, s.param_jacobian)

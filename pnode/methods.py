@@ -1,13 +1,38 @@
 """The method registry: one table from a pnode method name to the PETSc TS configuration.
 
-Nothing else in pnode branches on method names; it reads the :class:`Method` record instead.
+Nothing else in pnode branches on method names or keeps facts about methods; it reads the
+:class:`Method` record instead, or, for a TS whose type the command line chose
+(``-ts_type cn``), the facts about PETSc's TS types below.
 """
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ._compat import petsc_version
 from .errors import InputError
 from .tableaus import DOPRI8, FEHLBERG2, HEUN3, TSIT5, RKTableau, ensure_registered
+
+# PETSc TS types that step explicitly: their adjoint reads dG/dp of the right-hand side form, and
+# pnode hands them f as a right-hand side only.
+EXPLICIT_TS_TYPES = ("rk", "euler", "ssp")
+# TS types that take f in implicit form, F(t, y, y') = y' - f (their adjoint needs it so).
+IMPLICIT_FORM_TS_TYPES = ("arkimex",)
+# TS types that are PETSc's theta method (TSTHETA and its named cases: a theta to report).
+THETA_TS_TYPES = ("theta", "cn", "beuler")
+# Stages of PETSc's RK tableaus and pnode's registered ones (for estimates made before a solve has
+# counted them).
+RK_STAGES = {"1fe": 1, "2a": 2, "2b": 2, "3": 3, "3bs": 4, "4": 4, "5f": 6, "5dp": 7, "5bs": 8, "6vr": 10,
+             "7vr": 13, "8vr": 16, "pnode_heun3": 3, "pnode_fehlberg2": 3, "pnode_tsit5": 7, "pnode_dopri8": 13}
+
+
+def steps_explicitly(ts_type: str) -> bool:
+    """Whether PETSc's TS type ``ts_type`` is an explicit method (see :data:`EXPLICIT_TS_TYPES`)."""
+    return ts_type in EXPLICIT_TS_TYPES
+
+
+def takes_implicit_form(ts_type: str) -> bool:
+    """Whether TS type ``ts_type`` takes f in implicit form (see :data:`IMPLICIT_FORM_TS_TYPES`)."""
+    return ts_type in IMPLICIT_FORM_TS_TYPES
 
 
 @dataclass(frozen=True)
@@ -58,6 +83,19 @@ class Method:
     adjoint_since: Tuple[int, int] = (3, 0)
     l_stable: bool = False
     imex: bool = False
+
+    @property
+    def explicit(self) -> bool:
+        """Each step evaluates f at known states only (no equation to solve)."""
+        return steps_explicitly(self.ts_type)
+
+    @property
+    def stages(self) -> Optional[int]:
+        """Evaluations of f per step of an explicit RK method (FSAL's reused one included); None for
+        other methods (an implicit step's count depends on Newton)."""
+        if self.ts_type == "euler":
+            return 1
+        return RK_STAGES.get(self.rk_type) if self.ts_type == "rk" else None
 
 
 def _registered_rk(name: str, tableau: RKTableau, adaptive: bool, description: str, fsal: bool = False) -> Method:
@@ -156,8 +194,6 @@ def stiff_method() -> str:
 
 def adjoint_available(method: Method) -> bool:
     """Whether this PETSc's TSAdjoint differentiates ``method`` (``method.adjoint_since``)."""
-    from ._compat import petsc_version
-
     return tuple(petsc_version()[:2]) >= method.adjoint_since
 
 

@@ -41,16 +41,11 @@ from .errors import CallbackErrorTrap, SolverError
 from .evaluation import Evaluator, GraphStore, Linearizer, StageTimes
 from .failures import check_forward, nonfinite_error, petsc_failure
 from .hints import watch_steps
+from .methods import steps_explicitly
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
 from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule, Schedule, StateStore, StepObserver
 from .ts_setup import accepting_every_step, configure_ts, renew_trajectory, starting_step
-
-# TS types whose adjoint uses the RHS parameter Jacobian dG/dp directly (explicit RK).
-EXPLICIT_TYPES = ("rk", "euler", "ssp")
-# Stages of PETSc's RK tableaus (for estimates made before a solve has counted them).
-RK_STAGES = {"1fe": 1, "2a": 2, "2b": 2, "3": 3, "3bs": 4, "4": 4, "5f": 6, "5dp": 7, "5bs": 8, "6vr": 10,
-             "7vr": 13, "8vr": 16, "pnode_heun3": 3, "pnode_fehlberg2": 3, "pnode_tsit5": 7, "pnode_dopri8": 13}
 
 
 class EventStop(Protocol):
@@ -206,7 +201,7 @@ class Solver:
             self.tolerance_vectors = (self.solution.duplicate(), self.solution.duplicate())
         # form: how f reaches the TS (pnode.formulation)
         self.ts, self.resolved_options, self.form = configure_ts(self, config, record)
-        self.explicit = self.ts.getType() in EXPLICIT_TYPES
+        self.explicit = steps_explicitly(self.ts.getType())
         self.rhs: Optional[RHS] = None
         self._call: Optional[Call] = None
         self._last_evaluator: Optional[Evaluator] = None
@@ -553,7 +548,7 @@ def work_vectors(config: SolverConfig, record: bool) -> int:
     Explicit RK: the solution, the stages and their derivatives, and with an adjoint the stage
     adjoints and two work vectors; implicit methods: about a dozen (Newton, GMRES's Krylov basis).
     """
-    stages = RK_STAGES.get(config.method.rk_type, 8)
+    stages = config.method.stages or 8
     if config.method.implicit:
         return 40 if record else 35  # GMRES(30) basis and Newton's work vectors
     return 1 + 2 * stages + (stages + 4 if record else 0)

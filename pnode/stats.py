@@ -8,6 +8,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from .methods import THETA_TS_TYPES
 from .rhs import EvaluationCounter
 
 
@@ -83,7 +84,7 @@ def describe_solver(solver) -> Dict[str, object]:
     info: Dict[str, object] = {"ts_type": ts.getType()}
     if info["ts_type"] == "rk":
         info["rk_type"] = ts.getRKType()
-    if info["ts_type"] in ("theta", "cn", "beuler"):
+    if info["ts_type"] in THETA_TS_TYPES:
         info["theta"] = ts.getTheta()
     if info["ts_type"] == "arkimex":
         info["arkimex_type"] = ts.getARKIMEXType()

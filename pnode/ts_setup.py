@@ -9,7 +9,8 @@ import torch
 from ._compat import PETSc, has_revolve, set_always_accept, trajectory_from_options
 from .config import SolverConfig
 from .errors import InputError
-from .formulation import IMPLICIT_FORM_TYPES, RHS_FORM_ADJOINT_TYPES, formulation_for
+from .formulation import formulation_for
+from .methods import steps_explicitly, takes_implicit_form
 from .options import scoped_options
 from .rhs import RHS
 
@@ -42,7 +43,7 @@ def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Di
         _check_used(user_names)
         _check_solution_only(ts, config.prefix)
         resolved = _resolved(config.prefix)
-    if ts.getType() not in RHS_FORM_ADJOINT_TYPES:
+    if not steps_explicitly(ts.getType()):
         ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
     form = formulation_for(solver, config, ts.getType())
     form.attach(ts)
@@ -152,7 +153,7 @@ def _check_solution_only(ts, prefix: str) -> None:
     gradients 65 % off (kencarp4 on a small MLP field; cn's were right to 1e-20)."""
     db = PETSc.Options()
     name = prefix + "ts_trajectory_solution_only"
-    if ts.getType() in IMPLICIT_FORM_TYPES and db.hasName(name) and db.getBool(name, False):
+    if takes_implicit_form(ts.getType()) and db.hasName(name) and db.getBool(name, False):
         raise InputError(f"-{name} is not supported with TS {ts.getType()} (kencarp*): PETSc's adjoint re-takes its "
                          "steps from a solution-only trajectory wrongly (gradients far off); leave the stages in the "
                          "trajectory (the default), or use checkpoints=K to bound memory")

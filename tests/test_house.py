@@ -76,6 +76,28 @@ def test_one_place_creates_ts_objects():
     assert creators == ["pnode.ts_setup"]
 
 
+# PETSc TS types and RK tableaus: a literal collection of two or more of them is a method fact
+_METHOD_NAMES = {"rk", "euler", "ssp", "arkimex", "theta", "cn", "beuler", "1fe", "2a", "3bs", "4", "5dp", "5bs"}
+
+
+def _method_facts(path: str):
+    """Lines of ``path`` with a tuple, list, set or dict literal of two or more TS types or RK tableaus."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(
+            node, (ast.Tuple, ast.List, ast.Set)) else []
+        names = [item.value for item in items if isinstance(item, ast.Constant) and item.value in _METHOD_NAMES]
+        if len(names) >= 2:
+            found.append((node.lineno, names))
+    return found
+
+
+def test_one_place_keeps_method_facts():
+    keepers = {name: facts for name, path in _modules().items() if not name.startswith("pnode.testing")
+               for facts in [_method_facts(path)] if facts}
+    assert list(keepers) == ["pnode.methods"], keepers
+
+
 def test_a_solver_has_the_attributes_its_class_declares_and_no_others():
     from pnode.pool import acquire_solver, release_solver
     from pnode.problem import check_inputs
