@@ -6,7 +6,7 @@ in a process of its own. After the warm-up steps, the wall time of the timed ste
 
 * **f forward**: inside the network's forward calls (a hook on the ODE function's module; pnode's
   kept graphs are built there);
-* **backward**: inside ``pnode.rhs.vector_jacobian`` for pnode (the VJPs its adjoint asks for, one per
+* **backward**: inside ``pnode._impl.rhs.vector_jacobian`` for pnode (the VJPs its adjoint asks for, one per
   stage) or inside ``Tensor.backward`` for torchdiffeq ``odeint`` (one pass through the whole
   solve: the network's backward and that of the stage arithmetic);
 * **PETSc vectors**: PETSc's own event log of its vector operations (``VecCopy``, ``VecMAXPY``, ...:
@@ -95,7 +95,7 @@ def measure(row: Row, settings: Settings) -> Dict[str, object]:
     problem.func.register_forward_pre_hook(lambda *_: forward.enter())
     problem.func.register_forward_hook(lambda *_: forward.leave())
     if row.library == "pnode":
-        from pnode import rhs
+        from pnode._impl import rhs
 
         rhs.vector_jacobian = backward.wrap(rhs.vector_jacobian)
     else:

@@ -158,13 +158,13 @@ class CountedSolve:
         self.calls = 0
         self.counter = self.stats = None
         if row.library == "pnode":
-            import pnode
-            from pnode.rhs import EvaluationCounter
-            from pnode.stats import SolveStats
+            from pnode._impl.odeint import odeint_adjoint_reported
+            from pnode._impl.rhs import EvaluationCounter
+            from pnode._impl.stats import SolveStats
 
             self.counter = EvaluationCounter()
             self.stats = SolveStats(counter=self.counter)
-            self._odeint = functools.partial(pnode.odeint_adjoint, problem.func, _stats=self.stats)
+            self._odeint = functools.partial(odeint_adjoint_reported, problem.func, stats=self.stats)
         else:
             import torchdiffeq
 
@@ -212,11 +212,11 @@ def pnode_forward_solve(row: Row, problem, options: Mapping[str, object]) -> Dic
     are read here and not after a training step) and the tolerances of its SNES and KSP (what
     PETSc ran, whatever set it). The solve has the training step's inputs, so it takes the same
     steps and iterations. pnode has no public accessor for its forward record yet
-    (``pnode.problem.check_inputs``, ``pnode.adjoint.solve_forward``): this is the one place that
+    (``pnode._impl.problem.check_inputs``, ``pnode._impl.adjoint.solve_forward``): this is the one place that
     depends on them.
     """
-    from pnode.adjoint import release_solver, solve_forward
-    from pnode.problem import check_inputs
+    from pnode._impl.adjoint import release_solver, solve_forward
+    from pnode._impl.problem import check_inputs
     from pnode.testing.petsc_arithmetic import petsc_tableau
 
     tol = 1e-7 if row.tol is None else row.tol  # pnode's default rtol; fixed steps do not use it
@@ -286,7 +286,7 @@ def step_counts(record: Optional[Dict[str, object]], counts: Dict[str, Dict[str,
 
 def reference_solve(row: Row, problem, record: Optional[Dict[str, object]]) -> Optional[Callable]:
     """The solve that a row's gradient is compared with (None for torchdiffeq odeint: it is one)."""
-    from pnode.bridge import petsc_dtype
+    from pnode._impl.bridge import petsc_dtype
     from pnode.testing import references
     from pnode.testing.petsc_arithmetic import petsc_rk_reference
 

@@ -166,7 +166,7 @@ BUDGET_HEADER = ("budget", "chose", "held for the adjoint (MB)", "peak (MB)", "p
 
 def budget_mib(budget: str) -> float:
     """A budget row's ``memory_budget`` ('164MiB'; MB = 2**20 bytes in these tables) in MiB."""
-    from pnode.budget import parse_bytes
+    from pnode._impl.budget import parse_bytes
 
     return parse_bytes(budget) / 2**20
 

@@ -42,6 +42,7 @@ from torch import nn
 
 import pnode
 from benchmarks.cli import machine
+from pnode._impl.odeint import odeint_reported
 from pnode.testing.stiff_problems import (
     PROBLEMS,
     ROBERTSON,
@@ -63,12 +64,12 @@ def pnode_solve(problem: StiffProblem, method: str, rtol: float, params=None, ti
     """pnode's solution at the output times ``(len(times), n)`` (None if it stopped) and its statistics."""
     k = torch.tensor(problem.params if params is None else params, dtype=F64)
     times = problem.times if times is None else times
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     start = time.perf_counter()
     try:
-        y = pnode.odeint(lambda t, y: problem.f(t, y, k), torch.tensor(problem.y0, dtype=F64),
+        y = odeint_reported(lambda t, y: problem.f(t, y, k), torch.tensor(problem.y0, dtype=F64),
                          torch.tensor(times, dtype=F64), rtol=rtol, atol=problem.atol(rtol) if atol is None else atol,
-                         method=method, options={"max_num_steps": max_steps, **(options or {})}, _stats=stats)
+                         method=method, options={"max_num_steps": max_steps, **(options or {})}, stats=stats)
         y, message = y.numpy(), ""
     except pnode.SolverError as exc:
         y, message = None, f"stopped at t={exc.t_reached:.4g} ({exc.reason})"

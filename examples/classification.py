@@ -48,7 +48,6 @@ from torch import nn
 
 import pnode
 from pnode import distributed
-from pnode.methods import resolve_method
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -251,7 +250,7 @@ class SolverSettings:
     comm: object = None
 
     def block(self, func: nn.Module, prefix: str) -> pnode.ODEBlock:
-        adaptive = resolve_method(self.method).adaptive
+        adaptive = self.method in pnode.available_methods(adaptive=True)
         step = self.step_size if self.step_size is not None or adaptive else DEFAULT_STEP
         options = {} if step is None else {"step_size": step}
         return pnode.ODEBlock(func, t=(0.0, 1.0), method=self.method, options=options, prefix=prefix,
@@ -259,7 +258,7 @@ class SolverSettings:
 
     def describe(self) -> str:
         """The arguments' choice; PETSc options on the command line can override it (see log_solvers)."""
-        adaptive = resolve_method(self.method).adaptive
+        adaptive = self.method in pnode.available_methods(adaptive=True)
         if self.step_size is None and adaptive:
             return f"{self.method}, adaptive, rtol = atol = {self.tol:g} (before PETSc options)"
         return f"{self.method}, step {self.step_size or DEFAULT_STEP:g} (before PETSc options)"

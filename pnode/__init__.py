@@ -12,13 +12,13 @@ Importing pnode does not initialise PETSc: the first solve does, reading PETSc o
 """
 
 from ._compat import init
-from .dense import odeint_dense
-from .errors import InputError, PnodeError, SolverError
-from .imex import IMEX
-from .methods import available_methods
-from .nn import ODEBlock
-from .odeint import odeint, odeint_adjoint, odeint_event
-from .pool import clear_cache
+from ._impl.dense import odeint_dense
+from ._impl.errors import InputError, PnodeError, SolverError
+from ._impl.imex import IMEX
+from ._impl.methods import available_methods
+from ._impl.nn import ODEBlock
+from ._impl.odeint import odeint, odeint_adjoint, odeint_event
+from ._impl.pool import clear_cache
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ unmapped when freed, so the resident size follows the memory in use. By default 
 mapping threshold to the largest block freed so far (up to 32 MiB), after which activations come
 from the heap, and a forward pass that frees its intermediates between the tensors it keeps
 leaves holes that stay resident: on the ODE-Net benchmark the forward pass of kept graphs peaks
-about 1 GB above what it holds. A memory budget (:mod:`pnode.budget`) bounds what pnode holds, so
+about 1 GB above what it holds. A memory budget (:mod:`pnode._impl.budget`) bounds what pnode holds, so
 under a tight budget this setting is what makes the process's peak follow it; it costs a page
 fault per 4 KiB of every new block.
 """

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Subset
 
 from ._compat import PETSc
-from .errors import InputError
+from ._impl.errors import InputError
 
 
 def resolve_comm(comm=None):

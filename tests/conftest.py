@@ -19,14 +19,14 @@ def _seed():
 
 
 def zero_weight_ok():
-    from pnode.adjoint import zero_weight_param_gradients_ok
+    from pnode._impl.adjoint import zero_weight_param_gradients_ok
 
     return zero_weight_param_gradients_ok()
 
 
 def skip_if_zero_weight_broken(method):
     """PETSc 3.18's RK adjoint drops parameter gradients of zero-weight stages; pnode refuses those."""
-    from pnode.methods import resolve_method
+    from pnode._impl.methods import resolve_method
 
     if resolve_method(method).zero_weight_stage and not zero_weight_ok():
         pytest.skip(f"{method}: this PETSc's RK adjoint mishandles zero-weight stages (pnode raises instead)")
@@ -40,7 +40,7 @@ class CheckpointSpy:
     """
 
     def __init__(self, monkeypatch):
-        from pnode import checkpoint
+        from pnode._impl import checkpoint
 
         self.runs, self.stored = [], []
         original = checkpoint.CheckpointedAdjoint.run

@@ -15,7 +15,7 @@ import torch
 
 
 class StubVec:
-    """A Vec with an address, a state and a local array (what ``pnode.bridge`` reads).
+    """A Vec with an address, a state and a local array (what ``pnode._impl.bridge`` reads).
 
     Only methods that petsc4py 3.18 has too (no ``getId``): pnode supports both.
     """
@@ -118,7 +118,7 @@ def run(schedule, ts: StubTS, t_end: float, stages: int = 4, reject: Callable[[i
 
 
 class StubSolver:
-    """What :class:`pnode.checkpoint.CheckpointedAdjoint` asks of a solver, recording the work done.
+    """What :class:`pnode._impl.checkpoint.CheckpointedAdjoint` asks of a solver, recording the work done.
 
     A step's "state" is its step number (a 1-element tensor), so a re-take's result shows where it
     started and how far it went; ``reversed`` lists the steps whose adjoint ran, in order;

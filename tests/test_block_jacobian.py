@@ -11,9 +11,10 @@ from problems import LinearField, MLPField, stable_matrix
 
 import pnode
 from pnode._compat import PETSc
-from pnode.block_jacobian import BLOCK_LIMIT, BlockLayout, block_layout, default_jacobian, jacobian_blocks
-from pnode.bridge import layout_of
-from pnode.rhs import RHS
+from pnode._impl.block_jacobian import BLOCK_LIMIT, BlockLayout, block_layout, default_jacobian, jacobian_blocks
+from pnode._impl.bridge import layout_of
+from pnode._impl.odeint import odeint_adjoint_reported, odeint_reported
+from pnode._impl.rhs import RHS
 from pnode.testing.references import theta_linear_solve, theta_newton_solve
 
 F64 = torch.float64
@@ -61,9 +62,9 @@ def test_blocks_give_exact_newton_steps_and_gradients(method, theta):
     func = MLPField(dim=4, hidden=8).double()
     y0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     options = {"step_size": 0.2, "snes_rtol": 1e-13, "snes_stol": 1e-15}
-    ys = pnode.odeint_adjoint(func, y0, t, method=method, options=options, _stats=stats)
+    ys = odeint_adjoint_reported(func, y0, t, method=method, options=options, stats=stats)
     assert stats.solver["pc_type"] == "blocks" and stats.solver["ksp_type"] == "preonly"
     assert stats.krylov_iterations == stats.newton_iterations
     ref = theta_newton_solve(func, y0, t.tolist(), 0.2, theta, newton_iters=8)
@@ -102,22 +103,22 @@ def test_a_func_that_couples_samples_still_gets_exact_gradients():
 
 def test_krylov_options_make_gmres_iterate_with_the_blocks():
     func = MLPField(dim=3).double()
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     with torch.no_grad():
-        pnode.odeint(func, torch.randn(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), method="cn",
-                     options={"step_size": 0.5, "ksp_rtol": 1e-10}, _stats=stats)
+        odeint_reported(func, torch.randn(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), method="cn",
+                     options={"step_size": 0.5, "ksp_rtol": 1e-10}, stats=stats)
     assert stats.solver["ksp_type"] == "gmres" and stats.solver["pc_type"] == "blocks"
 
 
 def test_the_choice_is_an_option_and_a_command_line_flag():
     func = MLPField(dim=3).double()
     y0, t = torch.randn(2, 3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     with torch.no_grad():
-        pnode.odeint(func, y0, t, method="cn", options={"jacobian": "matrix_free"}, _stats=stats)
+        odeint_reported(func, y0, t, method="cn", options={"jacobian": "matrix_free"}, stats=stats)
         assert stats.solver["pc_type"] == "none" and stats.solver["ksp_type"] == "gmres"
         with command_line(pnode_jacobian="matrix_free"):
-            pnode.odeint(func, y0, t, method="cn", options={"jacobian": "blocks"}, _stats=stats)
+            odeint_reported(func, y0, t, method="cn", options={"jacobian": "blocks"}, stats=stats)
         assert stats.solver["pc_type"] == "none"
     with pytest.raises(pnode.InputError, match=r"options\['jacobian'\] must be 'blocks'.*or 'matrix_free'.*'dense'"):
         pnode.odeint(func, y0, t, method="cn", options={"jacobian": "dense"})

@@ -14,8 +14,9 @@ from conftest import CheckpointSpy, rel_err, skip_if_zero_weight_broken
 from problems import ConvField, MLPField
 
 import pnode
-from pnode import checkpoint
 from pnode._compat import PETSc
+from pnode._impl import checkpoint
+from pnode._impl.odeint import odeint_adjoint_reported
 from pnode.testing.references import TABLEAUS, rk_solve
 
 T3 = torch.tensor([0.0, 0.35, 1.0], dtype=torch.float64)
@@ -155,11 +156,11 @@ def test_checkpointed_dopri5_builds_no_graph_beyond_store_everything():
     skip_if_zero_weight_broken("dopri5")
     counts = []
     for opts in ({}, {"checkpoints": 64}):
-        counter = pnode.rhs.EvaluationCounter()
+        counter = pnode._impl.rhs.EvaluationCounter()
         torch.manual_seed(4)
         func = MLPField().double()
-        ys = pnode.odeint_adjoint(func, torch.randn(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.0]).double(),
-                                  method="dopri5", rtol=1e-6, atol=1e-8, options=opts, _counter=counter)
+        ys = odeint_adjoint_reported(func, torch.randn(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.0]).double(),
+                                  method="dopri5", rtol=1e-6, atol=1e-8, options=opts, counter=counter)
         torch.autograd.grad(ys[-1].sum(), tuple(func.parameters()))
         counts.append(counter)
     store_all, checkpointed = counts
@@ -184,9 +185,9 @@ def test_dropping_stage_graphs_costs_one_evaluation_per_dropped_stage_and_keeps_
                 opts["checkpoint_graphs"] = graphs
             else:
                 set_option("pnode_checkpoint_graphs", "no" if graphs is False else str(graphs))
-        counter = pnode.rhs.EvaluationCounter()
+        counter = pnode._impl.rhs.EvaluationCounter()
         try:
-            ys = pnode.odeint_adjoint(func, y0, t, method="rk4", options=opts, _counter=counter)
+            ys = odeint_adjoint_reported(func, y0, t, method="rk4", options=opts, counter=counter)
             grads = torch.autograd.grad(ys.sum(), (y0, *func.parameters()))
         finally:
             PETSc.Options().delValue("pnode_checkpoint_graphs")
@@ -208,20 +209,20 @@ def test_kept_stage_graphs_are_the_last_ones_and_at_most_the_limit():
     func = MLPField(dim=7).double()
     y0 = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
     held = []
-    original = pnode.evaluation.Evaluator.evaluate
+    original = pnode._impl.evaluation.Evaluator.evaluate
 
     def watch(self, ts, tau, u, f):
         original(self, ts, tau, u, f)
         if self.graphs is not None:
             held.append([lin.tau for lin in self.graphs.graphs])
 
-    pnode.evaluation.Evaluator.evaluate = watch
+    pnode._impl.evaluation.Evaluator.evaluate = watch
     try:
         ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 0.25], dtype=torch.float64), method="rk4",
                                   options={"step_size": 0.125, "checkpoints": 1, "checkpoint_graphs": 3})
         ys.sum().backward()
     finally:
-        pnode.evaluation.Evaluator.evaluate = original
+        pnode._impl.evaluation.Evaluator.evaluate = original
     assert max(len(h) for h in held) == 3
     # after a re-taken rk4 step from tau: the stages at tau + h/2, tau + h/2 and tau + h
     last = held[-1]

@@ -1,7 +1,7 @@
 """The device path of the tensor <-> Vec bridge, tested where a CPU can test it.
 
 With a CUDA state and a PETSc built with CUDA, pnode keeps every PETSc vector of a solve on the
-state's GPU and lets torch see them through DLPack (:mod:`pnode.bridge`). Without a GPU these tests
+state's GPU and lets torch see them through DLPack (:mod:`pnode._impl.bridge`). Without a GPU these tests
 check the pieces of that path: where a solve's vectors live (the decision alone, PETSc and torch
 stubbed), the access protocol that keeps PETSc's host/device offload mask right (on a fake Vec that
 records its calls), the DLPack hand-over and its lifetime (petsc4py's ``toDLPack`` works on CPU Vecs
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import pnode
-from pnode import _compat, bridge, pool
-from pnode.bridge import DEVICE, HOST, cached_views, tensor_into_vec, vec_key, vec_view, writable_view
+from pnode import _compat
+from pnode._impl import bridge, pool
+from pnode._impl.bridge import DEVICE, HOST, cached_views, tensor_into_vec, vec_key, vec_view, writable_view
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -61,7 +62,7 @@ def test_a_cpu_state_asks_neither_petsc_nor_torch_about_cuda(monkeypatch):
 
 def test_the_pool_keeps_solvers_of_different_vector_devices_apart(monkeypatch):
     y0 = torch.ones(3, dtype=torch.float64)
-    problem = pnode.problem.check_inputs(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), 1e-7, 1e-9, "rk4",
+    problem = pnode._impl.problem.check_inputs(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), 1e-7, 1e-9, "rk4",
                                          {"step_size": 0.5}, None)
     host_key = pool.pool_key(problem, 0, False)
     monkeypatch.setattr(pool, "vec_device", lambda device: CUDA0)
@@ -70,7 +71,7 @@ def test_the_pool_keeps_solvers_of_different_vector_devices_apart(monkeypatch):
 
 
 def test_shell_operators_of_a_gpu_solver_make_cuda_vectors():
-    from pnode.operators import RHSJacobianShell, create_shell
+    from pnode._impl.operators import RHSJacobianShell, create_shell
 
     mat = create_shell(RHSJacobianShell(None), 4, 4, pnode._compat.PETSc.COMM_SELF)
     try:
@@ -174,7 +175,7 @@ def test_host_vecs_are_viewed_once_per_petsc_call_and_every_write_raises_the_sta
 
 
 def test_the_vector_size_of_a_solver_is_known_without_reading_the_vector():
-    from pnode.strategies import state_bytes
+    from pnode._impl.strategies import state_bytes
 
     class Unreadable:
         def getLocalSize(self):

@@ -131,7 +131,7 @@ def test_exception_in_func_propagates_unchanged():
 def test_an_exception_in_a_step_hook_surfaces_as_itself_not_as_a_petsc_error_code(monkeypatch):
     # pnode's own pre/post-step hooks run inside PETSc: an error there used to reach the caller as
     # "PETSc failed ...: error code 101" with the Python cause lost
-    from pnode.schedule import OutputSchedule
+    from pnode._impl.schedule import OutputSchedule
 
     def broken(self, ts):
         raise LookupError("the hook's own error")

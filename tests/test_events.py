@@ -204,7 +204,7 @@ def test_a_plateau_at_zero_and_a_terminal_time_alone():
 def test_locate_finds_the_first_change_of_sign_on_stub_functions(case):
     # event_refine.locate on plain functions of h: the stand-in (the step's interpolant) differs from the
     # computed solution by a small smooth term, as an interpolant does
-    from pnode.event_refine import locate
+    from pnode._impl.event_refine import locate
 
     exact = {"second root inside": lambda h: np.array([(h - 0.3) * (h - 0.7)]),
              "zero at the end": lambda h: np.array([0.0 if h > 0.8 else 1.0 - 2.0 * h]),
@@ -220,7 +220,7 @@ def test_locate_finds_the_first_change_of_sign_on_stub_functions(case):
 
 
 def test_locate_tells_a_jump_from_a_root():
-    from pnode.event_refine import locate
+    from pnode._impl.event_refine import locate
 
     terminal = lambda h: np.array([0.0 if h > 0.6 else 2.0])  # noqa: E731
     crossing = locate(terminal, terminal, np.array([1.0]), 1.0, terminal(0.0), terminal(1.0), 1e-15, 1e-9)

@@ -98,10 +98,10 @@ def test_cuda_solves_and_gradients_equal_the_cpu_path(case, dtype):
 
 
 def test_every_petsc_vector_of_a_cuda_solve_is_on_the_gpu():
-    from pnode.adjoint import solve_forward
-    from pnode.bridge import vec_view
-    from pnode.pool import release_solver
-    from pnode.problem import check_inputs
+    from pnode._impl.adjoint import solve_forward
+    from pnode._impl.bridge import vec_view
+    from pnode._impl.pool import release_solver
+    from pnode._impl.problem import check_inputs
 
     y0 = torch.randn(8, 3, device="cuda", dtype=torch.float64)
     problem = check_inputs(lambda t, y: -y, y0, torch.tensor([0.0, 1.0]), 1e-7, 1e-9, "dopri5", None, None)

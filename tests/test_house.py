@@ -3,6 +3,7 @@ one that keeps method facts, no private names imported across modules, a solver'
 declared by its class, and a path page (docs/architecture.md) whose file and function names exist."""
 
 import ast
+import inspect
 import os
 import re
 
@@ -73,7 +74,7 @@ def test_no_module_imports_another_s_private_names():
 
 def test_one_place_creates_ts_objects():
     creators = [name for name, path in _modules().items() if re.search(r"\bTS\(\)\.create\(", open(path).read())]
-    assert creators == ["pnode.ts_setup"]
+    assert creators == ["pnode._impl.ts_setup"]
 
 
 # PETSc TS types and RK tableaus: a literal collection of two or more of them is a method fact
@@ -95,12 +96,12 @@ def _method_facts(path: str):
 def test_one_place_keeps_method_facts():
     keepers = {name: facts for name, path in _modules().items() if not name.startswith("pnode.testing")
                for facts in [_method_facts(path)] if facts}
-    assert list(keepers) == ["pnode.methods"], keepers
+    assert list(keepers) == ["pnode._impl.methods"], keepers
 
 
 def test_a_solver_has_the_attributes_its_class_declares_and_no_others():
-    from pnode.pool import acquire_solver, release_solver
-    from pnode.problem import check_inputs
+    from pnode._impl.pool import acquire_solver, release_solver
+    from pnode._impl.problem import check_inputs
 
     y0 = torch.ones(3, dtype=torch.float64, requires_grad=True)
     for options in ({}, {"memory_budget": "1MB"}, {"checkpoints": 2, "step_size": 0.1}):
@@ -150,3 +151,16 @@ def test_the_architecture_page_names_files_and_functions_that_exist():
     missing = sorted(n for n in named - public if n not in _defined_names()
                      and n not in {"TSSolve", "TSAdjointSolve", "func", "y0", "t"})
     assert not missing, missing
+
+
+def test_the_public_surface_is_the_documented_one():
+    # users import pnode, pnode.distributed, pnode.allocator (and pnode.testing in tests); the rest is
+    # pnode._impl, and no public function or class takes a private keyword
+    top = sorted(name for name in os.listdir(PNODE_DIR) if name.endswith(".py") or
+                 os.path.isfile(os.path.join(PNODE_DIR, name, "__init__.py")))
+    assert top == ["__init__.py", "_compat.py", "_impl", "allocator.py", "distributed.py", "testing"]
+    for name in pnode.__all__:
+        obj = getattr(pnode, name)
+        if callable(obj) and not (isinstance(obj, type) and issubclass(obj, Exception)):
+            private = [p for p in inspect.signature(obj).parameters if p.startswith("_")]
+            assert not private, (name, private)

@@ -9,7 +9,8 @@ from problems import MLPField, stable_matrix
 from torch import nn
 
 import pnode
-from pnode.methods import adjoint_available, resolve_method
+from pnode._impl.methods import adjoint_available, resolve_method
+from pnode._impl.odeint import odeint_adjoint_reported, odeint_reported
 from pnode.testing.references import ark_reference
 
 F64 = torch.float64
@@ -52,8 +53,8 @@ def test_imex_gradients_equal_autograd_through_the_same_imex_steps(method):
     recorder = Recorder(func)
     y0 = torch.randn(3, 6, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.5], dtype=F64)
-    stats = pnode.stats.SolveStats()
-    ys = pnode.odeint_adjoint(func, y0, t, rtol=1e-5, atol=1e-7, method=method, _stats=stats)
+    stats = pnode._impl.stats.SolveStats()
+    ys = odeint_adjoint_reported(func, y0, t, rtol=1e-5, atol=1e-7, method=method, stats=stats)
     assert stats.solver["ts_type"] == "arkimex" and stats.solver["pc_type"] == "blocks"
     assert len(recorder.steps) == stats.steps > 3
     ref = ark_reference(func.implicit, func.explicit, y0, recorder.steps, method, newton_iters=2)
@@ -118,10 +119,10 @@ def test_imex_steps_past_the_stiff_parts_stability_limit():
     mode = torch.sin(torch.pi * torch.arange(1, 9, dtype=F64) / 9)
     y0 = torch.stack([mode, 0.5 * mode])
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    imex, explicit = pnode.stats.SolveStats(), pnode.stats.SolveStats()
+    imex, explicit = pnode._impl.stats.SolveStats(), pnode._impl.stats.SolveStats()
     with torch.no_grad():
-        a = pnode.odeint(func, y0, t, rtol=1e-5, atol=1e-7, method="kencarp4", _stats=imex)
-        b = pnode.odeint(func, y0, t, rtol=1e-5, atol=1e-7, method="dopri5", _stats=explicit)
+        a = odeint_reported(func, y0, t, rtol=1e-5, atol=1e-7, method="kencarp4", stats=imex)
+        b = odeint_reported(func, y0, t, rtol=1e-5, atol=1e-7, method="dopri5", stats=explicit)
     assert rel_err(a, b) < 1e-4
     assert explicit.steps > 20 * imex.steps
 

@@ -7,6 +7,7 @@ from conftest import rel_err
 from problems import ConvField, LinearField, MLPField, stable_matrix
 
 import pnode
+from pnode._impl.odeint import odeint_adjoint_reported
 from pnode.testing.references import theta_linear_solve, theta_newton_solve
 
 
@@ -71,9 +72,9 @@ def test_linear_implicit_solve_takes_one_newton_step(method, theta):
     func = LinearField(stable_matrix(4))
     y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     options = {"step_size": 0.1, "implicit_solve": "linear", "ksp_rtol": 1e-13}
-    ys = pnode.odeint_adjoint(func, y0, t, method=method, adjoint_params=(func.A,), options=options, _stats=stats)
+    ys = odeint_adjoint_reported(func, y0, t, method=method, adjoint_params=(func.A,), options=options, stats=stats)
     assert stats.solver["snes_type"] == "ksponly"
     assert stats.newton_iterations == 10  # one per step: 3 in [0, 0.3], 7 in [0.3, 1]
     ref = theta_linear_solve(func.A, y0, t.tolist(), 0.1, theta)
@@ -91,8 +92,8 @@ def test_difference_and_autodiff_jvps_reach_the_same_implicit_steps(jvp):
     func = MLPField(dim=4).double()
     y0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    stats = pnode.stats.SolveStats()
-    ys = pnode.odeint_adjoint(func, y0, t, method="cn", options={"step_size": 0.25, "jvp": jvp}, _stats=stats)
+    stats = pnode._impl.stats.SolveStats()
+    ys = odeint_adjoint_reported(func, y0, t, method="cn", options={"step_size": 0.25, "jvp": jvp}, stats=stats)
     assert stats.solver["jvp"] == jvp
     ref = theta_newton_solve(func, y0, t.tolist(), 0.25, 0.5)
     assert rel_err(ys, ref) < 1e-7

@@ -15,7 +15,8 @@ from problems import MLPField, ReLUField, stable_matrix
 
 import pnode
 from pnode._compat import PETSc
-from pnode.bridge import petsc_dtype, petsc_eps
+from pnode._impl.bridge import petsc_dtype, petsc_eps
+from pnode._impl.odeint import odeint_adjoint_reported
 from pnode.testing.networks import ODENetFunc
 from pnode.testing.petsc_arithmetic import forward_record_of, petsc_rk_reference, petsc_tableau
 from pnode.testing.references import TABLEAUS, in_dtype, reference, relative_error, rk_solve
@@ -40,9 +41,9 @@ def test_outputs_at_times_that_are_not_binary_fractions(dtype):
     A = stable_matrix(3)
     y0 = torch.randn(3, dtype=torch.float64)
     t = torch.linspace(0, 1, 11, dtype=dtype)
-    counter = pnode.rhs.EvaluationCounter()
-    ys = pnode.odeint_adjoint(lambda t, y: y @ A.to(y.dtype).T, y0.to(dtype), t, method="rk4",
-                              options={"step_size": 0.03}, _counter=counter)
+    counter = pnode._impl.rhs.EvaluationCounter()
+    ys = odeint_adjoint_reported(lambda t, y: y @ A.to(y.dtype).T, y0.to(dtype), t, method="rk4",
+                              options={"step_size": 0.03}, counter=counter)
     # 0.1 / 0.03: three full steps and one cut step per interval, four evaluations each.
     assert counter.forward == 10 * 4 * 4
     exact = torch.stack([torch.linalg.matrix_exp(A * float(ti)) @ y0 for ti in t.double()])
@@ -54,8 +55,8 @@ def test_outputs_at_times_that_are_not_binary_fractions(dtype):
 
 def _steps_to(end: float, h: float, planned=None) -> int:
     """Fixed steps of ``h`` from 0 to ``end`` with the time summed in float32, as a single-precision
-    PETSc sums it, each step decided by :func:`pnode.schedule.lands_on_output`."""
-    from pnode.schedule import lands_on_output
+    PETSc sums it, each step decided by :func:`pnode._impl.schedule.lands_on_output`."""
+    from pnode._impl.schedule import lands_on_output
 
     t, steps = np.float32(0.0), 0
     while True:
@@ -71,7 +72,7 @@ def _steps_to(end: float, h: float, planned=None) -> int:
 def test_the_planned_last_fixed_step_absorbs_a_float32_time_sum_s_drift(end, h, steps, short):
     """``short``: the float32 sum falls short of ``end`` by more than a sliver, and without the
     count a sliver step would follow (the sum can also overshoot: then the last step is cut)."""
-    from pnode.schedule import fixed_steps_in
+    from pnode._impl.schedule import fixed_steps_in
 
     assert fixed_steps_in(end, h) == steps
     assert _steps_to(end, h, planned=steps) == steps
@@ -81,7 +82,7 @@ def test_the_planned_last_fixed_step_absorbs_a_float32_time_sum_s_drift(end, h, 
 def test_the_planned_last_step_is_stretched_by_half_a_step_at_most():
     """A miscounted interval (or one with a retried step, which is not the planned last) is stepped,
     not swallowed by a stretched last step."""
-    from pnode.schedule import lands_on_output
+    from pnode._impl.schedule import lands_on_output
 
     assert not lands_on_output(0.16, 0.1, planned_last=True)
     assert not lands_on_output(0.1 * (1 + 2e-3), 0.1, planned_last=False)
@@ -95,10 +96,10 @@ def test_many_fixed_steps_end_on_the_output_time_without_a_sliver_step(dtype, en
     0.1, by several percent after 1000 of 0.001: more than the round-off of one addition. The last
     step still lands on the output (no extra step)."""
     A = stable_matrix(2)
-    counter = pnode.rhs.EvaluationCounter()
-    pnode.odeint_adjoint(lambda t, y: y @ A.to(y.dtype).T, torch.ones(2, dtype=dtype),
+    counter = pnode._impl.rhs.EvaluationCounter()
+    odeint_adjoint_reported(lambda t, y: y @ A.to(y.dtype).T, torch.ones(2, dtype=dtype),
                          torch.tensor([0.0, end], dtype=dtype), method="rk4", options={"step_size": h},
-                         _counter=counter)
+                         counter=counter)
     assert counter.forward == steps * 4
 
 
@@ -313,9 +314,9 @@ def test_recorded_step_sizes_are_the_ones_petsc_added_to_its_time():
     torch.manual_seed(2)
     func = MLPField().double()
     y0 = torch.randn(4, 3, dtype=torch.float64)
-    from pnode.adjoint import acquire_solver, release_solver
-    from pnode.problem import check_inputs
-    from pnode.rhs import RHS
+    from pnode._impl.adjoint import acquire_solver, release_solver
+    from pnode._impl.problem import check_inputs
+    from pnode._impl.rhs import RHS
     # a first step far too large for the tolerance: the controller rejects it, on either build
     problem = check_inputs(func, y0, problem_t, 1e-7, 1e-9, "dopri5", {"first_step": 0.3}, None)
     key, solver = acquire_solver(problem, 0, False)

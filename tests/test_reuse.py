@@ -15,17 +15,17 @@ from conftest import CheckpointSpy, rel_err
 from problems import MLPField
 
 import pnode
-from pnode import bridge
-from pnode import solver as pnode_solver
 from pnode._compat import PETSc
+from pnode._impl import bridge
+from pnode._impl import solver as pnode_solver
+from pnode._impl.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
+from pnode._impl.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
+from pnode._impl.config import SolverConfig
+from pnode._impl.methods import resolve_method
+from pnode._impl.rhs import RHS, EvaluationCounter
+from pnode._impl.schedule import expected_steps
+from pnode._impl.solver import ForwardPlan, Replay, Solver, Span
 from pnode.allocator import _glibc
-from pnode.bridge import layout_of, tensor_into_vec, vec_key, vec_view, writable_view
-from pnode.checkpoint import CheckpointStore, planned_checkpoints, recomputed_steps
-from pnode.config import SolverConfig
-from pnode.methods import resolve_method
-from pnode.rhs import RHS, EvaluationCounter
-from pnode.schedule import expected_steps
-from pnode.solver import ForwardPlan, Replay, Solver, Span
 from pnode.testing.references import TABLEAUS, rk_solve
 
 

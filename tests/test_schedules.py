@@ -7,11 +7,11 @@ import pytest
 import torch
 from stubs import StubSolver, StubTS, StubVec, run
 
-from pnode.checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints, recomputed_steps
-from pnode.config import SolverConfig
-from pnode.evaluation import StageTimes
-from pnode.methods import resolve_method
-from pnode.schedule import ForwardRecord, OutputSchedule, ReplaySchedule, fixed_steps_in, same_time
+from pnode._impl.checkpoint import CheckpointedAdjoint, CheckpointStore, planned_checkpoints, recomputed_steps
+from pnode._impl.config import SolverConfig
+from pnode._impl.evaluation import StageTimes
+from pnode._impl.methods import resolve_method
+from pnode._impl.schedule import ForwardRecord, OutputSchedule, ReplaySchedule, fixed_steps_in, same_time
 
 REALS = [np.float32, np.float64]
 
@@ -21,7 +21,7 @@ def petsc_real(request, monkeypatch):
     """The schedules compare times at the round-off of PETSc's real type: a float32 run stands for a
     single-precision PETSc."""
     real = request.node.callspec.params.get("real", np.float64) if hasattr(request.node, "callspec") else np.float64
-    monkeypatch.setattr("pnode.schedule.petsc_eps", lambda: float(np.finfo(real).eps))
+    monkeypatch.setattr("pnode._impl.schedule.petsc_eps", lambda: float(np.finfo(real).eps))
 
 
 def _record(taus) -> ForwardRecord:

@@ -12,8 +12,9 @@ from conftest import rel_err
 from problems import MLPField
 
 import pnode
-from pnode.hints import FirstOrderWarning, StiffnessWarning, forget_warnings
-from pnode.methods import adjoint_available, resolve_method
+from pnode._impl.hints import FirstOrderWarning, StiffnessWarning, forget_warnings
+from pnode._impl.methods import adjoint_available, resolve_method
+from pnode._impl.odeint import odeint_adjoint_reported, odeint_reported
 from pnode.testing.references import theta_newton_solve
 from pnode.testing.stiff_problems import ROBERTSON, VDPOL, reference_solution, relative_error
 
@@ -30,9 +31,9 @@ def robertson(k):
 
 def robertson_as_posed(method, k, times=(0.0, 40.0, 1e5), stats=None, rtol=1e-6, atol=1e-10):
     """The call of the issue: tolerances and a method, nothing else."""
-    return pnode.odeint_adjoint(robertson(k), torch.tensor([1.0, 0.0, 0.0], dtype=F64),
+    return odeint_adjoint_reported(robertson(k), torch.tensor([1.0, 0.0, 0.0], dtype=F64),
                                 torch.tensor(times, dtype=F64), rtol=rtol, atol=atol, method=method,
-                                adjoint_params=(k,), _stats=stats)
+                                adjoint_params=(k,), stats=stats)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def robertson_reference():
 def test_robertson_as_posed_with_kencarp4_is_accurate_and_its_gradient_matches_finite_differences(
         robertson_reference):
     k = torch.tensor(K_TRUE, dtype=F64, requires_grad=True)
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     y = robertson_as_posed("kencarp4", k, stats=stats)
     assert relative_error(y.detach().numpy(), robertson_reference).max() < 1e-4  # every species, y2 included
     assert stats.steps < 150 and stats.solver["pc_type"] == "blocks"
@@ -66,14 +67,14 @@ def test_robertson_as_posed_with_kencarp4_is_accurate_and_its_gradient_matches_f
         assert abs(float(grad[i]) - fd) <= 1e-4 * abs(fd), (i, float(grad[i]), fd)
 
 
-@pytest.mark.filterwarnings("ignore::pnode.hints.FirstOrderWarning")
+@pytest.mark.filterwarnings("ignore::pnode._impl.hints.FirstOrderWarning")
 @pytest.mark.parametrize("method", ["cn", "beuler"])
 def test_robertson_as_posed_with_cn_and_beuler_runs_with_tolerances_alone(method, robertson_reference):
     """The call that used to fail at t = 0 (one step of 40 per output interval): error-controlled
     steps from an automatic first step. cn meets 1e-4 in every species; beuler, first order, has
     global errors ~1e3 times its local tolerance (the benchmark tabulates what it needs)."""
     k = torch.tensor(K_TRUE, dtype=F64, requires_grad=True)
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     with torch.no_grad():
         y = robertson_as_posed(method, k, times=(0.0, 40.0), stats=stats, rtol=1e-6)
     error = relative_error(y.numpy(), robertson_reference[:2]).max()
@@ -88,9 +89,9 @@ def test_robertson_as_posed_with_cn_and_beuler_runs_with_tolerances_alone(method
 def test_the_torchdiffeq_names_keep_one_step_per_output_interval():
     y0, t = torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 0.5, 1.0], dtype=F64)
     for name, pnode_name in (("implicit_euler", "beuler"), ("trapezoid", "cn")):
-        fixed, adaptive = pnode.stats.SolveStats(), pnode.stats.SolveStats()
-        pnode.odeint(lambda s, y: -y, y0, t, method=name, _stats=fixed)
-        pnode.odeint(lambda s, y: -y, y0, t, method=pnode_name, _stats=adaptive)
+        fixed, adaptive = pnode._impl.stats.SolveStats(), pnode._impl.stats.SolveStats()
+        odeint_reported(lambda s, y: -y, y0, t, method=name, stats=fixed)
+        odeint_reported(lambda s, y: -y, y0, t, method=pnode_name, stats=adaptive)
         assert fixed.steps == 2 and fixed.solver["steps"] == "one per output interval"
         assert adaptive.steps > 2 and adaptive.solver["steps"] == "adaptive"
 
@@ -110,10 +111,10 @@ def test_a_failed_newton_solve_is_retried_with_a_smaller_step_and_the_gradient_i
     f.callback_accept_step = lambda t0, y, dt: accepted.append(float(t0 + dt))
     y0 = torch.tensor([[1.0, 1.0, 1.0], [0.5, -1.0, 2.0]], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=F64)
-    stats = pnode.stats.SolveStats()
+    stats = pnode._impl.stats.SolveStats()
     options = {"first_step": 1.0, "snes_rtol": 1e-12, "snes_stol": 1e-14}
-    ys = pnode.odeint_adjoint(f, y0, t, rtol=1e-3, atol=1e-6, method="cn", options=options,
-                              adjoint_params=tuple(func.parameters()), _stats=stats)
+    ys = odeint_adjoint_reported(f, y0, t, rtol=1e-3, atol=1e-6, method="cn", options=options,
+                              adjoint_params=tuple(func.parameters()), stats=stats)
     assert stats.newton_failures >= 2 and stats.rejected_steps >= stats.newton_failures
     assert "by failed Newton solves" in stats.summary()
     ref = theta_newton_solve(f, y0, [0.0] + accepted, 1e9, 0.5, newton_iters=6)[-1]

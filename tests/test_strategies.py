@@ -11,11 +11,12 @@ from conftest import rel_err, skip_if_zero_weight_broken
 from problems import LinearField, MLPField, stable_matrix
 
 import pnode
-from pnode import pool
-from pnode.budget import MeasuredCosts, MemoryBudget, parse_bytes
-from pnode.evaluation import Evaluator, GraphStore
-from pnode.stats import SolveStats
-from pnode.strategies import BinomialCheckpoints, KeptGraphs
+from pnode._impl import pool
+from pnode._impl.budget import MeasuredCosts, MemoryBudget, parse_bytes
+from pnode._impl.evaluation import Evaluator, GraphStore
+from pnode._impl.odeint import odeint_adjoint_reported
+from pnode._impl.stats import SolveStats
+from pnode._impl.strategies import BinomialCheckpoints, KeptGraphs
 from pnode.testing.references import TABLEAUS, rk_solve
 
 STRATEGIES = [{"adjoint": "states"}, {"adjoint": "graphs"}, {"checkpoints": 3}, {"memory_budget": "1GB"},
@@ -27,8 +28,8 @@ def _gradients(method, options, t=(0.0, 0.3, 1.0), rtol=1e-6, atol=1e-8, seed=0)
     func = MLPField(dim=5).double()
     y0 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     stats = SolveStats()
-    ys = pnode.odeint_adjoint(func, y0, torch.tensor(t, dtype=torch.float64), method=method, rtol=rtol, atol=atol,
-                              options=options, _stats=stats)
+    ys = odeint_adjoint_reported(func, y0, torch.tensor(t, dtype=torch.float64), method=method, rtol=rtol, atol=atol,
+                              options=options, stats=stats)
     weights = torch.linspace(-1, 1, ys.numel(), dtype=torch.float64).reshape(ys.shape)
     return ys, torch.autograd.grad((ys * weights).sum(), (y0, *func.parameters())), stats
 
@@ -291,8 +292,8 @@ def test_partly_kept_graphs_in_float32_with_small_steps_equal_stored_states():
     def gradients(options):
         y = y0.detach().requires_grad_(True)
         stats = SolveStats()
-        ys = pnode.odeint_adjoint(func, y, torch.tensor([0.0, 1.0]), method="rk4",
-                                  options={"step_size": 1 / 256, **options}, _stats=stats)
+        ys = odeint_adjoint_reported(func, y, torch.tensor([0.0, 1.0]), method="rk4",
+                                  options={"step_size": 1 / 256, **options}, stats=stats)
         return torch.autograd.grad(ys[-1].square().sum(), (y, *func.parameters())), stats
 
     want, _ = gradients({"adjoint": "states"})
@@ -326,8 +327,8 @@ def test_a_checkpointing_budget_measures_a_step_s_graphs_and_reserves_room_for_t
     stats = SolveStats()
     chosen = []
     for _ in range(2):
-        ys = pnode.odeint_adjoint(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
-                                  options={"step_size": 0.02, "memory_budget": 200_000}, _stats=stats)
+        ys = odeint_adjoint_reported(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                                  options={"step_size": 0.02, "memory_budget": 200_000}, stats=stats)
         ys[-1].sum().backward()
         chosen.append(stats.adjoint.checkpoints)
     assert stats.adjoint.strategy == "checkpoints"
@@ -346,13 +347,13 @@ def test_a_budget_keeping_the_last_steps_graphs_gives_the_stored_states_gradient
     assert budget < a.solver_bytes + a.steps * one + a.graph_bytes  # too little for every graph
     _gradients(method, {**fixed, "memory_budget": budget})  # measures one step's graphs
     built = []
-    evaluate_linearized = pnode.rhs.RHS.evaluate_linearized
+    evaluate_linearized = pnode._impl.rhs.RHS.evaluate_linearized
 
     def counted(self, *args, **kwargs):
         built.append(kwargs.get("forward"))  # True: built by the forward pass
         return evaluate_linearized(self, *args, **kwargs)
 
-    monkeypatch.setattr(pnode.rhs.RHS, "evaluate_linearized", counted)
+    monkeypatch.setattr(pnode._impl.rhs.RHS, "evaluate_linearized", counted)
     _, got, stats = _gradients(method, {**fixed, "memory_budget": budget})
     kept = stats.adjoint
     assert kept.strategy == "graphs" and kept.stage_states > 0 and 0 < kept.graphs_kept < a.graphs_kept

@@ -13,8 +13,8 @@ from conftest import rel_err
 from problems import MLPField
 
 import pnode
-from pnode import pool as pnode_pool
-from pnode.rhs import Linearization
+from pnode._impl import pool as pnode_pool
+from pnode._impl.rhs import Linearization
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

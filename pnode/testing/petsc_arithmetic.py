@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pnode.tableaus import petsc_tableau
+from pnode._impl.tableaus import petsc_tableau
 
 __all__ = ["petsc_tableau", "petsc_maxpy", "petsc_rk_reference", "forward_record_of"]
 
@@ -63,8 +63,8 @@ def petsc_rk_reference(func: Callable, y0: torch.Tensor, times: Sequence[float],
 def forward_record_of(func, y0: torch.Tensor, method: str, options, rtol: float, atol: float, read_ts=None):
     """pnode's forward solve of ``func`` from ``y0`` over t = [0, 1]: its ``ForwardRecord`` (step times
     and sizes), and what ``read_ts(ts)`` reads from its TS after the solve (None without one)."""
-    from pnode.adjoint import release_solver, solve_forward
-    from pnode.problem import check_inputs
+    from pnode._impl.adjoint import release_solver, solve_forward
+    from pnode._impl.problem import check_inputs
 
     problem = check_inputs(func, y0, torch.tensor([0.0, 1.0], dtype=y0.dtype), rtol, atol, method, options, None)
     key, solver, record = solve_forward(problem, (), record=False)

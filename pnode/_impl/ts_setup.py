@@ -6,7 +6,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from ._compat import PETSc, has_revolve, set_always_accept, trajectory_from_options
+from .._compat import PETSc, has_revolve, set_always_accept, trajectory_from_options
 from .config import SolverConfig
 from .errors import InputError
 from .formulation import formulation_for
@@ -16,9 +16,9 @@ from .rhs import RHS
 
 
 def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Dict[str, str], object]:
-    """A TS for ``solver`` (a :class:`pnode.solver.Solver` whose vectors and shells exist), the
+    """A TS for ``solver`` (a :class:`pnode._impl.solver.Solver` whose vectors and shells exist), the
     options PETSc objects do not report back through petsc4py, as the layers resolved them, and the
-    form it takes f in (:mod:`pnode.formulation`, chosen by the TS type the options resolved to)."""
+    form it takes f in (:mod:`pnode._impl.formulation`, chosen by the TS type the options resolved to)."""
     ts = PETSc.TS().create(comm=solver.comm)
     ts.setProblemType(PETSc.TS.ProblemType.NONLINEAR)
     ts.setExactFinalTime(PETSc.TS.ExactFinalTime.MATCHSTEP)

@@ -1,6 +1,6 @@
 """How one solve evaluates and linearises f: plain evaluations, kept stage graphs, and their lookup.
 
-PETSc calls the right-hand side and its Jacobians through :class:`pnode.solver.Solver`; what a call
+PETSc calls the right-hand side and its Jacobians through :class:`pnode._impl.solver.Solver`; what a call
 does there is decided by the values of this module that the call carries:
 
 * :class:`Evaluator`: how each evaluation of f is done (without a graph, or keeping the graph

@@ -1,7 +1,7 @@
 """The autograd function: forward through PETSc TS, backward through PETSc TSAdjoint.
 
-The forward pass checks a solver out of the pool (:mod:`pnode.pool`) and runs the problem's adjoint
-strategy (:mod:`pnode.strategies`) on it; the backward pass runs the strategy's adjoint and puts
+The forward pass checks a solver out of the pool (:mod:`pnode._impl.pool`) and runs the problem's adjoint
+strategy (:mod:`pnode._impl.strategies`) on it; the backward pass runs the strategy's adjoint and puts
 the solver back.
 """
 
@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._compat import serialized
+from .._compat import serialized
 from .bridge import petsc_eps, stream_order, to_petsc
 from .callbacks import adjoint_step_callbacks, forward_step_callbacks
 from .pool import acquire_solver, release_solver

@@ -1,6 +1,6 @@
 """How one solver is configured: :class:`SolverConfig` and the PETSc options pnode derives from it.
 
-The derived options are the lowest layer of :mod:`pnode.options` (``options={...}`` and the command
+The derived options are the lowest layer of :mod:`pnode._impl.options` (``options={...}`` and the command
 line override each of them). For implicit methods they set Newton-Krylov up for a neural
 right-hand side; see :meth:`SolverConfig.derived_options` and ``docs/implicit.md``.
 """
@@ -26,14 +26,14 @@ NEWTON_PER_RTOL = 1e-2
 # Robertson's kinetics, whose I - h J has a condition number of ~1e8). Ten times PETSc's default.
 ADJOINT_KSP_RTOL_ULPS = 10.0
 ADJOINT_KSP_RTOL_FLOOR = 1e-6
-# ... and preconditioned by the exact per-sample blocks (pnode.block_jacobian), GMRES reaches round-off.
+# ... and preconditioned by the exact per-sample blocks (pnode._impl.block_jacobian), GMRES reaches round-off.
 BLOCKS_ADJOINT_KSP_RTOL_FLOOR = 1e-12
 # Below this resolution (float64 arithmetic) Newton keeps PETSc's accurate linear solves: with
 # Eisenstat-Walker's loose early solves, Newton's step test declared badly scaled stiff systems
 # (Robertson's, species from 1 to 1e-5) converged too early.
 LOW_RESOLUTION = 1e-10
 # The preconditioner of ``jacobian='blocks'``, as PETSc's ``-pc_python_type`` names it.
-BLOCK_JACOBIAN_PC = "pnode.block_jacobian.BlockJacobianPC"
+BLOCK_JACOBIAN_PC = "pnode._impl.block_jacobian.BlockJacobianPC"
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,16 @@ class SolverConfig:
             the same order; PETSc's ``ksponly``).
         jvp: how Newton-Krylov's Jacobian-vector products are taken: ``'autodiff'`` (exact, by
             reverse mode twice: about one evaluation of f each once a linearization's transposed
-            graph is built, see :meth:`pnode.rhs.Linearization.jvp`) or ``'difference'`` (one evaluation of f,
+            graph is built, see :meth:`pnode._impl.rhs.Linearization.jvp`) or ``'difference'`` (one evaluation of f,
             accurate to about the square root of ``resolution``; the Newton residual itself is
             exact, so only the convergence rate feels it). The adjoint's products are VJPs either way.
         vector_tolerances: ``rtol``/``atol`` are given per entry with each call (PETSc's vector
             tolerances); ``rtol``/``atol`` then hold their largest values, for display.
         jacobian: what preconditions GMRES in implicit steps: ``'blocks'`` (the dense per-sample
-            Jacobian blocks, factorised by one batched LU: :mod:`pnode.block_jacobian`) or
+            Jacobian blocks, factorised by one batched LU: :mod:`pnode._impl.block_jacobian`) or
             ``'matrix_free'`` (no preconditioner: nothing but Jacobian-vector products).
         split: ``func`` is a :class:`pnode.IMEX` split (part of the key: an IMEX method hands PETSc
-            its explicit part as the right-hand side, see :mod:`pnode.formulation`).
+            its explicit part as the right-hand side, see :mod:`pnode._impl.formulation`).
     """
 
     method: Method
@@ -126,7 +126,7 @@ class SolverConfig:
 
         - GMRES without a preconditioner (a shell has no entries to build one from), or with
           ``jacobian='blocks'`` the per-sample Jacobian blocks, LU-factorised, as the linear solve
-          (``preonly`` with PETSc's PCPYTHON running :class:`pnode.block_jacobian.BlockJacobianPC`);
+          (``preonly`` with PETSc's PCPYTHON running :class:`pnode._impl.block_jacobian.BlockJacobianPC`);
         - Newton's relative tolerance ``100 * resolution``, at least PETSc's 1e-8, or under error
           control ``min(1e-8, rtol / 100)``, and a step tolerance of ``10 * resolution`` (at least
           the same): a float32 network cannot get its residual below ~1e-7 of its size, where

@@ -2,9 +2,9 @@
 
 :class:`EventFunction` checks and evaluates ``event_fn`` (summed over MPI ranks, so that every rank
 stops at the same time). :class:`EventWatch` is what a forward solve with an event consults
-(:class:`pnode.solver.EventStop`): it keeps the sign each event function started with, tells the
+(:class:`pnode._impl.solver.EventStop`): it keeps the sign each event function started with, tells the
 solver when a step has left it (the solver rolls that step back before anything records it), and
-locates the event inside that step (:func:`pnode.event_refine.locate`), from the cubic Hermite
+locates the event inside that step (:func:`pnode._impl.event_refine.locate`), from the cubic Hermite
 interpolant of the step and then on one-step solves of the method from the step's start.
 """
 
@@ -15,9 +15,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from ._compat import converged_reason_name
+from .._compat import converged_reason_name
+from ..distributed import check_consistent
 from .bridge import StateLayout, petsc_eps
-from .distributed import check_consistent
 from .errors import InputError, SolverError
 from .event_refine import SAMPLES, Crossing, crossed, locate
 from .rhs import RHS
@@ -137,7 +137,7 @@ class Located:
 
 
 class EventWatch:
-    """The event functions at every accepted step end of a forward solve (see :class:`pnode.solver.EventStop`).
+    """The event functions at every accepted step end of a forward solve (see :class:`pnode._impl.solver.EventStop`).
 
     An event function starts with the sign of its value at ``t0``, or, within ``tolerance`` of zero
     there (a zero at ``t0`` is not an event), with the sign it first takes beyond it. A step ends
@@ -190,7 +190,7 @@ class EventWatch:
     def _settle_inside(self, rhs: RHS, tau: float, u: torch.Tensor, values: np.ndarray) -> bool:
         """For the functions still within the tolerance of zero at the step's start: the sign each first
         takes beyond it along the step (on the step's Hermite interpolant, at the same points
-        :func:`pnode.event_refine.locate` samples), from where it counts (:attr:`lower`); whether one
+        :func:`pnode._impl.event_refine.locate` samples), from where it counts (:attr:`lower`); whether one
         then leaves it again inside the step. A flight that starts at zero, rises and ends past a
         terminal time where the function is exactly zero is seen this way."""
         base_tau, base_state = self.previous

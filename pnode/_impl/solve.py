@@ -1,8 +1,8 @@
-"""Solving a canonical :class:`pnode.problem.Problem`: the core that every entry point shares.
+"""Solving a canonical :class:`pnode._impl.problem.Problem`: the core that every entry point shares.
 
 :func:`solve` returns the solution at every output time, differentiable (through
-:class:`pnode.adjoint.AdjointSolve`, by the problem's adjoint strategy) or not; integrations with
-prescribed jumps or step times are split into chained solves (:mod:`pnode.timeplan`).
+:class:`pnode._impl.adjoint.AdjointSolve`, by the problem's adjoint strategy) or not; integrations with
+prescribed jumps or step times are split into chained solves (:mod:`pnode._impl.timeplan`).
 """
 
 import dataclasses
@@ -10,9 +10,9 @@ import dataclasses
 import numpy as np
 import torch
 
+from ..distributed import local_sizes
 from .adjoint import AdjointSolve, solve_forward
 from .bridge import stream_order, to_petsc
-from .distributed import local_sizes
 from .pool import acquire_solver, release_solver
 from .problem import Problem
 from .rhs import RHS
@@ -25,7 +25,7 @@ def solve(problem: Problem, params, differentiable: bool) -> torch.Tensor:
 
     An empty state has nothing to integrate (an adaptive controller has no norm to measure it
     with); an integration with prescribed jumps or step times is split into solves
-    (:func:`pnode.timeplan.segments`), each starting from the state the previous one ended with
+    (:func:`pnode._impl.timeplan.segments`), each starting from the state the previous one ended with
     and with the step size its controller had reached.
     """
     if sum(local_sizes(problem.comm, problem.layout.numel)) == 0:
@@ -74,7 +74,7 @@ def solve_once(problem: Problem, params, differentiable: bool) -> torch.Tensor:
 
 def solve_forward_with(problem: Problem, rhs: RHS, dense) -> None:
     """A forward solve (nothing recorded for an adjoint) that tells ``dense`` every accepted step
-    (:class:`pnode.dense.DenseRecorder`)."""
+    (:class:`pnode._impl.dense.DenseRecorder`)."""
     key, solver = acquire_solver(problem, 0, False)
     try:
         with stream_order(solver.device):

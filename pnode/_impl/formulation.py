@@ -13,14 +13,14 @@
 The interface: ``form = formulation_for(solver, config, ts_type)``; ``form.attach(ts)`` sets the
 TS's callbacks (after ``TSSetFromOptions`` chose the type); ``form.detach()`` forgets the last
 call; ``form.destroy()`` frees what the form created. Callbacks evaluate and linearise f through
-the active call's :class:`pnode.evaluation.Evaluator` and :class:`pnode.evaluation.Linearizer`
+the active call's :class:`pnode._impl.evaluation.Evaluator` and :class:`pnode._impl.evaluation.Linearizer`
 (``solver.active_call``), or through per-part copies of them for a split.
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
-from ._compat import PETSc
+from .._compat import PETSc
 from .bridge import place_operator
 from .config import SolverConfig
 from .evaluation import Evaluator, Linearizer

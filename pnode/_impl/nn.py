@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .odeint import odeint_adjoint
+from .odeint import odeint_adjoint_reported
 from .stats import SolveStats
 
 
@@ -24,7 +24,7 @@ class ODEBlock(nn.Module):
         nfe_forward: right-hand-side evaluations (and JVPs) in forward solves since the last
             :meth:`reset_nfe` (NFE-F of the classic ODE-Net logs).
         nfe_backward: evaluations with a graph, for VJPs, in backward solves (NFE-B).
-        stats: a :class:`pnode.stats.SolveStats`: the counters, the configuration PETSc ran
+        stats: a :class:`pnode._impl.stats.SolveStats`: the counters, the configuration PETSc ran
             (``stats.solver``, ``stats.summary()``) and what the adjoint chose and held
             (``stats.adjoint``) in the latest call.
     """
@@ -61,10 +61,10 @@ class ODEBlock(nn.Module):
 
     def forward(self, y0):
         dtype = y0[0].dtype if isinstance(y0, (tuple, list)) else y0.dtype
-        ys = odeint_adjoint(self.func, y0, self.t.to(dtype), rtol=self.rtol, atol=self.atol,
-                            method=self.method, options=self.options,
-                            adjoint_params=tuple(p for p in self.parameters()), comm=self.comm,
-                            _prefix=self.prefix, _stats=self.stats)
+        ys = odeint_adjoint_reported(self.func, y0, self.t.to(dtype), rtol=self.rtol, atol=self.atol,
+                                     method=self.method, options=self.options,
+                                     adjoint_params=tuple(p for p in self.parameters()), comm=self.comm,
+                                     prefix=self.prefix, stats=self.stats)
         if isinstance(ys, tuple):
             return tuple(y[-1] for y in ys)
         return ys[-1]

@@ -1,6 +1,6 @@
 """What a failed solve tells the user: where it stopped, what PETSc tried, and what to change."""
 
-from ._compat import PETSc, converged_reason_name
+from .._compat import PETSc, converged_reason_name
 from .errors import SolverError
 from .methods import stiff_method
 

@@ -3,7 +3,7 @@
 A forward pass that will be differentiated takes a solver out of the pool and its backward pass
 puts it back, so two ODE blocks of the same shape in one network never share a trajectory. Idle
 solvers are kept least-recently-used first; when their PETSc vectors
-(:attr:`pnode.solver.Solver.held_bytes`) exceed the pool's limit, the oldest are destroyed. The
+(:attr:`pnode._impl.solver.Solver.held_bytes`) exceed the pool's limit, the oldest are destroyed. The
 limit is 1 GB by default, ``PNODE_POOL_BYTES`` in the environment or :func:`set_pool_limit`
 change it, and :func:`clear_cache` empties the pool.
 
@@ -20,10 +20,10 @@ import weakref
 from collections import OrderedDict
 from typing import List, Tuple
 
-from ._compat import PETSc, serialized
+from .._compat import PETSc, serialized
+from ..distributed import check_consistent, comm_key, local_sizes
 from .bridge import vec_device
 from .budget import parse_bytes
-from .distributed import check_consistent, comm_key, local_sizes
 from .options import database_fingerprint
 from .solver import Solver
 

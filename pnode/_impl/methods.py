@@ -8,7 +8,7 @@ Nothing else in pnode branches on method names or keeps facts about methods; it 
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ._compat import petsc_version
+from .._compat import petsc_version
 from .errors import InputError
 from .tableaus import DOPRI8, FEHLBERG2, HEUN3, TSIT5, RKTableau, ensure_registered
 
@@ -59,7 +59,7 @@ class Method:
             ``rk_type``) before the first solve that uses it; None for PETSc's own methods.
         arkimex_type: PETSc ``TSARKIMEXType`` for ``ts_type == 'arkimex'``: f is handed to PETSc in
             implicit form, ``F(t, y, y') = y' - f(t, y)`` (or ``y' - f_implicit`` with the explicit part
-            of a :class:`pnode.IMEX` split as the right-hand side), see :mod:`pnode.formulation`.
+            of a :class:`pnode.IMEX` split as the right-hand side), see :mod:`pnode._impl.formulation`.
         adjoint_since: the oldest PETSc ``(major, minor)`` whose TSAdjoint of this method is right.
         l_stable: the implicit method damps infinitely stiff components in one step (its stability
             function vanishes at infinity): stiff transients do not ring.
@@ -197,9 +197,12 @@ def adjoint_available(method: Method) -> bool:
     return tuple(petsc_version()[:2]) >= method.adjoint_since
 
 
-def available_methods() -> List[str]:
-    """Names accepted by ``method=``: the torchdiffeq-style names, PETSc's own, and ``'rk:<tableau>'``."""
-    return [m.name for m in _TABLE] + [f"rk:{name}" for name in _PETSC_RK]
+def available_methods(adaptive: Optional[bool] = None) -> List[str]:
+    """Names accepted by ``method=``: the torchdiffeq-style names, PETSc's own, and ``'rk:<tableau>'``;
+    with ``adaptive`` True (False) only the methods that do (do not) adapt their steps to
+    ``rtol``/``atol`` by default."""
+    names = [m.name for m in _TABLE] + [f"rk:{name}" for name in _PETSC_RK]
+    return names if adaptive is None else [name for name in names if resolve_method(name).adaptive == adaptive]
 
 
 def resolve_method(name: Optional[str]) -> Method:

@@ -4,11 +4,11 @@
 with ``event_fn=`` run the same code. One call is one forward solve:
 
 1. **Search.** The problem's solver integrates from ``t0`` with an event watch
-   (:class:`pnode.event_search.EventWatch`): after every step, the event functions at its end. A step
+   (:class:`pnode._impl.event_search.EventWatch`): after every step, the event functions at its end. A step
    that ends with an event function off its starting sign (a zero counts) is rolled back before
    PETSc records it, and the solve stops at its start, the *base*.
 2. **Locate.** The event is the first point of that step where an event function leaves its sign,
-   whatever the function does at the step's end (:mod:`pnode.event_refine`): found on the step's
+   whatever the function does at the step's end (:mod:`pnode._impl.event_refine`): found on the step's
    cubic Hermite interpolant, then refined to round-off on one-step solves of the method from the
    base: a root of ``phi(h) = g(t(h), y(h))``, ``y(h)`` one step of length ``h``.
 3. **Step to it.** The solver takes that one step from the base, and the solve ends there. Its
@@ -36,7 +36,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .distributed import check_consistent
+from ..distributed import check_consistent
 from .errors import InputError, SolverError
 from .event_search import DEFAULT_MAX_NUM_STEPS, EVENT_TOL_ULPS, EventFunction, EventWatch, Located
 from .options import get_global_option
@@ -202,7 +202,7 @@ class _Stepper:
         return self.pooled[1].replay(self.rhs, base_state, replay)
 
     def tableau(self) -> Optional[tuple]:
-        """PETSc's ``(A, b, c, fsal)`` of an explicit RK method (see :func:`pnode.tableaus.petsc_tableau`),
+        """PETSc's ``(A, b, c, fsal)`` of an explicit RK method (see :func:`pnode._impl.tableaus.petsc_tableau`),
         else None."""
         if self.problem.config.method.ts_type != "rk":
             return None

@@ -14,7 +14,7 @@ Layers 3 and 4 are inserted into PETSc's options database only while the solver 
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping
 
-from ._compat import PETSc
+from .._compat import PETSc
 
 # Option families a prefixed solver inherits from the unprefixed command line.
 _INHERITED_FAMILIES = ("ts_", "snes_", "ksp_", "pc_", "mat_mffd_", "pnode_")

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ._compat import serialized
+from .._compat import serialized
 from .bridge import vec_view
 from .problem import check_inputs
 from .rhs import RHS

@@ -16,7 +16,7 @@ kept graphs or a checkpointed re-take measured them; the stages per step) and th
 3. otherwise binomial checkpoints with as many states as fit beside one reversed step (at least one).
 
 The first call of a solver has no measurement yet and takes 2 (or 3 if the states alone exceed
-the budget). What was chosen is in the call's :class:`pnode.strategies.AdjointStats`.
+the budget). What was chosen is in the call's :class:`pnode._impl.strategies.AdjointStats`.
 """
 
 import dataclasses
@@ -106,7 +106,7 @@ class MemoryBudget:
 
     def available(self, solver: Solver) -> int:
         """Bytes left for graphs and states: the budget less the solver's own vectors (its TS's work
-        and adjoint vectors, :attr:`pnode.solver.Solver.held_bytes`), which every strategy needs."""
+        and adjoint vectors, :attr:`pnode._impl.solver.Solver.held_bytes`), which every strategy needs."""
         return max(0, self.budget - solver.held_bytes)
 
     def for_solver(self, solver: Solver) -> Strategy:

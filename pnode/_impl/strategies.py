@@ -11,12 +11,12 @@ they hold between the forward and the backward pass, and so in memory and time:
   stages; the adjoint evaluates f once more at each stage for its VJP. A fraction of backprop's
   memory, at about torchdiffeq's adjoint's time.
 * :class:`BinomialCheckpoints` (``checkpoints=K``): at most K states held, the rest recomputed
-  with the binomial (Revolve) schedule (:mod:`pnode.checkpoint`). Memory flat in the step count.
+  with the binomial (Revolve) schedule (:mod:`pnode._impl.checkpoint`). Memory flat in the step count.
 * :class:`MemoryBudget` (``memory_budget='2GB'``): picks among these per call from measured costs,
   keeping graphs while they fit, then states, then checkpoints.
 
 The interface is :class:`Strategy` (each a sibling, no shared mode): ``forward(solver, problem, rhs,
-y0) -> Forward`` runs the forward pass on a checked-out :class:`pnode.solver.Solver` with the call's
+y0) -> Forward`` runs the forward pass on a checked-out :class:`pnode._impl.solver.Solver` with the call's
 right-hand side; ``backward(solver, forward, grad_outputs) -> (grad_y0, adjoint_before_first_output,
 grad_params)`` runs its adjoint from what :class:`Forward` carries (the record, the right-hand side,
 graphs or checkpoints). Implicit methods keep no graphs (each stage is a Newton solve):

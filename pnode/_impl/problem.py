@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._compat import PETSc
+from .._compat import PETSc
+from ..distributed import resolve_comm
 from .block_jacobian import CHOICES as JACOBIAN_CHOICES
 from .block_jacobian import default_jacobian
 from .bridge import StateLayout, layout_of, petsc_dtype, petsc_eps
 from .budget import MemoryBudget, parse_bytes
 from .callbacks import StepCallbacks, find_step_callbacks
 from .config import LOW_RESOLUTION, SolverConfig
-from .distributed import resolve_comm
 from .errors import InputError
 from .event_search import EventWatch
 from .imex import is_split
@@ -60,18 +60,18 @@ class Problem:
         params: tensors gradients are taken with respect to.
         counter: where evaluations are counted.
         checkpoints: pnode's checkpoint budget K (at most K trajectory states held at once, see
-            :mod:`pnode.checkpoint`), or ``None``: PETSc's trajectory stores every step.
-        strategy: the adjoint strategy (:mod:`pnode.strategies`, :mod:`pnode.budget`).
+            :mod:`pnode._impl.checkpoint`), or ``None``: PETSc's trajectory stores every step.
+        strategy: the adjoint strategy (:mod:`pnode._impl.strategies`, :mod:`pnode._impl.budget`).
         stats: what the solves of this call ran and held (shared with an ``ODEBlock``).
         plan: prescribed step times and jumps (``step_t``, ``jump_t``, ``grid_constructor``), or
-            None (see :mod:`pnode.timeplan`).
-        callbacks: the torchdiffeq step callbacks ``func`` defines, or None (see :mod:`pnode.callbacks`).
+            None (see :mod:`pnode._impl.timeplan`).
+        callbacks: the torchdiffeq step callbacks ``func`` defines, or None (see :mod:`pnode._impl.callbacks`).
         event: the solve ends at an event (its ``taus`` are ``[tau0, event.tau_max]``), or None.
         first_step: the first step's size when the solve goes on from an earlier one (a jump), or None.
         tolerances: per-entry ``(rtol, atol)`` (flat, PETSc dtype, CPU) when they were given as
             tensors, or None (``config.rtol``/``config.atol`` apply).
         jump_sides: ``jump_t`` times that bound this solve (PETSc time) with the side of the jump
-            its evaluations there take (see :meth:`pnode.rhs.RHS.user_time`).
+            its evaluations there take (see :meth:`pnode._impl.rhs.RHS.user_time`).
     """
 
     func: Callable
@@ -99,7 +99,7 @@ class Problem:
 
     @property
     def span(self) -> Span:
-        """What one forward solve of this problem covers (:class:`pnode.solver.Span`)."""
+        """What one forward solve of this problem covers (:class:`pnode._impl.solver.Span`)."""
         return Span(self.taus, self.first_step, self.tolerances, self.event)
 
 
@@ -361,7 +361,7 @@ def _make_config(method, rtol, atol, opts: Dict[str, object], prefix: str, resol
 
 def _jacobian_choice(value, prefix: str, layout: Optional[StateLayout], implicit: bool) -> str:
     """``options['jacobian']`` (or ``-[<prefix>]pnode_jacobian``): ``'blocks'``, ``'matrix_free'``, or by
-    default :func:`pnode.block_jacobian.default_jacobian` of the state's layout."""
+    default :func:`pnode._impl.block_jacobian.default_jacobian` of the state's layout."""
     value, source = _pnode_option("jacobian", value, prefix)
     if value is None:
         return default_jacobian(layout, implicit) if layout is not None else "matrix_free"

@@ -1,19 +1,19 @@
 """The public entry points ``odeint``, ``odeint_adjoint`` and ``odeint_event`` (torchdiffeq's calls, PETSc underneath).
 
-torchdiffeq's two modes map onto pnode's adjoint strategies (:mod:`pnode.strategies`):
+torchdiffeq's two modes map onto pnode's adjoint strategies (:mod:`pnode._impl.strategies`):
 ``odeint`` is backpropagation through the solver, and pnode gives it by keeping every stage's
 autograd graph for the discrete adjoint (``adjoint='graphs'``: backprop's memory, its speed);
 ``odeint_adjoint`` is the memory-lean mode and stores states (``adjoint='states'``). Both give the
 same, exact gradients of the steps taken; ``options={'adjoint': ...}`` (or ``checkpoints``,
 ``memory_budget``) chooses explicitly for either. With ``event_fn`` both solve until the event
-(:mod:`pnode.events`).
+(:mod:`pnode._impl.events`).
 """
 
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from ._compat import petsc_version, serialized
+from .._compat import petsc_version, serialized
 from .adjoint import zero_weight_param_gradients_ok
 from .errors import InputError
 from .events import solve_until_event
@@ -27,11 +27,9 @@ Tensors = Union[torch.Tensor, tuple]
 Tolerance = Union[float, torch.Tensor, tuple]
 
 
-@serialized
 def odeint(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
            method: Optional[str] = None, options: Optional[dict] = None, event_fn: Optional[Callable] = None,
-           comm=None, _prefix: Optional[str] = None, _stats: Optional[SolveStats] = None,
-           _counter: Optional[EvaluationCounter] = None):
+           comm=None):
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, with PETSc TS and return ``y`` at every ``t``.
 
     torchdiffeq's ``odeint``, differentiable like backpropagation through the solver: gradients
@@ -68,7 +66,7 @@ def odeint(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, atol: Tole
         comm: an mpi4py or petsc4py communicator; each rank passes its shard of the state.
 
     ``func`` may define torchdiffeq's step callbacks ``callback_step(t0, y0, dt)``,
-    ``callback_accept_step`` and ``callback_reject_step`` (see :mod:`pnode.callbacks`).
+    ``callback_accept_step`` and ``callback_reject_step`` (see :mod:`pnode._impl.callbacks`).
 
     Returns:
         ``(len(t), *y0.shape)`` tensor (a tuple of such for a tuple ``y0``), dtype and device of ``y0``.
@@ -77,22 +75,32 @@ def odeint(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, atol: Tole
         pnode.InputError: bad arguments (unknown method, non-finite y0, non-monotonic t, ...).
         pnode.SolverError: the solve could not reach the last output time.
     """
-    if event_fn is not None:
-        return _until_event(func, y0, t, event_fn, "graphs", rtol, atol, method, options, None, comm)
-    params = reachable_params(func) if torch.is_grad_enabled() else ()
-    problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, params=params, prefix=_prefix,
-                           stats=_stats_of(_stats, _counter), default_adjoint="graphs")
-    return problem.layout.unflatten(_differentiate(problem, params))
+    return odeint_reported(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
+                           comm=comm)
 
 
 @serialized
+def odeint_reported(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
+                    method: Optional[str] = None, options: Optional[dict] = None,
+                    event_fn: Optional[Callable] = None, comm=None, prefix: Optional[str] = None,
+                    stats: Optional[SolveStats] = None, counter: Optional[EvaluationCounter] = None):
+    """:func:`odeint` for pnode's own callers (:class:`pnode.ODEBlock`, tests, benchmarks): PETSc options
+    read under ``prefix``, and the call's report written into ``stats`` (else into a new
+    :class:`SolveStats` counting evaluations into ``counter``)."""
+    if event_fn is not None:
+        return _until_event(func, y0, t, event_fn, "graphs", rtol, atol, method, options, None, comm)
+    params = reachable_params(func) if torch.is_grad_enabled() else ()
+    problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, params=params, prefix=prefix,
+                           stats=_stats_of(stats, counter), default_adjoint="graphs")
+    return problem.layout.unflatten(_differentiate(problem, params))
+
+
 def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
                    method: Optional[str] = None, options: Optional[dict] = None,
                    event_fn: Optional[Callable] = None,
                    adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
                    adjoint_method: Optional[str] = None, adjoint_options: Optional[dict] = None,
-                   adjoint_params=None, comm=None, _prefix: Optional[str] = None,
-                   _stats: Optional[SolveStats] = None, _counter: Optional[EvaluationCounter] = None):
+                   adjoint_params=None, comm=None):
     """Solve like :func:`odeint`, differentiable by PETSc TSAdjoint with flat memory (stored states).
 
     Gradients are those of the computed solution itself: equal, to round-off, to backpropagating
@@ -106,7 +114,7 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, at
     (``retain_graph=True``, ``torch.autograd.gradcheck``, ``torch.autograd.functional.jacobian``): it
     solves again from the saved ``y0`` and parameters (the same steps, bit for bit) and runs the
     adjoint over that. ``func``'s ``callback_step_adjoint`` and ``callback_accept_step_adjoint`` are
-    called for every step of the backward pass (see :mod:`pnode.callbacks`).
+    called for every step of the backward pass (see :mod:`pnode._impl.callbacks`).
 
     Args (beyond :func:`odeint`'s):
         adjoint_params: tensors to differentiate; default ``func.parameters()`` for an
@@ -117,12 +125,28 @@ def odeint_adjoint(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, at
             has no tolerance of its own (it reuses the forward steps), so they are ignored with a
             warning. Tune implicit adjoint linear solves with PETSc options (``ksp_rtol``).
     """
+    return odeint_adjoint_reported(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                                   event_fn=event_fn, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                                   adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                                   adjoint_params=adjoint_params, comm=comm)
+
+
+@serialized
+def odeint_adjoint_reported(func: Callable, y0: Tensors, t, *, rtol: Tolerance = 1e-7, atol: Tolerance = 1e-9,
+                            method: Optional[str] = None, options: Optional[dict] = None,
+                            event_fn: Optional[Callable] = None,
+                            adjoint_rtol: Optional[float] = None, adjoint_atol: Optional[float] = None,
+                            adjoint_method: Optional[str] = None, adjoint_options: Optional[dict] = None,
+                            adjoint_params=None, comm=None, prefix: Optional[str] = None,
+                            stats: Optional[SolveStats] = None, counter: Optional[EvaluationCounter] = None):
+    """:func:`odeint_adjoint` for pnode's own callers, with :func:`odeint_reported`'s ``prefix``,
+    ``stats`` and ``counter``."""
     check_adjoint_keywords(method, adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options)
     params = resolve_params(func, adjoint_params)
     if event_fn is not None:
         return _until_event(func, y0, t, event_fn, None, rtol, atol, method, options, params, comm)
-    problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, params=params, prefix=_prefix,
-                           stats=_stats_of(_stats, _counter))
+    problem = check_inputs(func, y0, t, rtol, atol, method, options, comm, params=params, prefix=prefix,
+                           stats=_stats_of(stats, counter))
     return problem.layout.unflatten(_differentiate(problem, params))
 
 
@@ -176,7 +200,7 @@ def odeint_event(func: Callable, y0: Tensors, t0, *, event_fn: Callable, reverse
     sign it started with (a zero counts), located to round-off along the computed solution, and
     gradients flow through the event time (implicit function theorem) composed with the discrete
     adjoint of the steps taken: they are the derivatives of the returned event time and state (see
-    :mod:`pnode.events`).
+    :mod:`pnode._impl.events`).
 
     Args:
         func: ``func(t, y) -> dy/dt`` as for :func:`pnode.odeint`.

@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from ._compat import PETSC_ERR_PYTHON, adjoint_monitor_type, pre_stage_type, set_adjoint_monitor, set_pre_stage
+from .._compat import PETSC_ERR_PYTHON, adjoint_monitor_type, pre_stage_type, set_adjoint_monitor, set_pre_stage
 from .bridge import StateLayout, vec_to_tensor
 
 _NAMES = {"step": "callback_step", "accept": "callback_accept_step", "reject": "callback_reject_step"}

@@ -1,6 +1,6 @@
 """Locating an event inside the step that crossed it: the first sign change, refined to round-off.
 
-The event search (:mod:`pnode.event_search`) only sees the event functions at step ends. When a step
+The event search (:mod:`pnode._impl.event_search`) only sees the event functions at step ends. When a step
 ends with a sign other than the one it started with (a zero counts as a change), the event is the
 *first* point of that step where some event function leaves its starting sign, whatever the
 functions do at the step's end (a second crossing, a plateau at zero, a terminal-time branch that

@@ -12,7 +12,7 @@ from typing import Optional, Set, Tuple
 
 import numpy as np
 
-from ._compat import PETSc, petsc_function, petsc_int, petsc_real, register_rk_tableau
+from .._compat import PETSc, petsc_function, petsc_int, petsc_real, register_rk_tableau
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class RKTableau:
     @property
     def zero_weight_stage(self) -> bool:
         """Whether a stage with ``b_i == 0`` feeds a later stage (PETSc 3.18's RK adjoint drops the
-        parameter gradient of such a stage, see :func:`pnode.adjoint.zero_weight_param_gradients_ok`)."""
+        parameter gradient of such a stage, see :func:`pnode._impl.adjoint.zero_weight_param_gradients_ok`)."""
         return any(self.b[i] == 0 and any(row[i] != 0 for row in self.a[i + 1:]) for i in range(self.stages))
 
     def matrix(self) -> Tuple[float, ...]:

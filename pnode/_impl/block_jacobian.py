@@ -101,9 +101,9 @@ def _vjp(out: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor) -> torch.T
 class BlockJacobianPC:
     """A PETSc ``PCPYTHON`` context applying ``(scale J + shift I)^-1`` block by block.
 
-    PETSc instantiates it from ``-pc_python_type pnode.block_jacobian.BlockJacobianPC``; it reads
+    PETSc instantiates it from ``-pc_python_type pnode._impl.block_jacobian.BlockJacobianPC``; it reads
     everything from the preconditioning matrix, one of pnode's shells
-    (:class:`pnode.operators.RHSJacobianShell`): the linearization of f it points at (whose
+    (:class:`pnode._impl.operators.RHSJacobianShell`): the linearization of f it points at (whose
     right-hand side knows the state's layout, hence the blocks), and the scale and shift PETSc put
     on it. The blocks of one stage are built once, at its first Newton iterate, and refactorised
     for a new shift.

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from ._compat import PETSc
+from .._compat import PETSc
 from .bridge import petsc_eps, vec_key, vec_view
 from .config import SolverConfig
 from .evaluation import StageTimes
@@ -138,7 +138,7 @@ class Schedule(Protocol):
 
 
 class StateStore(Protocol):
-    """Where a forward pass offers states to keep (:class:`pnode.checkpoint.CheckpointStore`)."""
+    """Where a forward pass offers states to keep (:class:`pnode._impl.checkpoint.CheckpointStore`)."""
 
     states: Dict[int, torch.Tensor]
 
@@ -150,7 +150,7 @@ class StateStore(Protocol):
 
 
 class StepObserver(Protocol):
-    """Told about every accepted step of a forward pass (:class:`pnode.dense.DenseRecorder`)."""
+    """Told about every accepted step of a forward pass (:class:`pnode._impl.dense.DenseRecorder`)."""
 
     def start(self, evaluator, tau0: float, y0: torch.Tensor, solution) -> None:
         """The initial point (flat, PETSc dtype), the solve's evaluator and its solution Vec."""
@@ -200,7 +200,7 @@ class OutputSchedule:
     Args:
         config: the solver configuration (fixed ``step_size`` or adaptive steps).
         record: the record to fill (``taus``, ``outputs[0]`` and ``step_times[0]`` set).
-        store: a :class:`pnode.checkpoint.CheckpointStore` offered the state after every step
+        store: a :class:`pnode._impl.checkpoint.CheckpointStore` offered the state after every step
             that is not an output time (checkpointing without a trajectory), or None.
         explicit: the method is explicit RK (FSAL reuse can be told from its evaluations).
         dense: told every accepted step (``dense.after_step(ts)``: dense output), or None.

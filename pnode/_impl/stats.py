@@ -17,10 +17,10 @@ class SolveStats:
     """Counters, solver configuration and adjoint choice of the latest call(s) of one block.
 
     Attributes:
-        counter: evaluations of f, JVPs and VJPs (:class:`pnode.rhs.EvaluationCounter`).
+        counter: evaluations of f, JVPs and VJPs (:class:`pnode._impl.rhs.EvaluationCounter`).
         solver: the configuration PETSc ran in the latest forward pass (:func:`describe_solver`).
         adjoint: what the adjoint strategy chose and held in the latest differentiated call
-            (:class:`pnode.strategies.AdjointStats`), None before one.
+            (:class:`pnode._impl.strategies.AdjointStats`), None before one.
         newton_iterations, krylov_iterations: PETSc's counts in the latest forward pass (implicit
             methods; 0 for explicit ones).
         next_step: the step size PETSc's controller proposed at the end of the latest forward pass

@@ -3,11 +3,11 @@
 A :class:`Solver` is built once per (state size, parameter count, configuration, communicator) and
 reused across calls, since training calls it thousands of times. It holds no mode: each solve
 carries a :class:`Call` (its step schedule, its evaluator and its linearizer, see
-:mod:`pnode.schedule` and :mod:`pnode.evaluation`), which PETSc's callbacks consult while that
+:mod:`pnode._impl.schedule` and :mod:`pnode._impl.evaluation`), which PETSc's callbacks consult while that
 solve runs. What a forward pass or a replay should do travels as a value (:class:`ForwardPlan`,
-:class:`Replay`); the strategies of :mod:`pnode.strategies` decide which.
+:class:`Replay`); the strategies of :mod:`pnode._impl.strategies` decide which.
 
-PETSc's time always increases: decreasing output times are handled by :class:`pnode.rhs.RHS`.
+PETSc's time always increases: decreasing output times are handled by :class:`pnode._impl.rhs.RHS`.
 """
 
 from contextlib import contextmanager
@@ -17,7 +17,7 @@ from typing import Optional, Protocol, Sequence, Tuple
 import numpy as np
 import torch
 
-from ._compat import (
+from .._compat import (
     PETSC_ERR_PYTHON,
     PETSc,
     converged_reason_name,
@@ -49,7 +49,7 @@ from .ts_setup import accepting_every_step, configure_ts, renew_trajectory, star
 
 
 class EventStop(Protocol):
-    """What a forward solve that ends at an event asks of its event watch (:mod:`pnode.event_search`).
+    """What a forward solve that ends at an event asks of its event watch (:mod:`pnode._impl.event_search`).
 
     Attributes:
         tau_max: the PETSc time the search may run to (``inf``: no limit).
@@ -111,11 +111,11 @@ class ForwardPlan:
         trajectory: record PETSc's trajectory for TSAdjoint (False: none, e.g. checkpointing).
         solution_only: the trajectory keeps states only; PETSc re-takes a step to recover its
             stages in the adjoint (served by the kept graphs' outputs, see ``graphs``).
-        store: a :class:`pnode.checkpoint.CheckpointStore` offered the states, or None.
+        store: a :class:`pnode._impl.checkpoint.CheckpointStore` offered the states, or None.
         graphs: keep every stage evaluation's graph here for the adjoint (explicit methods).
         graphs_from_step: keep the graphs of this step and later ones only (0: every step).
         adjoint: an adjoint will run (stage times are recorded for it).
-        dense: a :class:`pnode.dense.DenseRecorder` told every accepted step, or None.
+        dense: a :class:`pnode._impl.dense.DenseRecorder` told every accepted step, or None.
     """
 
     trajectory: bool = False
@@ -141,7 +141,7 @@ class Replay:
         accept_all: the adaptor accepts every step whatever its error estimate (steps of sizes
             chosen elsewhere, not recorded ones). A recorded explicit step is accepted again anyway
             (a rejection there means a right-hand side that is not deterministic); a recorded
-            implicit step is always accepted (see :func:`pnode.ts_setup.accepting_every_step`).
+            implicit step is always accepted (see :func:`pnode._impl.ts_setup.accepting_every_step`).
     """
 
     times: np.ndarray
@@ -162,7 +162,7 @@ class Solver:
         param_size: number of parameter entries (adjoint_params) on this rank.
         comm: the PETSc communicator the state is distributed over.
         record: whether the solver has adjoint vectors (forward solves can be differentiated).
-        device: where every PETSc vector of its solves lives (:func:`pnode.bridge.vec_device`): the
+        device: where every PETSc vector of its solves lives (:func:`pnode._impl.bridge.vec_device`): the
             host, or the state's GPU (PETSc's TS work vectors, trajectory and Krylov vectors are
             duplicates of these, so they live there too).
 
@@ -199,7 +199,7 @@ class Solver:
         self.tolerance_vectors = None
         if config.vector_tolerances:  # (rtol, atol), filled per call: TSSetTolerances cannot drop them again
             self.tolerance_vectors = (self.solution.duplicate(), self.solution.duplicate())
-        # form: how f reaches the TS (pnode.formulation)
+        # form: how f reaches the TS (pnode._impl.formulation)
         self.ts, self.resolved_options, self.form = configure_ts(self, config, record)
         self.explicit = steps_explicitly(self.ts.getType())
         self.rhs: Optional[RHS] = None
@@ -243,7 +243,7 @@ class Solver:
     @property
     def active_call(self) -> Optional[Call]:
         """The call PETSc's callbacks serve now (None between solves), for the callbacks of
-        :mod:`pnode.formulation`."""
+        :mod:`pnode._impl.formulation`."""
         return self._call
 
     # ------------------------------------------------------------------ PETSc callbacks
@@ -517,7 +517,7 @@ class Solver:
         it came from), a PETSc one explained.
 
         The callbacks run without torch's grad mode (only a kept graph's evaluation enables it) and
-        take each Vec's array once (:func:`pnode.bridge.cached_views`).
+        take each Vec's array once (:func:`pnode._impl.bridge.cached_views`).
         """
         try:
             with cached_views(), torch.no_grad():

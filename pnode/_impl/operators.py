@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._compat import PETSc
+from .._compat import PETSc
 from .bridge import petsc_dtype, tensor_into_vec, vec_key, vec_view, writable_view
 from .errors import CallbackErrorTrap
 from .rhs import Linearization

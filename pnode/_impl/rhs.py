@@ -116,7 +116,7 @@ class RHS:
         """Forward evaluation without a graph at a flat PETSc-dtype state ``u``.
 
         Returns a flat tensor of the user's dtype and device: the caller casts it once, on its way
-        into a PETSc Vec (:func:`pnode.bridge.tensor_into_vec`).
+        into a PETSc Vec (:func:`pnode._impl.bridge.tensor_into_vec`).
         """
         self.counter.forward += 1
         if torch.is_grad_enabled():  # a solve's callbacks run without grad mode already
@@ -128,7 +128,7 @@ class RHS:
                   single_vjp: bool = False) -> "Linearization":
         """The linearization at ``(tau, u)``; ``u`` is a PETSc-dtype view, copied into the user's dtype.
 
-        ``key``: the :func:`pnode.bridge.vec_key` of the Vec that ``u`` views, if any.
+        ``key``: the :func:`pnode._impl.bridge.vec_key` of the Vec that ``u`` views, if any.
         ``single_vjp``: the caller expects one cotangent only (explicit RK adjoints), so the graph
         may be freed during that VJP (see :class:`Linearization`).
         """
@@ -231,7 +231,7 @@ class Linearization:
     def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
         """``(x^T df/du, x^T df/dp)`` for a flat cotangent ``x`` (PETSc dtype, the vectors' device).
 
-        ``key``: the :func:`pnode.bridge.vec_key` of the Vec that ``x`` views; PETSc asks for the
+        ``key``: the :func:`pnode._impl.bridge.vec_key` of the Vec that ``x`` views; PETSc asks for the
         state and the parameter part with the same unchanged Vec, and the second ask is served
         from the first's result.
 

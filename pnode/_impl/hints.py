@@ -55,7 +55,7 @@ class FirstOrderWarning(MethodHint):
 
 
 def watch_steps(schedule, rhs: RHS, config, explicit: bool):
-    """``schedule`` with the watch of :mod:`pnode.hints` that applies to the method around it: the
+    """``schedule`` with the watch of :mod:`pnode._impl.hints` that applies to the method around it: the
     stiffness watch for an adaptive explicit method, the first-order watch for an adaptive implicit
     method of order one; else ``schedule`` itself."""
     method = config.method

@@ -23,7 +23,7 @@ from typing import ContextManager, Dict, Iterator, List, Protocol, Sequence, Tup
 import numpy as np
 import torch
 
-from ._compat import PETSc, petsc_has_cuda
+from .._compat import PETSc, petsc_has_cuda
 from .errors import InputError
 
 
