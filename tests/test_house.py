@@ -164,3 +164,12 @@ def test_the_public_surface_is_the_documented_one():
         if callable(obj) and not (isinstance(obj, type) and issubclass(obj, Exception)):
             private = [p for p in inspect.signature(obj).parameters if p.startswith("_")]
             assert not private, (name, private)
+
+
+def test_readme_fits_200_lines_with_install_and_example_on_its_first_screen():
+    lines = open(os.path.join(REPO, "README.md")).read().splitlines()
+    assert len(lines) <= 200
+    first_screen = "\n".join(lines[:40])
+    for needed in ("bash scripts/demo.sh", "bash scripts/test.sh", "pip install -e '.[petsc]'",
+                   "from pnode import odeint_adjoint", ".backward()", "docs/architecture.md"):
+        assert needed in first_screen, needed
