@@ -27,6 +27,9 @@ class StubVec:
         self.handle = next(self._ids)
         self.state = 0
 
+    def getType(self) -> str:
+        return "seq"  # a host Vec
+
     def stateGet(self) -> int:
         return self.state
 

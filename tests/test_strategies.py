@@ -112,7 +112,7 @@ def test_a_memory_budget_buys_speed_monotonically():
 def _stub(steps, state_bytes, adaptive=False):
     solver = SimpleNamespace(solution=SimpleNamespace(getLocalSize=lambda: state_bytes // 8,
                                                       getArray=lambda readonly: np.zeros(1)), held_bytes=0)
-    method = SimpleNamespace(rk_type="4", adaptive=adaptive)
+    method = SimpleNamespace(rk_type="4", stages=4, adaptive=adaptive)
     config = SimpleNamespace(method=method, adaptive=adaptive, step_size=None if adaptive else 1.0 / steps)
     problem = SimpleNamespace(config=config, taus=np.array([0.0, 1.0]))
     return solver, problem
