@@ -1,11 +1,27 @@
 import os
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
 
+from pnode._compat import PETSc
+
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextmanager
+def command_line(**options):
+    """PETSc options set in its database (as if on the command line) within the block, removed after."""
+    db = PETSc.Options()
+    for key, value in options.items():
+        db.setValue(key, value)
+    try:
+        yield
+    finally:
+        for key in options:
+            db.delValue(key)
 
 
 def rel_err(a, b):

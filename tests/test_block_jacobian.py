@@ -2,15 +2,13 @@
 steps and gradients it gives against the exactly solved steps (also when func couples the samples,
 which the blocks then only approximate), and how it is chosen."""
 
-from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import command_line, rel_err
 from problems import LinearField, MLPField, stable_matrix
 
 import pnode
-from pnode._compat import PETSc
 from pnode._impl.block_jacobian import BLOCK_LIMIT, BlockLayout, block_layout, default_jacobian, jacobian_blocks
 from pnode._impl.bridge import layout_of
 from pnode._impl.odeint import odeint_adjoint_reported, odeint_reported
@@ -18,18 +16,6 @@ from pnode._impl.rhs import RHS
 from pnode.testing.references import theta_linear_solve, theta_newton_solve
 
 F64 = torch.float64
-
-
-@contextmanager
-def command_line(**options):
-    db = PETSc.Options()
-    for key, value in options.items():
-        db.setValue(key, value)
-    try:
-        yield
-    finally:
-        for key in options:
-            db.delValue(key)
 
 
 def test_blocks_are_the_per_sample_jacobians():

@@ -9,13 +9,13 @@ as on CUDA ones), and whole solves with every Vec viewed through DLPack, which m
 host views give, bit for bit. ``tests/test_gpu.py`` runs the path on a GPU.
 """
 
-import functools
 import types
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from problems import solve_case
 
 import pnode
 from pnode import _compat
@@ -242,33 +242,9 @@ def _mlp(dtype):
 
 def _solve_and_differentiate(case, dtype):
     """Outputs and gradients (y0, parameters) of one small solve of ``case``."""
-    net = _mlp(dtype)
     torch.manual_seed(2)
     y0 = torch.randn(4, 3, dtype=dtype, requires_grad=True)
-    t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype)
-    method, options, interface = case
-    params = tuple(net.parameters())
-    odeint = pnode.odeint if interface == "odeint" else functools.partial(pnode.odeint_adjoint, adjoint_params=params)
-    if method == "tuple":
-        second = (y0 * 0.5).detach().requires_grad_(True)
-        ys = odeint(lambda t, y: (net(y[0]), -y[1] * y[0]), (y0, second), t, method="dopri5", rtol=1e-6,
-                    atol=1e-8, options=options)
-        loss = ys[0][-1].square().sum() + ys[1][1:].sum()
-        inputs = (y0, second, *params)
-        outputs = torch.cat([ys[0].reshape(-1), ys[1].reshape(-1)])
-    elif method == "event":
-        event_t, ys = pnode.odeint_event(lambda t, y: net(y), y0, t[0], event_fn=lambda t, y: t - 0.7 + 0.01 * y.sum(),
-                                         method="dopri5", rtol=1e-6, atol=1e-8, adjoint_params=params)
-        loss = event_t + ys[-1].square().sum()
-        inputs = (y0, *params)
-        outputs = torch.cat([event_t.reshape(1), ys.reshape(-1)])
-    else:
-        ys = odeint(lambda t, y: net(y), y0, t, method=method, rtol=1e-6, atol=1e-8, options=options)
-        loss = ys[-1].square().sum() + ys[1].sum()
-        inputs = (y0, *params)
-        outputs = ys.reshape(-1)
-    grads = torch.autograd.grad(loss, inputs)
-    return outputs.detach(), torch.cat([g.reshape(-1) for g in grads])
+    return solve_case(case, _mlp(dtype), y0, torch.tensor([0.0, 0.5, 1.0], dtype=dtype))
 
 
 CASES = [

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import command_line
 from problems import LinearField, MLPField, stable_matrix
 
 import pnode
@@ -230,13 +231,9 @@ def test_checkpointing_that_recomputes_a_nonfinite_state_is_reported(checkpoints
 
 
 def test_bad_checkpoint_budget_on_the_command_line_names_the_option():
-    db = PETSc.Options()
-    db.setValue("pnode_checkpoints", "two")
-    try:
-        with pytest.raises(pnode.InputError, match="-pnode_checkpoints must be a whole number"):
-            pnode.odeint_adjoint(lambda t, y: -y, _y0(2).requires_grad_(True), T01, method="rk4")
-    finally:
-        db.delValue("pnode_checkpoints")
+    with command_line(pnode_checkpoints="two"), \
+            pytest.raises(pnode.InputError, match="-pnode_checkpoints must be a whole number"):
+        pnode.odeint_adjoint(lambda t, y: -y, _y0(2).requires_grad_(True), T01, method="rk4")
 
 
 @pytest.mark.parametrize("kwargs", [{"op": "min"}, {"op": "max", "average": True}])

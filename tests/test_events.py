@@ -22,10 +22,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import command_line
 from problems import MLPField
 
 import pnode
-from pnode._compat import PETSc
 
 F64 = torch.float64
 G = 9.81
@@ -113,13 +113,8 @@ def test_event_tolerance_option_and_command_line():
     assert abs(landing({"event_tol": 1e-7}) - 1e-5) < 1e-9
     with pytest.raises(pnode.SolverError, match="no event between"):
         landing({"event_tol": 1e-4})
-    db = PETSc.Options()
-    db.setValue("ts_event_tol", "1e-4")
-    try:
-        with pytest.raises(pnode.SolverError, match="no event between"):
-            landing({"event_tol": 1e-7})  # the command line wins, as for every PETSc option
-    finally:
-        db.delValue("ts_event_tol")
+    with command_line(ts_event_tol="1e-4"), pytest.raises(pnode.SolverError, match="no event between"):
+        landing({"event_tol": 1e-7})  # the command line wins, as for every PETSc option
 
 
 def test_reverse_time():

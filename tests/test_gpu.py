@@ -10,13 +10,13 @@ bounds below are 1e-12 relative in float64 and 1e-4 in float32 (ulp 1.2e-7). The
 method takes are the same on both: the error norms that choose them differ by round-off only.
 """
 
-import functools
 import json
 import os
 import tempfile
 
 import pytest
 import torch
+from problems import solve_case
 
 import pnode
 
@@ -49,29 +49,9 @@ def _net(dtype, device):
 def _run(case, dtype, device):
     """Outputs and gradients (y0, parameters), flat, of one solve of ``case`` on ``device``."""
     net = _net(dtype, device)
-    params = tuple(net.parameters())
     torch.manual_seed(2)
     y0 = torch.randn(64, 6, dtype=dtype).to(device).requires_grad_(True)
-    t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype, device=device)
-    method, options, interface = case
-    odeint = pnode.odeint if interface == "odeint" else functools.partial(pnode.odeint_adjoint, adjoint_params=params)
-    if method == "tuple":
-        second = (0.5 * y0).detach().requires_grad_(True)
-        ys = odeint(lambda t, y: (net(y[0]), -y[1] * torch.tanh(y[0])), (y0, second), t, method="dopri5",
-                    rtol=1e-6, atol=1e-8, options=options)
-        loss = ys[0][-1].square().sum() + ys[1][1:].sum()
-        inputs, outputs = (y0, second, *params), torch.cat([ys[0].reshape(-1), ys[1].reshape(-1)])
-    elif method == "event":
-        event_t, ys = pnode.odeint_event(lambda t, y: net(y), y0, t[0], event_fn=lambda t, y: t - 0.7 + 1e-3 * y.sum(),
-                                         method="dopri5", rtol=1e-6, atol=1e-8, adjoint_params=params)
-        loss = event_t + ys[-1].square().sum()
-        inputs, outputs = (y0, *params), torch.cat([event_t.reshape(1), ys.reshape(-1)])
-    else:
-        ys = odeint(lambda t, y: net(y), y0, t, method=method, rtol=1e-6, atol=1e-8, options=options)
-        loss = ys[-1].square().sum() + ys[1].sum()
-        inputs, outputs = (y0, *params), ys.reshape(-1)
-    grads = torch.autograd.grad(loss, inputs)
-    return outputs.detach(), torch.cat([g.reshape(-1) for g in grads])
+    return solve_case(case, net, y0, torch.tensor([0.0, 0.5, 1.0], dtype=dtype, device=device))
 
 
 CASES = [

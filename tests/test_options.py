@@ -4,11 +4,10 @@ Precedence (highest first): prefixed command line > unprefixed command line > op
 method/step settings. The command line is simulated by inserting into PETSc's options database.
 """
 
-from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import command_line, rel_err
 
 import pnode
 from pnode._compat import PETSc
@@ -19,18 +18,6 @@ T = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
 def field(t, y):
     return torch.sin(y) - 0.3 * y
-
-
-@contextmanager
-def command_line(**options):
-    db = PETSc.Options()
-    for key, value in options.items():
-        db.setValue(key, value)
-    try:
-        yield
-    finally:
-        for key in options:
-            db.delValue(key)
 
 
 def solve(method="rk4", options=None, prefix=None):
