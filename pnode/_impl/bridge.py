@@ -277,11 +277,11 @@ def access_of(vec) -> VecAccess:
 
 
 _READ_ONLY_WARNING_SEEN = False
-# Views of the Vecs a PETSc call hands to pnode's callbacks, by the Vec's address, one dict for
-# reading and one for writing per call in progress (see cached_views), and the Vecs themselves: a
-# held reference keeps a Vec alive, so no other Vec can take its address while the block lasts
-# (petsc4py 3.18 has no object ids to key by).
-_VIEW_CACHES: List[Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], List[object]]] = []
+# Views of the Vecs a PETSc call hands to pnode's callbacks, by the Vec's address (petsc4py 3.18 has
+# no object ids to key by), one dict for reading and one for writing per call in progress (see
+# cached_views). A cached host view keeps its Vec alive (petsc4py's array holds a reference to the
+# Vec), so no other Vec can take a cached address while the block lasts.
+_VIEW_CACHES: List[Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]] = []
 
 
 @contextmanager
@@ -294,7 +294,7 @@ def cached_views() -> Iterator[None]:
     pnode code keeps a view beyond a callback, it copies what it keeps). CUDA Vecs are viewed afresh
     at each access (:class:`VecAccess`).
     """
-    _VIEW_CACHES.append(({}, {}, []))
+    _VIEW_CACHES.append(({}, {}))
     try:
         yield
     finally:
@@ -307,7 +307,7 @@ def vec_view(vec) -> torch.Tensor:
     Valid while ``vec`` lives and its storage is not replaced; callers copy what they keep.
     """
     if _VIEW_CACHES:
-        reads, _, held = _VIEW_CACHES[-1]
+        reads = _VIEW_CACHES[-1][0]
         key = vec.handle
         view = reads.get(key)
         if view is None:
@@ -315,7 +315,6 @@ def vec_view(vec) -> torch.Tensor:
             view = access.read(vec)
             if access.cached:
                 reads[key] = view
-                held.append(vec)
         return view
     return access_of(vec).read(vec)
 
@@ -345,7 +344,7 @@ def writable_view(vec, keep: bool = False) -> torch.Tensor:
     before PETSc touches ``vec``.
     """
     if _VIEW_CACHES:
-        _, writes, held = _VIEW_CACHES[-1]
+        writes = _VIEW_CACHES[-1][1]
         key = vec.handle
         view = writes.get(key)
         if view is not None:
@@ -355,7 +354,6 @@ def writable_view(vec, keep: bool = False) -> torch.Tensor:
         view = access.write(vec, keep)
         if access.cached:
             writes[key] = view
-            held.append(vec)
         return view
     return access_of(vec).write(vec, keep)
 

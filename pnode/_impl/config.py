@@ -6,10 +6,10 @@ right-hand side; see :meth:`SolverConfig.derived_options` and ``docs/implicit.md
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .methods import Method
-from .options import command_line_names, get_global_option
+from .options import command_line_names
 
 # Newton's relative tolerance, in units of the round-off of the arithmetic f is evaluated in: a
 # float32 network in a float64 PETSc resolves its residual to ~1e-7 of its size, so PETSc's
@@ -159,15 +159,18 @@ class SolverConfig:
             opts["snes_ksp_ew"] = "true"
         return opts
 
+    def _given_names(self) -> List[str]:
+        """The PETSc options the caller set, in ``options`` or on the command line (unprefixed, or with
+        this solver's prefix, which is removed)."""
+        prefix = self.prefix
+        return [name for name, _ in self.petsc_options] + [
+            name[len(prefix):] if name.startswith(prefix) else name for name in command_line_names()]
+
     def _ksp_rtol_given(self) -> bool:
-        """Whether the caller set the linear tolerance (``options`` or the command line), which
-        Eisenstat-Walker would otherwise override."""
-        names = ("ksp_rtol", self.prefix + "ksp_rtol")
-        return "ksp_rtol" in dict(self.petsc_options) or any(get_global_option(n) is not None for n in names)
+        """Whether the caller set the linear tolerance, which Eisenstat-Walker would otherwise override."""
+        return "ksp_rtol" in self._given_names()
 
     def _ksp_options_given(self) -> bool:
-        """Whether the caller set a Krylov option (``ksp_*``, in ``options`` or on the command line): its
-        linear solves then iterate (GMRES preconditioned by the blocks) instead of taking the blocks' LU."""
-        given = [name for name in dict(self.petsc_options)] + [name[len(self.prefix):] if name.startswith(
-            self.prefix) else name for name in command_line_names()]
-        return any(name.startswith("ksp_") for name in given)
+        """Whether the caller set a Krylov option (``ksp_*``): its linear solves then iterate (GMRES
+        preconditioned by the blocks) instead of taking the blocks' LU."""
+        return any(name.startswith("ksp_") for name in self._given_names())

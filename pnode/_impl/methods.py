@@ -85,11 +85,6 @@ class Method:
     imex: bool = False
 
     @property
-    def explicit(self) -> bool:
-        """Each step evaluates f at known states only (no equation to solve)."""
-        return steps_explicitly(self.ts_type)
-
-    @property
     def stages(self) -> Optional[int]:
         """Evaluations of f per step of an explicit RK method (FSAL's reused one included); None for
         other methods (an implicit step's count depends on Newton)."""
