@@ -117,3 +117,13 @@ def test_fixed_cost(tmp_path):
     assert all("error" not in row and len(row["times"]) == 1 and row["stages"] == 200 for row in rows.values())
     assert markdown.strip() in stdout
     assert "| small | rk4-50 | pnode | graphs |" in markdown
+
+
+def test_vec_traffic_counts_one_step_per_time_step_with_kept_graphs():
+    # kept graphs on a small state: the trajectory holds the stages, so the adjoint re-takes no step
+    script = os.path.join(ROOT, "scripts", "vec_traffic.py")
+    proc = subprocess.run([sys.executable, script, "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: float(line.split()[2]) for line in proc.stdout.splitlines()[1:]}
+    assert rows["TSStep"] == 1.0 and rows["TSAdjointStep"] == 1.0, proc.stdout
+    assert rows["VecMAXPY"] > 0, proc.stdout

@@ -130,3 +130,12 @@ def test_imex_steps_past_the_stiff_parts_stability_limit():
 def test_imex_parts_must_be_callable():
     with pytest.raises(pnode.InputError, match=r"IMEX\(implicit=...\) must be callable"):
         pnode.IMEX(lambda t, y: y, 3.0)
+
+
+def test_a_solution_only_trajectory_is_refused_for_kencarp():
+    # PETSc's adjoint re-takes ARKIMEX steps from a solution-only trajectory wrongly: refused, with what to do
+    y0 = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(pnode.InputError, match=r"ts_trajectory_solution_only is not supported with TS arkimex.*"
+                                               r"checkpoints=K"):
+        pnode.odeint_adjoint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="kencarp4",
+                             options={"ts_trajectory_solution_only": True})

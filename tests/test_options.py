@@ -11,6 +11,8 @@ from conftest import command_line, rel_err
 
 import pnode
 from pnode._compat import PETSc
+from pnode._impl.odeint import odeint_reported
+from pnode._impl.stats import SolveStats
 from pnode.testing.references import TABLEAUS, rk_solve
 
 T = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -106,3 +108,19 @@ def test_flag_options_take_none_or_true(capfd):
                                                               "snes_monitor": None, "ts_adapt_monitor": True})
     out = capfd.readouterr().out
     assert "TS dt 0.5 time 0.5" in out and "SNES Function norm" in out
+
+
+def test_available_methods_split_into_adaptive_and_fixed_step_ones():
+    adaptive, fixed = pnode.available_methods(adaptive=True), pnode.available_methods(adaptive=False)
+    assert sorted(adaptive + fixed) == sorted(pnode.available_methods()) and not set(adaptive) & set(fixed)
+    assert {"dopri5", "bosh3", "kencarp4", "cn", "rk:5dp"} <= set(adaptive)
+    assert {"euler", "rk4", "implicit_euler", "trapezoid", "rk:4"} <= set(fixed)
+    # adaptive: an error-controlled solve takes more steps at a tighter tolerance; fixed: the same steps
+    for name, expect_more in (("dopri5", True), ("rk4", False)):
+        steps = []
+        for rtol in (1e-3, 1e-9):
+            stats = SolveStats()
+            odeint_reported(lambda t, y: -y, torch.ones(2, dtype=torch.float64), torch.tensor([0.0, 2.0]),
+                            rtol=rtol, atol=rtol, method=name, stats=stats)
+            steps.append(stats.steps)
+        assert (steps[1] > steps[0]) == expect_more, (name, steps)
