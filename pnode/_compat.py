@@ -5,6 +5,7 @@ import functools
 import os
 import sys
 import threading
+from typing import Optional
 
 import numpy as np
 
@@ -350,12 +351,44 @@ def trajectory_from_options(ts) -> None:
     """``TSTrajectorySetFromOptions`` on the TS's trajectory (petsc4py wraps neither it nor
     ``TSGetTrajectory``): a new trajectory reads its options without the TS re-reading all of its own
     (``TSSetFromOptions``, several times the cost). Falls back to ``ts.setFromOptions()``."""
-    handle = ctypes.c_void_p(ts.handle)
-    trajectory = ctypes.c_void_p()
-    get = petsc_function("TSGetTrajectory", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    trajectory = _trajectory_handle(ts)
     setup = petsc_function("TSTrajectorySetFromOptions", ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p])
-    if get is None or setup is None or get(handle, ctypes.byref(trajectory)) or not trajectory.value:
+    if trajectory is None or setup is None:
         ts.setFromOptions()
         return
-    if setup(trajectory, handle):
+    if setup(trajectory, ctypes.c_void_p(ts.handle)):
         raise RuntimeError("TSTrajectorySetFromOptions failed")
+
+def _trajectory_handle(ts) -> Optional[ctypes.c_void_p]:
+    """The TS's ``TSTrajectory`` (``TSGetTrajectory``), or None when it has none or PETSc lacks the call."""
+    trajectory = ctypes.c_void_p()
+    get = petsc_function("TSGetTrajectory", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    if get is None or get(ctypes.c_void_p(ts.handle), ctypes.byref(trajectory)) or not trajectory.value:
+        return None
+    return trajectory
+
+
+def save_trajectory(ts) -> None:
+    """``TSSetSaveTrajectory`` with the TS's options prefix given to the new trajectory.
+
+    PETSc creates the trajectory without a prefix, so ``-<prefix>ts_trajectory_type memory`` (pnode's
+    default) and every other prefixed trajectory option went unread: a prefixed solve (every
+    :class:`pnode.ODEBlock`) stored its steps in files through PETSc's default ``basic`` trajectory,
+    gathered to rank 0 under MPI. Call it after the TS's prefix is set."""
+    ts.setSaveTrajectory()
+    prefix = ts.getOptionsPrefix()
+    trajectory = _trajectory_handle(ts)
+    set_prefix = petsc_function("PetscObjectSetOptionsPrefix", ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p])
+    if prefix and trajectory is not None and set_prefix is not None and set_prefix(trajectory, prefix.encode()):
+        raise RuntimeError("PetscObjectSetOptionsPrefix failed on the TS's trajectory")
+
+
+def trajectory_type(ts) -> Optional[str]:
+    """The type of the TS's trajectory (``'memory'``, ``'basic'``, ...), or None without one."""
+    trajectory = _trajectory_handle(ts)
+    get_type = petsc_function("PetscObjectGetType", ctypes.c_int,
+                              [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p)])
+    name = ctypes.c_char_p()
+    if trajectory is None or get_type is None or get_type(trajectory, ctypes.byref(name)) or not name.value:
+        return None
+    return name.value.decode()

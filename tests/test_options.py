@@ -124,3 +124,28 @@ def test_available_methods_split_into_adaptive_and_fixed_step_ones():
                             rtol=rtol, atol=rtol, method=name, stats=stats)
             steps.append(stats.steps)
         assert (steps[1] > steps[0]) == expect_more, (name, steps)
+
+
+def test_a_prefixed_block_keeps_its_trajectory_where_the_options_say():
+    # PETSc creates a TS's trajectory without the TS's prefix: the default -<prefix>ts_trajectory_type
+    # memory went unread and every prefixed block stored its steps in files (PETSc's 'basic').
+    y0 = torch.linspace(-1, 1, 6, dtype=torch.float64, requires_grad=True)
+    for prefix in (None, "blk_traj_"):
+        block = pnode.ODEBlock(field, t=(0.0, 1.0), method="rk4", options={"step_size": 0.25}, prefix=prefix)
+        block(y0).sum().backward()
+        assert block.stats.solver["ts_trajectory_type"] == "memory", prefix
+
+
+def test_prefixed_trajectory_options_reach_the_trajectory(tmp_path):
+    directory = tmp_path / "steps"
+    y0 = torch.linspace(-1, 1, 6, dtype=torch.float64, requires_grad=True)
+    block = pnode.ODEBlock(field, t=(0.0, 1.0), method="rk4", prefix="blk_disk_", options={"step_size": 0.25})
+    with command_line(blk_disk_ts_trajectory_type="basic", blk_disk_ts_trajectory_dirname=str(directory),
+                      blk_disk_ts_trajectory_keep_files=True):
+        y = block(y0)
+        (grad,) = torch.autograd.grad(y.sum(), y0)
+    assert block.stats.solver["ts_trajectory_type"] == "basic"
+    # one file (and its .info) for the state at t = 0 and after each of the 4 steps
+    assert sorted(p.name for p in directory.glob("*.bin")) == [f"TS-{i:06d}.bin" for i in range(5)]
+    want = pnode.ODEBlock(field, t=(0.0, 1.0), method="rk4", options={"step_size": 0.25})(y0)
+    assert rel_err(grad, torch.autograd.grad(want.sum(), y0)[0]) < 1e-13

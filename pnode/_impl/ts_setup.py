@@ -6,7 +6,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .._compat import PETSc, has_revolve, set_always_accept, trajectory_from_options
+from .._compat import PETSc, has_revolve, save_trajectory, set_always_accept, trajectory_from_options, trajectory_type
 from .config import SolverConfig
 from .errors import InputError
 from .formulation import formulation_for
@@ -32,17 +32,17 @@ def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Di
     ts.setPostStep(solver.post_step)
     if config.adaptive and (config.min_step is not None or config.max_step is not None):
         ts.setStepLimits(config.min_step or 0.0, config.max_step or PETSc.INFINITY)
-    if record:
-        ts.setSaveTrajectory()
     if config.prefix:
         ts.setOptionsPrefix(config.prefix)
+    if record:
+        save_trajectory(ts)
     with scoped_options(config.prefix, dict(config.petsc_options), config.derived_options()) as user_names:
         if record:
             _check_revolve(config.prefix)
         ts.setFromOptions()
         _check_used(user_names)
         _check_solution_only(ts, config.prefix)
-        resolved = _resolved(config.prefix)
+        resolved = _resolved(ts, config.prefix)
     if not steps_explicitly(ts.getType()):
         ts.getSNES().setConvergenceHistory(reset=True)  # for the report when Newton fails
     form = formulation_for(solver, config, ts.getType())
@@ -50,11 +50,16 @@ def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Di
     return ts, resolved, form
 
 
-def _resolved(prefix: str) -> dict:
-    """Options PETSc objects do not report back through petsc4py, as the layers resolved them."""
+def _resolved(ts, prefix: str) -> dict:
+    """Options PETSc objects do not report back through petsc4py: the adaptor's type as the options
+    database holds it, the trajectory's type as the trajectory itself holds it (what a solve stores)."""
     db = PETSc.Options()
-    return {name: db.getString(prefix + name) for name in ("ts_adapt_type", "ts_trajectory_type")
-            if db.hasName(prefix + name)}
+    resolved = {"ts_adapt_type": db.getString(prefix + "ts_adapt_type")} if db.hasName(prefix + "ts_adapt_type") \
+        else {}
+    kind = trajectory_type(ts)
+    if kind is not None:
+        resolved["ts_trajectory_type"] = kind
+    return resolved
 
 
 def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> None:
@@ -70,7 +75,7 @@ def renew_trajectory(ts, config: SolverConfig, solution_only: bool = False) -> N
     step to recover them), unless the options say otherwise.
     """
     ts.removeTrajectory()
-    ts.setSaveTrajectory()
+    save_trajectory(ts)
     derived = dict(config.derived_options())
     if solution_only:
         derived["ts_trajectory_solution_only"] = "true"
