@@ -215,23 +215,34 @@ def table(args, rows) -> str:
                 f"{args.channels}x{args.size}x{args.size} float32, batch {args.batch} per rank")
         solvers = f"rk4 and cn: {args.steps} steps (cn: snes_rtol 1e-4); dopri5: rtol = atol = {args.tol:g}."
     caption = (f"{what}, one torch thread per rank; median of {args.repeats} steps x {args.rounds} interleaved "
-               f"round(s) (each step the slowest rank's time), after {args.warmup} warm-up step(s) per run. {solvers}")
+               f"round(s) (each step the slowest rank's time), after {args.warmup} warm-up step(s) per run; "
+               f"t1/tN per round: from that round's own runs. {solvers}")
     header = ("| method | mode | ranks | per-rank batch | global batch | median time / step (s) "
-              "| weak-scaling efficiency t1/tN | NFE-F / NFE-B per step | CPU share (lowest rank) |")
-    lines = [caption, "", header, "|---|---|---|---|---|---|---|---|---|"]
+              "| weak-scaling efficiency t1/tN | t1/tN per round: median (range) | NFE-F / NFE-B per step "
+              "| CPU share (lowest rank) |")
+    lines = [caption, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         efficiency = baseline[r["method"]] / r["median_s"]
+        paired = _paired(r, rows[0]["ranks"], rows)
         lines.append(f"| {r['method']} | {r['mode'] if r['ranks'] > 1 else '-'} | {r['ranks']} | {r['batch']} | "
-                     f"{r['batch'] * r['ranks']} | {r['median_s']:.3f} | {100 * efficiency:.0f} % | "
+                     f"{r['batch'] * r['ranks']} | {r['median_s']:.3f} | {100 * efficiency:.0f} % | {paired} | "
                      f"{r['nfe_forward']:.0f} / {r['nfe_backward']:.0f} | {100 * r['cpu_share']:.0f} % |")
     return "\n".join(lines)
+
+
+def _paired(row, base_ranks: int, rows) -> str:
+    """The efficiency of each round from that round's own runs (1 rank and N ranks run minutes apart at
+    most, so a drift of the machine's speed between rounds cancels): median and range over rounds."""
+    base = next(r for r in rows if r["method"] == row["method"] and r["ranks"] == base_ranks)
+    ratios = [b / t for b, t in zip(base["round_medians"], row["round_medians"])]
+    return f"{100 * statistics.median(ratios):.0f} % ({100 * min(ratios):.0f}–{100 * max(ratios):.0f} %)"
 
 
 def _merge(rounds) -> dict:
     """One row from the rounds of one configuration: the median over all their timed steps."""
     times = [t for row in rounds for t in row["times_s"]]
     return {**rounds[-1], "times_s": times, "median_s": statistics.median(times),
-            "cpu_share": min(row["cpu_share"] for row in rounds)}
+            "round_medians": [row["median_s"] for row in rounds], "cpu_share": min(row["cpu_share"] for row in rounds)}
 
 
 def main(argv=None) -> None:

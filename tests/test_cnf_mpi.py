@@ -95,5 +95,5 @@ def test_weak_scaling_script_runs_the_cnf_workload(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.split(" | ") for line in markdown.read_text().splitlines() if line.startswith("| dopri5 |")]
     assert [(r[1], r[2]) for r in rows] == [("-", "1"), ("distributed", "2")]
-    assert len({r[7] for r in rows}) == 1, rows  # NFE-F / NFE-B
+    assert len({r[8] for r in rows}) == 1, rows  # NFE-F / NFE-B
     assert "CNF training step of the digits flow" in markdown.read_text()
