@@ -51,11 +51,12 @@ def configure_ts(solver, config: SolverConfig, record: bool) -> Tuple[object, Di
 
 
 def _resolved(ts, prefix: str) -> dict:
-    """Options PETSc objects do not report back through petsc4py: the adaptor's type as the options
-    database holds it, the trajectory's type as the trajectory itself holds it (what a solve stores)."""
+    """Options PETSc objects do not report back through petsc4py, as the layers resolved them: the
+    adaptor's type, and the trajectory's type as the trajectory holds it (a solver that records none
+    reports the type its options give a recording solve)."""
     db = PETSc.Options()
-    resolved = {"ts_adapt_type": db.getString(prefix + "ts_adapt_type")} if db.hasName(prefix + "ts_adapt_type") \
-        else {}
+    resolved = {name: db.getString(prefix + name) for name in ("ts_adapt_type", "ts_trajectory_type")
+                if db.hasName(prefix + name)}
     kind = trajectory_type(ts)
     if kind is not None:
         resolved["ts_trajectory_type"] = kind
