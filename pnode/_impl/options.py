@@ -63,6 +63,23 @@ def scoped_options(prefix: str, user_options: Mapping[str, object],
             db.delValue(name)
 
 
+@contextmanager
+def without_command_line() -> Iterator[None]:
+    """Hide the unprefixed command line's solver options (``-ts_type cn``, ...) for the block.
+
+    For pnode's own probes of PETSc's behaviour, which must solve what they say (an explicit
+    midpoint step) whatever the user's command line asks of the user's solvers."""
+    db = PETSc.Options()
+    hidden = {name: value for name, value in _command_line_options(db).items() if name.startswith(_INHERITED_FAMILIES)}
+    for name in hidden:
+        db.delValue(name)
+    try:
+        yield
+    finally:
+        for name, value in hidden.items():
+            db.setValue(name, value)
+
+
 def _command_line_options(db) -> Dict[str, str]:
     return {name.lstrip("-"): value for name, value in db.getAll().items()}
 
