@@ -127,3 +127,14 @@ def test_vec_traffic_counts_one_step_per_time_step_with_kept_graphs():
     rows = {line.split()[0]: float(line.split()[2]) for line in proc.stdout.splitlines()[1:]}
     assert rows["TSStep"] == 1.0 and rows["TSAdjointStep"] == 1.0, proc.stdout
     assert rows["VecMAXPY"] > 0, proc.stdout
+
+
+def test_stage_adjoint_floor_s_two_backward_passes_agree():
+    # the script times a discrete RK adjoint written in torch against backprop: both must give one gradient
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "stage_adjoint_floor.py"), "--steps", "7",
+                           "--rounds", "1", "--repeats", "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("dL/da:"))
+    backprop, adjoint = (float(part.split()[-1]) for part in line[len("dL/da:"):].split(","))
+    assert backprop != 0.0 and abs(adjoint - backprop) <= 1e-5 * abs(backprop)
+    assert "| 0 |" in proc.stdout
