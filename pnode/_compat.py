@@ -347,6 +347,15 @@ def set_always_accept(ts, flag: bool) -> None:
         raise RuntimeError("TSAdaptSetAlwaysAccept is not available in this PETSc library")
 
 
+def _trajectory_handle(ts) -> Optional[ctypes.c_void_p]:
+    """The TS's ``TSTrajectory`` (``TSGetTrajectory``), or None when it has none or PETSc lacks the call."""
+    trajectory = ctypes.c_void_p()
+    get = petsc_function("TSGetTrajectory", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
+    if get is None or get(ctypes.c_void_p(ts.handle), ctypes.byref(trajectory)) or not trajectory.value:
+        return None
+    return trajectory
+
+
 def trajectory_from_options(ts) -> None:
     """``TSTrajectorySetFromOptions`` on the TS's trajectory (petsc4py wraps neither it nor
     ``TSGetTrajectory``): a new trajectory reads its options without the TS re-reading all of its own
@@ -359,22 +368,14 @@ def trajectory_from_options(ts) -> None:
     if setup(trajectory, ctypes.c_void_p(ts.handle)):
         raise RuntimeError("TSTrajectorySetFromOptions failed")
 
-def _trajectory_handle(ts) -> Optional[ctypes.c_void_p]:
-    """The TS's ``TSTrajectory`` (``TSGetTrajectory``), or None when it has none or PETSc lacks the call."""
-    trajectory = ctypes.c_void_p()
-    get = petsc_function("TSGetTrajectory", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)])
-    if get is None or get(ctypes.c_void_p(ts.handle), ctypes.byref(trajectory)) or not trajectory.value:
-        return None
-    return trajectory
-
 
 def save_trajectory(ts) -> None:
     """``TSSetSaveTrajectory`` with the TS's options prefix given to the new trajectory.
 
-    PETSc creates the trajectory without a prefix, so ``-<prefix>ts_trajectory_type memory`` (pnode's
-    default) and every other prefixed trajectory option went unread: a prefixed solve (every
-    :class:`pnode.ODEBlock`) stored its steps in files through PETSc's default ``basic`` trajectory,
-    gathered to rank 0 under MPI. Call it after the TS's prefix is set."""
+    PETSc creates the trajectory without a prefix; without this, ``-<prefix>ts_trajectory_type memory``
+    (pnode's default) and every other prefixed trajectory option would go unread, and a prefixed solve
+    (an :class:`pnode.ODEBlock` with ``prefix``) would store its steps in files through PETSc's default
+    ``basic`` trajectory, gathered to rank 0 under MPI. Call it after the TS's prefix is set."""
     ts.setSaveTrajectory()
     prefix = ts.getOptionsPrefix()
     trajectory = _trajectory_handle(ts)
