@@ -26,6 +26,12 @@ one run::
     python -m benchmarks.fixed_cost --rounds 3 --out benchmarks/results
     python -m benchmarks.fixed_cost --compare before=/tmp/pnode-before --rounds 3
     python -m benchmarks.fixed_cost --quick            # toy sizes, a minute
+
+``--paired``: each pnode row's process also runs torchdiffeq's training step of the same workload
+and solver, alternating with its own step for step, and the table adds the median (and the
+quartiles) of the per-pair ratios. The machine's speed drifts by tens of percent within minutes;
+a pair is timed within a fraction of a second, so its ratio moves far less than the ratio of two
+rows' medians timed minutes apart.
 """
 
 import argparse
@@ -193,14 +199,31 @@ def worker() -> None:
     torch.set_num_threads(spec["threads"])
     row = Row(**spec["row"])
     step = _training_step(row, spec["quick"])
+    # paired: torchdiffeq's step of the same workload and solver, in this process, alternating with this row's
+    reference = (_training_step(Row(row.workload, row.solver, "torchdiffeq", "odeint"), spec["quick"])
+                 if spec.get("paired") and row.library == "pnode" else None)
     for _ in range(spec["warmup"]):
         step()
-    times, stages, calls = [], 0, 1
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        stages, calls = step()
-        times.append(time.perf_counter() - start)
-    print(RESULT_TAG + json.dumps({"times": times, "stages": stages, "calls": calls}), flush=True)
+        if reference is not None:
+            reference()
+    times, reference_times, stages, calls = [], [], 0, 1
+    for i in range(spec["repeats"]):
+        if reference is not None and i % 2:  # either one first, every other pair
+            reference_times.append(_timed(reference)[0])
+        seconds, (stages, calls) = _timed(step)
+        times.append(seconds)
+        if reference is not None and not i % 2:
+            reference_times.append(_timed(reference)[0])
+    result = {"times": times, "stages": stages, "calls": calls}
+    if reference is not None:
+        result["reference_times"] = reference_times
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def _timed(step):
+    start = time.perf_counter()
+    out = step()
+    return time.perf_counter() - start, out
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -209,7 +232,7 @@ def run_row(row: Row, paths: Dict[str, str], args) -> Dict[str, object]:
     path = paths.get(row.build, REPO_ROOT)
     env["PYTHONPATH"] = os.pathsep.join([path, REPO_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     spec = {"row": asdict(row), "quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-            "threads": args.threads}
+            "threads": args.threads, "paired": args.paired}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.fixed_cost", "--worker"], input=json.dumps(spec),
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=3600)
     for line in proc.stdout.splitlines():
@@ -218,9 +241,21 @@ def run_row(row: Row, paths: Dict[str, str], args) -> Dict[str, object]:
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
 
 
+def paired_ratio(res: Dict[str, object]) -> str:
+    """The median and quartiles of a paired row's per-pair ratios (its step over torchdiffeq's step
+    timed next to it), or '–' for a row without pairs."""
+    pairs = [t / r for t, r in zip(res.get("times", []), res.get("reference_times", []))]
+    if len(pairs) < 2:
+        return "–"
+    q1, median, q3 = statistics.quantiles(pairs, n=4)
+    return f"{median:.2f} ({q1:.2f}–{q3:.2f})"
+
+
 def table(results: Dict[Row, Dict[str, object]]) -> str:
+    paired = any("reference_times" in res for res in results.values())
     lines = ["| workload | solver | library | strategy | time / step (ms) | stages / step | µs / stage | µs / call "
-             "| × torchdiffeq |", "|---|---|---|---|---|---|---|---|---|"]
+             "| × torchdiffeq |" + (" × torchdiffeq, paired |" if paired else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
     reference = {(r.workload, r.solver): res for r, res in results.items() if r.library == "torchdiffeq"}
     for row, res in results.items():
         name = row.library + (f" ({row.build})" if row.build else "")
@@ -232,7 +267,8 @@ def table(results: Dict[Row, Dict[str, object]]) -> str:
         ref = reference.get((row.workload, row.solver))
         ratio = f"{median / statistics.median(ref['times']):.2f}" if ref and "error" not in ref else "–"
         lines.append(f"| {row.workload} | {row.solver} | {name} | {row.mode} | {median * 1e3:.1f} | {res['stages']} | "
-                     f"{median / max(res['stages'], 1) * 1e6:.0f} | {median / res['calls'] * 1e6:.0f} | {ratio} |")
+                     f"{median / max(res['stages'], 1) * 1e6:.0f} | {median / res['calls'] * 1e6:.0f} | {ratio} |"
+                     + (f" {paired_ratio(res)} |" if paired else ""))
     return "\n".join(lines)
 
 
@@ -247,6 +283,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--rows", default="*", help="a glob of row ids (workload/solver/library:call)")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=PATH",
                         help="also the pnode rows of the checkout at PATH, labelled LABEL")
+    parser.add_argument("--paired", action="store_true",
+                        help="every pnode row also times torchdiffeq's step of its workload in its own process, "
+                             "alternating step for step; the table adds the median (and quartiles) of the "
+                             "per-pair ratios, which the machine's drift moves less than a ratio of medians")
     parser.add_argument("--out", default=None, help="write fixed_cost.json and fixed_cost.md here")
     args = parser.parse_args(argv)
     if args.worker:
@@ -264,7 +304,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if "error" in res:
                 results[row] = res
             elif "error" not in results[row]:
-                results[row] = {**res, "times": results[row]["times"] + res["times"]}
+                merged = {**res, "times": results[row]["times"] + res["times"]}
+                if "reference_times" in res:
+                    merged["reference_times"] = results[row].get("reference_times", []) + res["reference_times"]
+                results[row] = merged
     text = table(results)
     print(text)
     if args.out:

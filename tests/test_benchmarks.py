@@ -6,6 +6,7 @@ a person runs it, and its rows run in processes of their own.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,6 +120,30 @@ def test_fixed_cost(tmp_path):
     assert "| small | rk4-50 | pnode | graphs |" in markdown
 
 
+def test_fixed_cost_paired_times_torchdiffeq_beside_each_pnode_row(tmp_path):
+    stdout = run_benchmark("benchmarks.fixed_cost", tmp_path, "--rounds", "2", "--repeats", "2", "--warmup", "1",
+                           "--rows", "scale/rk4-50/*", "--paired")
+    doc, markdown = load(tmp_path, "fixed_cost")
+    rows = {(row["library"], row["mode"]): row for row in doc["rows"]}
+    for mode in ("graphs", "states"):  # two rounds of two pairs each
+        assert len(rows["pnode", mode]["times"]) == len(rows["pnode", mode]["reference_times"]) == 4
+    assert "reference_times" not in rows["torchdiffeq", "odeint"]
+    assert "× torchdiffeq, paired |" in markdown and markdown.strip() in stdout
+    paired_column = {line.split("|")[3].strip() + ":" + line.split("|")[4].strip(): line.split("|")[-2].strip()
+                     for line in markdown.splitlines()[2:]}
+    assert paired_column["torchdiffeq:odeint"] == "–"
+    assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d\)", paired_column["pnode:graphs"])
+
+
+def test_paired_ratio_is_the_median_and_quartiles_of_the_per_pair_ratios():
+    from benchmarks.fixed_cost import paired_ratio
+
+    # per-pair ratios 1, 2, 3, 4, 5 (the reference's times move; a ratio of medians would give 6/3 = 2)
+    res = {"times": [1.0, 4.0, 9.0, 16.0, 25.0], "reference_times": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    assert paired_ratio(res) == "3.00 (1.50–4.50)"
+    assert paired_ratio({"times": [1.0]}) == "–"
+
+
 def test_vec_traffic_counts_one_step_per_time_step_with_kept_graphs():
     # kept graphs on a small state: the trajectory holds the stages, so the adjoint re-takes no step
     script = os.path.join(ROOT, "scripts", "vec_traffic.py")
@@ -129,12 +154,17 @@ def test_vec_traffic_counts_one_step_per_time_step_with_kept_graphs():
     assert rows["VecMAXPY"] > 0, proc.stdout
 
 
-def test_stage_adjoint_floor_s_two_backward_passes_agree():
-    # the script times a discrete RK adjoint written in torch against backprop: both must give one gradient
+@pytest.mark.parametrize("workload", ["scale", "small"])
+def test_stage_adjoint_floor_s_three_backward_passes_agree(workload):
+    # the script times two discrete RK adjoints written in torch (kept graphs, stored states) against
+    # backprop: all three must give one gradient
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "stage_adjoint_floor.py"), "--steps", "7",
-                           "--rounds", "1", "--repeats", "1"], capture_output=True, text=True, timeout=300, check=False)
+                           "--rounds", "1", "--repeats", "1", "--workload", workload],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("dL/da:"))
-    backprop, adjoint = (float(part.split()[-1]) for part in line[len("dL/da:"):].split(","))
-    assert backprop != 0.0 and abs(adjoint - backprop) <= 1e-5 * abs(backprop)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("dL/dp[0]:"))
+    backprop, graphs, states = (float(part.split()[-1]) for part in line[len("dL/dp[0]:"):].split(","))
+    assert backprop != 0.0
+    for other in (graphs, states):
+        assert abs(other - backprop) <= 1e-5 * abs(backprop)
     assert "| 0 |" in proc.stdout

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._compat import PETSc
-from .bridge import petsc_dtype, tensor_into_vec, vec_key, vec_view, writable_view
+from .bridge import tensor_into_vec, vec_key, vec_view, writable_view
 from .errors import CallbackErrorTrap
 from .rhs import Linearization
 
@@ -73,13 +73,12 @@ class ParamJacobianShell(_ScaledShell):
     def __init__(self, trap: CallbackErrorTrap):
         super().__init__(trap)
         self.param_numels: Tuple[int, ...] = ()
-        self.fits_vector = True  # every parameter (so its gradient) has PETSc's scalar type and the vector's device
+        self.one_device = True  # every parameter (so its gradient) is on one device
 
-    def use(self, params, device: torch.device) -> None:
-        """The parameters of the next solves (their sizes, dtypes and devices, read once per call); ``device``:
-        where PETSc's vectors live."""
+    def use(self, params) -> None:
+        """The parameters of the next solves (their sizes and devices, read once per call)."""
         self.param_numels = tuple(p.numel() for p in params)
-        self.fits_vector = all(p.dtype == petsc_dtype() and p.device == device for p in params)
+        self.one_device = len({p.device for p in params}) <= 1
 
     def multTranspose(self, mat, x, y) -> None:
         self.trap.call(self._param_vjp, x, y)
@@ -87,15 +86,21 @@ class ParamJacobianShell(_ScaledShell):
     def _param_vjp(self, x, y) -> None:
         _, param_grads = self.linearization.vjp(vec_view(x), vec_key(x))
         target = writable_view(y)
-        if len(param_grads) == 1 and param_grads[0] is not None:
-            target.copy_(param_grads[0].reshape(-1))
-        else:  # one concatenation into PETSc's vector (a parameter f does not use contributes zeros)
-            parts = [g.reshape(-1) if g is not None else torch.zeros(n, dtype=target.dtype, device=target.device)
+        like = next((g for g in param_grads if g is not None), None)
+        if like is None:  # f uses no parameter
+            target.zero_()
+        elif len(param_grads) == 1:
+            target.copy_(like.reshape(-1))
+        else:  # one concatenation in the gradients' dtype, one cast into PETSc's vector (a cast per
+            # parameter, or a concatenation that casts, costs several times more on small networks)
+            parts = [g.reshape(-1) if g is not None else like.new_zeros(n)
                      for g, n in zip(param_grads, self.param_numels)]
-            if self.fits_vector:
+            if not self.one_device:  # e.g. a 0-dim CPU parameter beside a CUDA state
+                parts = [p.to(target.device) for p in parts]
+            if parts[0].dtype == target.dtype and parts[0].device == target.device:
                 torch.cat(parts, out=target)
-            else:  # cast (and, for a CUDA state on a host PETSc, staged) on the way
-                target.copy_(torch.cat([p.to(device=target.device, dtype=target.dtype) for p in parts]))
+            else:
+                target.copy_(torch.cat(parts))
         if self.scale_factor != 1.0:
             target.mul_(self.scale_factor)
 

@@ -78,6 +78,9 @@ class RHS:
         self.jump_sides = tuple(jump_sides)
         self._times: Dict[float, torch.Tensor] = {}  # tau -> the 0-dim time func is given there
         self._checked = False  # func's output was checked once (its structure does not change)
+        # a graph of a tensor state starts at a leaf of the state's shape and ends at func's own output:
+        # no reshape (or sign) node on either side of func, which a VJP would pass through
+        self._shaped = not layout.is_tuple
 
     def user_time(self, tau: float) -> torch.Tensor:
         """The user's time of PETSc time ``tau`` (0-dim, the state's dtype and device).
@@ -105,12 +108,39 @@ class RHS:
 
     def call(self, tau: float, y_flat: torch.Tensor) -> torch.Tensor:
         """``direction * func(t, y)`` as a flat tensor of the user's dtype (graph kept if enabled)."""
-        out = self.func(self.user_time(tau), self.layout.unflatten(y_flat))
+        flat = self.layout.flatten(self._func(tau, self.layout.unflatten(y_flat)))
+        return flat if self.direction > 0 else -flat
+
+    def _func(self, tau: float, y):
+        out = self.func(self.user_time(tau), y)
         if not self._checked:
             self._check_output(out)
             self._checked = True
-        flat = self.layout.flatten(out)
-        return flat if self.direction > 0 else -flat
+        return out
+
+    def graph_input(self, u: torch.Tensor) -> torch.Tensor:
+        """The leaf a graph of f starts from, for ``u`` (flat, the user's dtype and device, its own
+        copy): ``u`` shaped like the state for a tensor state, flat for a tuple state."""
+        return (u.view(self.layout.shapes[0]) if self._shaped else u).detach().requires_grad_(True)
+
+    def graph_output(self, tau: float, y: torch.Tensor) -> torch.Tensor:
+        """f at the leaf ``y`` of :meth:`graph_input`, with its graph (under grad mode): ``func``'s
+        own output for a tensor state (``direction``'s sign left to :meth:`from_graph` and
+        :meth:`cotangent_in_graph`), ``call``'s flat one for a tuple state."""
+        return self._func(tau, y) if self._shaped else self.call(tau, y)
+
+    def from_graph(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An output-shaped tensor of a graph (f's value, a JVP) as PETSc's flat ``f`` (user dtype)."""
+        flat = tensor.reshape(-1)
+        return -flat if self._shaped and self.direction < 0 else flat
+
+    def cotangent_in_graph(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A flat cotangent of PETSc's ``f`` (the user's dtype) as the cotangent of the graph's output
+        ``out`` (:meth:`graph_output`): shaped like it, ``direction``'s sign applied."""
+        if not self._shaped:
+            return x
+        x = x.view(out.shape)
+        return -x if self.direction < 0 else x
 
     def evaluate(self, tau: float, u: torch.Tensor) -> torch.Tensor:
         """Forward evaluation without a graph at a flat PETSc-dtype state ``u``.
@@ -213,19 +243,19 @@ class Linearization:
                 self.rhs.counter.forward += 1
             else:
                 self.rhs.counter.backward += 1
-            y = self.u.detach().requires_grad_(True)
+            y = self.rhs.graph_input(self.u)
             if measure:
                 saved: Dict[int, int] = {}  # storage address -> bytes of each tensor the graph saves
                 with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_noting_pack(saved), _same):
-                    out = self.rhs.call(self.tau, y)
+                    out = self.rhs.graph_output(self.tau, y)
                 for tensor in (y, out):
                     _note_storage(saved, tensor)
                 self.graph_bytes = sum(saved.values())
             else:
                 with torch.enable_grad():
-                    out = self.rhs.call(self.tau, y)
+                    out = self.rhs.graph_output(self.tau, y)
             self._graph = (y, out)
-            self.value = out.detach()
+            self.value = self.rhs.from_graph(out.detach())
         return self._graph
 
     def vjp(self, x: torch.Tensor, key: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], ...]]:
@@ -244,12 +274,13 @@ class Linearization:
         self.rhs.counter.vjp += 1
         inputs = (y,) + self.rhs.params
         if out.requires_grad:
-            grads = vector_jacobian(out, inputs, self.rhs.to_user(x), retain_graph=not self.single_vjp)
+            cotangent = self.rhs.cotangent_in_graph(self.rhs.to_user(x), out)
+            grads = vector_jacobian(out, inputs, cotangent, retain_graph=not self.single_vjp)
         else:  # f depends on neither the state nor a parameter (f(t) only): every product is zero
             grads = (None,) * len(inputs)
         if self.single_vjp:
             self._graph = None
-        state_grad = grads[0] if grads[0] is not None else torch.zeros_like(y)
+        state_grad = grads[0].reshape(-1) if grads[0] is not None else torch.zeros_like(self.u)
         self._cached_key = key
         self._cached_vjp = (state_grad, tuple(grads[1:]))
         return self._cached_vjp
@@ -272,8 +303,9 @@ class Linearization:
             transposed = self._transposed()
             if transposed is None:  # f does not depend on the state
                 return torch.zeros_like(tangent)
-            (jv,) = torch.autograd.grad(transposed[1], transposed[0], grad_outputs=tangent, retain_graph=True)
-            return jv
+            w, jt_w = transposed
+            (jv,) = torch.autograd.grad(jt_w, w, grad_outputs=tangent.view(jt_w.shape), retain_graph=True)
+            return self.rhs.from_graph(jv)
         except RuntimeError:  # an operation without a double backward
             with warnings.catch_warnings():
                 # torch.func.jvp trips torch.jit's deprecation warning internally on some versions

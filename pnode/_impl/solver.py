@@ -172,9 +172,9 @@ class Solver:
 
     # every attribute a solver has, written by its own methods only (see tests/test_house.py)
     __slots__ = ("config", "comm", "record", "local_size", "param_size", "device", "trap", "solution", "jacobian",
-                 "adjoint_state", "param_gradient", "param_jacobian", "tolerance_vectors", "ts",
-                 "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator", "_has_trajectory",
-                 "__weakref__")
+                 "adjoint_state", "param_gradient", "param_jacobian", "_jacobian_ops", "_param_ops",
+                 "tolerance_vectors", "ts", "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator",
+                 "_has_trajectory", "__weakref__")
 
     def __init__(self, config: SolverConfig, local_size: int, param_size: int, comm, record: bool,
                  device: torch.device = CPU):
@@ -188,13 +188,16 @@ class Solver:
         self.solution = create_vec(local_size, comm, device)
         if device != CPU:
             check_vec_device(self.solution, device)
-        self.jacobian = create_shell(RHSJacobianShell(self.trap), local_size, local_size, comm)
+        # the shells' Python contexts, kept: PETSc's Jacobian callbacks point them once per stage
+        self._jacobian_ops = RHSJacobianShell(self.trap)
+        self.jacobian = create_shell(self._jacobian_ops, local_size, local_size, comm)
         place_operator(self.jacobian, device)
         self.adjoint_state = self.solution.duplicate() if record else None
-        self.param_gradient = self.param_jacobian = None
+        self.param_gradient = self.param_jacobian = self._param_ops = None
         if record and param_size:
             self.param_gradient = create_vec(param_size, comm, device)
-            self.param_jacobian = create_shell(ParamJacobianShell(self.trap), local_size, param_size, comm)
+            self._param_ops = ParamJacobianShell(self.trap)
+            self.param_jacobian = create_shell(self._param_ops, local_size, param_size, comm)
             place_operator(self.param_jacobian, device)
         self.tolerance_vectors = None
         if config.vector_tolerances:  # (rtol, atol), filled per call: TSSetTolerances cannot drop them again
@@ -251,19 +254,18 @@ class Solver:
         self.trap.call(self._call.evaluator.evaluate, ts, tau, u, f)
 
     def rhs_jacobian(self, ts, tau, u, jac, pre):
-        self.trap.call(self._point_shell, self.jacobian, tau, u)
+        self.trap.call(self._point_shell, self._jacobian_ops, tau, u)
 
     def param_jacobian_rhs(self, ts, tau, u, jac_p):
-        self.trap.call(self._point_shell, self.param_jacobian, tau, u)
+        self.trap.call(self._point_shell, self._param_ops, tau, u)
 
     def param_jacobian_implicit(self, ts, tau, u, udot, shift, jac_p):
         self.param_jacobian_rhs(ts, tau, u, jac_p)
-        self.param_jacobian.getPythonContext().scale(jac_p, -1.0)
+        self._param_ops.scale(jac_p, -1.0)
 
-    def _point_shell(self, shell, tau, u) -> None:
-        context = shell.getPythonContext()
-        current = self.jacobian.getPythonContext().linearization
-        context.reset(self._call.linearizer.at(current, tau, u))
+    def _point_shell(self, context, tau, u) -> None:
+        """Point a shell's Python context at the linearization at ``(tau, u)``."""
+        context.reset(self._call.linearizer.at(self._jacobian_ops.linearization, tau, u))
 
     def pre_step(self, ts):
         if self._call.evaluator is not None:
@@ -286,7 +288,7 @@ class Solver:
         self.rhs = rhs
         rhs.difference_jvp = self.config.jvp == "difference"
         if self.param_jacobian is not None:
-            self.param_jacobian.getPythonContext().use(rhs.params, self.device)
+            self._param_ops.use(rhs.params)
 
     def forward(self, rhs: RHS, span: Span, y0: torch.Tensor, plan: ForwardPlan = ForwardPlan()) -> ForwardRecord:
         """Integrate from ``span.taus[0]`` through every output time, or until ``span.event``.
