@@ -293,11 +293,14 @@ class _Reversed(torch.nn.Module):
 @pytest.mark.parametrize("method,options", [("rk4", {"step_size": 0.1, "adjoint": "graphs"}),
                                             ("dopri5", {"adjoint": "states"}),
                                             ("cn", {"step_size": 0.1}),
-                                            ("kencarp4", {})])
+                                            ("kencarp4", {}),
+                                            # Newton's Krylov iterations on the JVP shell (blocks solve directly)
+                                            ("cn", {"step_size": 0.1, "jacobian": "matrix_free"}),
+                                            ("kencarp4", {"jacobian": "matrix_free"})])
 def test_decreasing_times_give_the_user_reversed_problem_s_solution_and_gradients(method, options):
-    # Decreasing t is f integrated in PETSc time -t with direction's sign applied around f's graph
-    # (its value, the VJP's cotangent, the JVPs of Newton's Krylov iterations); the same problem
-    # written by the user in s = -t, with increasing times, puts the sign inside func instead.
+    # Decreasing t is f integrated in PETSc time -t with direction's sign applied by pnode (f's value,
+    # the VJPs, the JVPs of Newton's Krylov iterations); the same problem written by the user in
+    # s = -t, with increasing times, puts the sign inside func instead.
     skip_if_zero_weight_broken(method)
     if not adjoint_available(resolve_method(method)):
         pytest.skip(f"this PETSc has no adjoint for {method}")

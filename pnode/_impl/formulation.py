@@ -142,7 +142,7 @@ class ImplicitForm:
         evaluator = Evaluator(rhs, observer=observer)
         linearizer = Linearizer(rhs, False, stage_times=call.linearizer.stage_times, evaluated=evaluator.value_at)
         if name == "explicit" and self.explicit_param_jacobian is not None:
-            self.explicit_param_jacobian.getPythonContext().param_numels = tuple(p.numel() for p in rhs.params)
+            self.explicit_param_jacobian.getPythonContext().use(rhs.params)
         return _Part(evaluator, linearizer)
 
     # ------------------------------------------------------------------ PETSc callbacks

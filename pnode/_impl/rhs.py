@@ -78,9 +78,10 @@ class RHS:
         self.jump_sides = tuple(jump_sides)
         self._times: Dict[float, torch.Tensor] = {}  # tau -> the 0-dim time func is given there
         self._checked = False  # func's output was checked once (its structure does not change)
-        # a graph of a tensor state starts at a leaf of the state's shape and ends at func's own output:
-        # no reshape (or sign) node on either side of func, which a VJP would pass through
-        self._shaped = not layout.is_tuple
+        # a graph of a tensor state in increasing time starts at a leaf of the state's shape and ends at
+        # func's own output: no reshape node on either side of func, which a VJP would pass through
+        # (in decreasing time the graph keeps the signed flat output, which the value shares)
+        self._shaped = not layout.is_tuple and direction > 0
 
     def user_time(self, tau: float) -> torch.Tensor:
         """The user's time of PETSc time ``tau`` (0-dim, the state's dtype and device).
@@ -120,27 +121,23 @@ class RHS:
 
     def graph_input(self, u: torch.Tensor) -> torch.Tensor:
         """The leaf a graph of f starts from, for ``u`` (flat, the user's dtype and device, its own
-        copy): ``u`` shaped like the state for a tensor state, flat for a tuple state."""
+        copy): ``u`` shaped like the state for a tensor state in increasing time, else flat."""
         return (u.view(self.layout.shapes[0]) if self._shaped else u).detach().requires_grad_(True)
 
     def graph_output(self, tau: float, y: torch.Tensor) -> torch.Tensor:
         """f at the leaf ``y`` of :meth:`graph_input`, with its graph (under grad mode): ``func``'s
-        own output for a tensor state (``direction``'s sign left to :meth:`from_graph` and
-        :meth:`cotangent_in_graph`), ``call``'s flat one for a tuple state."""
+        own output for a tensor state in increasing time, ``call``'s flat, signed one otherwise."""
         return self._func(tau, y) if self._shaped else self.call(tau, y)
 
-    def from_graph(self, tensor: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def from_graph(tensor: torch.Tensor) -> torch.Tensor:
         """An output-shaped tensor of a graph (f's value, a JVP) as PETSc's flat ``f`` (user dtype)."""
-        flat = tensor.reshape(-1)
-        return -flat if self._shaped and self.direction < 0 else flat
+        return tensor.reshape(-1)
 
     def cotangent_in_graph(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A flat cotangent of PETSc's ``f`` (the user's dtype) as the cotangent of the graph's output
-        ``out`` (:meth:`graph_output`): shaped like it, ``direction``'s sign applied."""
-        if not self._shaped:
-            return x
-        x = x.view(out.shape)
-        return -x if self.direction < 0 else x
+        ``out`` (:meth:`graph_output`), shaped like it."""
+        return x.view(out.shape) if self._shaped else x
 
     def evaluate(self, tau: float, u: torch.Tensor) -> torch.Tensor:
         """Forward evaluation without a graph at a flat PETSc-dtype state ``u``.
