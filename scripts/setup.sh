@@ -8,7 +8,8 @@
 #              picks up a cached double-precision wheel; give it its own VENV),
 #              PNODE_CUDA (1: build PETSc with CUDA, 0: without; unset: with CUDA where nvidia-smi
 #              lists a GPU), NVCC (default: nvcc on the PATH), PNODE_CUDA_ARCH (default: the GPU's
-#              compute capability, else 90 for H100/H200).
+#              compute capability, else 90 for H100/H200), TORCH_FROM (a venv whose torch this venv
+#              imports through links instead of installing its own 6 GB: scripts/link_torch.py).
 # A CUDA PETSc is compiled by this machine's nvcc against the CUDA 13 headers and libraries that torch
 # installs into the venv (nvidia/cu13), built without pip's wheel cache (a plain `pip install petsc`
 # must never pick up a CUDA wheel), and needs no GPU to build, import or run CPU solves.
@@ -148,6 +149,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip wheel setuptools cython
 if [ "$SYSTEM_PETSC" = 0 ]; then
     "${PIP[@]}" numpy
+fi
+if [ -n "${TORCH_FROM:-}" ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    "$TORCH_FROM/bin/python" scripts/link_torch.py "$VENV" || log "installing $VENV's own torch instead"
 fi
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     log "installing torch 2.14.1 / torchvision 0.29.1"

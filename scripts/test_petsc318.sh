@@ -20,6 +20,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 if [ ! -f "$VENV/.pnode-setup-done" ]; then
+    # torch comes from .venv (scripts/test.sh's) through links where that venv has it: a copy is 6 GB
+    if [ -x .venv/bin/python ] && ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+        .venv/bin/python scripts/link_torch.py "$VENV" || true
+    fi
     # petsc4py 3.18 is compiled against NumPy 1.x
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "numpy<2" "scipy<1.14" pytest \
         torch==2.14.1
