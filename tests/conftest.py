@@ -41,7 +41,8 @@ def zero_weight_ok():
 
 
 def skip_if_zero_weight_broken(method):
-    """PETSc 3.18's RK adjoint drops parameter gradients of zero-weight stages; pnode refuses those."""
+    """Skip where pnode refuses zero-weight methods: PETSc sums the parameter gradient (no exported
+    RK tableau) and its RK adjoint drops zero-weight stages (PETSc 3.18)."""
     from pnode._impl.methods import resolve_method
 
     if resolve_method(method).zero_weight_stage and not zero_weight_ok():

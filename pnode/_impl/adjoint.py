@@ -137,8 +137,10 @@ def zero_weight_param_gradients_ok() -> bool:
     """Whether this PETSc's RK adjoint gets parameter gradients of zero-weight stages right.
 
     PETSc 3.18's ``TSAdjointStep_RK`` skips ``J_p^T`` for a stage with ``b_i = 0`` (explicit
-    midpoint, Dormand-Prince, ...). Checked once per process on ``dy/dt = p y`` with one explicit
-    midpoint step, whose exact discrete derivative is ``dy1/dp = h + h^2 p``.
+    midpoint, Dormand-Prince, ...); pnode's own sum (:mod:`pnode._impl.rk_adjoint`) does not, and
+    only a PETSc without ``TSRKGetTableau``/``TSGetStages`` leaves the sum to PETSc. Checked once
+    per process on ``dy/dt = p y`` with one explicit midpoint step, whose exact discrete derivative
+    is ``dy1/dp = h + h^2 p``.
     """
     p = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     h = 0.5

@@ -380,7 +380,7 @@ class Linearizer:
         """The linearization at ``(tau, u)`` (``u`` a Vec); ``current``: the one the shells hold."""
         key = vec_key(u)
         if self._last is not None and self._last[:2] == (tau, key):
-            return self._last[2]  # PETSc asks twice per stage (J^T, then J_p^T) at an unchanged Vec
+            return self._last[2]  # implicit types ask twice per stage (J, then J_p) at an unchanged Vec
         view = vec_view(u)
         if self.rhs.matches(current, tau, view, key):
             return current

@@ -48,7 +48,15 @@ class _ScaledShell:
 
 
 class RHSJacobianShell(_ScaledShell):
-    """``scale * df/du + shift * I`` applied by JVPs (``mult``) and VJPs (``multTranspose``)."""
+    """``scale * df/du + shift * I`` applied by JVPs (``mult``) and VJPs (``multTranspose``).
+
+    ``param_sum``: where each VJP's parameter part also goes (an explicit RK adjoint's
+    :class:`pnode._impl.rk_adjoint.ParamGradientSum`), or None.
+    """
+
+    def __init__(self, trap: CallbackErrorTrap):
+        super().__init__(trap)
+        self.param_sum = None
 
     def mult(self, mat, x, y) -> None:
         self.trap.call(self._mult, x, y)
@@ -60,7 +68,10 @@ class RHSJacobianShell(_ScaledShell):
         self._store(self.linearization.jvp(vec_view(x)), x, y)
 
     def _mult_transpose(self, x, y) -> None:
-        self._store(self.linearization.vjp(vec_view(x), vec_key(x))[0], x, y)
+        state_grad, param_grads = self.linearization.vjp(vec_view(x), vec_key(x))
+        self._store(state_grad, x, y)
+        if self.param_sum is not None:
+            self.param_sum.add(param_grads)
 
 
 class ParamJacobianShell(_ScaledShell):
@@ -86,23 +97,31 @@ class ParamJacobianShell(_ScaledShell):
     def _param_vjp(self, x, y) -> None:
         _, param_grads = self.linearization.vjp(vec_view(x), vec_key(x))
         target = writable_view(y)
-        like = next((g for g in param_grads if g is not None), None)
-        if like is None:  # f uses no parameter
-            target.zero_()
-        elif len(param_grads) == 1:
-            target.copy_(like.reshape(-1))
-        else:  # one concatenation in the gradients' dtype, one cast into PETSc's vector (a cast per
-            # parameter, or a concatenation that casts, costs several times more on small networks)
-            parts = [g.reshape(-1) if g is not None else like.new_zeros(n)
-                     for g, n in zip(param_grads, self.param_numels)]
-            if not self.one_device:  # e.g. a 0-dim CPU parameter beside a CUDA state
-                parts = [p.to(target.device) for p in parts]
-            if parts[0].dtype == target.dtype and parts[0].device == target.device:
-                torch.cat(parts, out=target)
-            else:
-                target.copy_(torch.cat(parts))
+        pack_param_grads(param_grads, self.param_numels, self.one_device, target)
         if self.scale_factor != 1.0:
             target.mul_(self.scale_factor)
+
+
+def pack_param_grads(param_grads, numels: Tuple[int, ...], one_device: bool, target: torch.Tensor) -> None:
+    """Write one gradient (or None: zeros) per parameter, flattened in order, into ``target``.
+
+    One concatenation in the gradients' dtype, then one cast into ``target``: a cast per
+    parameter, or a concatenation that casts, costs several times more on small networks.
+    ``one_device``: every gradient is on one device (else each is moved to ``target``'s first).
+    """
+    like = next((g for g in param_grads if g is not None), None)
+    if like is None:  # f uses no parameter
+        target.zero_()
+    elif len(param_grads) == 1:
+        target.copy_(like.reshape(-1))
+    else:
+        parts = [g.reshape(-1) if g is not None else like.new_zeros(n) for g, n in zip(param_grads, numels)]
+        if not one_device:  # e.g. a 0-dim CPU parameter beside a CUDA state
+            parts = [p.to(target.device) for p in parts]
+        if parts[0].dtype == target.dtype and parts[0].device == target.device:
+            torch.cat(parts, out=target)
+        else:
+            target.copy_(torch.cat(parts))
 
 
 def create_shell(ctx, local_rows: int, local_cols: int, comm):

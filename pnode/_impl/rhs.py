@@ -212,7 +212,7 @@ class Linearization:
     """``f`` linearised at one point ``(tau, u)``: Jacobian-vector and vector-Jacobian products.
 
     The forward graph is built on first use, so the state VJP (for ``J^T``) and the parameter VJP
-    (for ``J_p^T``) that PETSc asks for with the same vector cost one backward pass, and the
+    (for ``J_p^T``, or an explicit RK adjoint's own sum) of one vector cost one backward pass, and the
     repeated ``J^T x`` of an implicit adjoint solve reuse one forward evaluation. With
     ``single_vjp`` (explicit methods: one cotangent per stage) the graph is freed by that backward
     pass, which is ~20 % faster than retaining it; a second cotangent would rebuild it.

@@ -44,6 +44,7 @@ from .hints import watch_steps
 from .methods import steps_explicitly
 from .operators import ParamJacobianShell, RHSJacobianShell, create_shell
 from .rhs import RHS
+from .rk_adjoint import ParamGradientSum
 from .schedule import ForwardRecord, NoSteps, OutputSchedule, ReplaySchedule, Schedule, StateStore, StepObserver
 from .ts_setup import accepting_every_step, configure_ts, renew_trajectory, starting_step
 
@@ -172,7 +173,8 @@ class Solver:
 
     # every attribute a solver has, written by its own methods only (see tests/test_house.py)
     __slots__ = ("config", "comm", "record", "local_size", "param_size", "device", "trap", "solution", "jacobian",
-                 "adjoint_state", "param_gradient", "param_jacobian", "_jacobian_ops", "_param_ops",
+                 "adjoint_state", "param_gradient", "param_jacobian", "_jacobian_ops", "_param_ops", "_param_sum",
+                 "_mu_in_torch",
                  "tolerance_vectors", "ts", "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator",
                  "_has_trajectory", "__weakref__")
 
@@ -193,7 +195,8 @@ class Solver:
         self.jacobian = create_shell(self._jacobian_ops, local_size, local_size, comm)
         place_operator(self.jacobian, device)
         self.adjoint_state = self.solution.duplicate() if record else None
-        self.param_gradient = self.param_jacobian = self._param_ops = None
+        self.param_gradient = self.param_jacobian = self._param_ops = self._param_sum = None
+        self._mu_in_torch: Optional[bool] = None  # how the last adjoint pass summed the parameter gradient
         if record and param_size:
             self.param_gradient = create_vec(param_size, comm, device)
             self._param_ops = ParamJacobianShell(self.trap)
@@ -241,6 +244,7 @@ class Solver:
         for shell in (self.jacobian, self.param_jacobian):
             if shell is not None:
                 shell.getPythonContext().linearization = None
+        self._end_param_sum()
         self.form.detach()
 
     @property
@@ -255,6 +259,8 @@ class Solver:
 
     def rhs_jacobian(self, ts, tau, u, jac, pre):
         self.trap.call(self._point_shell, self._jacobian_ops, tau, u)
+        if self._param_sum is not None:  # an explicit RK adjoint's stage: J_p^T comes with J^T's VJP
+            self.trap.call(self._param_sum.point, ts, u)
 
     def param_jacobian_rhs(self, ts, tau, u, jac_p):
         self.trap.call(self._point_shell, self._param_ops, tau, u)
@@ -458,13 +464,30 @@ class Solver:
 
     # ------------------------------------------------------------------ adjoint
     def begin_adjoint(self, cotangent: torch.Tensor) -> None:
-        """Start an adjoint pass: ``lambda = cotangent`` (flat, PETSc dtype), parameter gradient zero."""
+        """Start an adjoint pass: ``lambda = cotangent`` (flat, PETSc dtype), parameter gradient zero.
+
+        An explicit RK adjoint sums the parameter gradient in torch from the VJPs that serve ``J^T``
+        (:mod:`pnode._impl.rk_adjoint`), and PETSc's runs without a parameter vector; other types
+        (or a PETSc that exports no RK tableau) accumulate it in PETSc's ``mu`` through ``J_p^T``.
+        """
         tensor_into_vec(cotangent, self.adjoint_state)
-        if self.param_gradient is not None:
+        self._end_param_sum()
+        if self.param_gradient is not None and self.ts.getType() == "rk":
+            ops = self._param_ops
+            self._param_sum = ParamGradientSum.for_ts(self.ts, ops.param_numels, ops.one_device, self.device)
+            self._jacobian_ops.param_sum = self._param_sum
+        mu_in_torch = self._param_sum is not None
+        if self._mu_in_torch is not None and mu_in_torch != self._mu_in_torch:
+            self.ts.adjointReset()  # PETSc sized its adjoint work vectors with or without mu's, once
+        self._mu_in_torch = mu_in_torch
+        if self.param_gradient is not None and not mu_in_torch:
             self.param_gradient.zeroEntries()
             self.ts.setCostGradients(self.adjoint_state, self.param_gradient)
         else:
             self.ts.setCostGradients(self.adjoint_state)
+
+    def _end_param_sum(self) -> None:
+        self._param_sum = self._jacobian_ops.param_sum = None
 
     def adjoint_steps(self, steps: int, linearizer: Linearizer, cached: Optional[GraphStore] = None) -> None:
         """Run TSAdjoint back over the last ``steps`` recorded steps (accumulating into lambda and mu).
@@ -512,6 +535,9 @@ class Solver:
         return vec_view(self.adjoint_state).clone()
 
     def param_gradient_tensor(self) -> Optional[torch.Tensor]:
+        """The adjoint pass's parameter gradient, ``(param_size,)``, PETSc dtype (a new tensor), or None."""
+        if self._param_sum is not None:
+            return self._param_sum.total  # a new tensor each pass
         return None if self.param_gradient is None else vec_view(self.param_gradient).clone()
 
     def run_petsc(self, call, phase: str) -> None:
