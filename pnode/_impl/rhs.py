@@ -189,6 +189,8 @@ class RHS:
             return False
         if key is not None and key == lin.key:
             return True
+        if lin.spent:  # serving another point would rebuild its graph: no cheaper than a new one
+            return False
         return torch.equal(lin.u, self.to_user(u))
 
     def _check_output(self, out) -> None:
@@ -281,6 +283,11 @@ class Linearization:
         self._cached_key = key
         self._cached_vjp = (state_grad, tuple(grads[1:]))
         return self._cached_vjp
+
+    @property
+    def spent(self) -> bool:
+        """Whether its one VJP (``single_vjp``) was taken, freeing the graph."""
+        return self.single_vjp and self._graph is None and self._cached_key is not None
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         """``df/du v`` for a flat tangent ``v`` (PETSc dtype, the vectors' device); flat, user dtype and device.

@@ -1,4 +1,4 @@
-"""The parameter gradient of an explicit RK adjoint, summed in torch from the state products' VJPs.
+"""The parameter gradient of an explicit RK adjoint, summed from the VJPs that serve ``J^T``.
 
 PETSc's ``TSAdjointStep_RK`` visits the stages ``i = s-1, ..., 0`` of a step of size ``h`` with
 ``w_i = lambda + sum_{j>i} a_ji / b_i dLambda_j`` and adds
@@ -8,23 +8,22 @@ PETSc's ``TSAdjointStep_RK`` visits the stages ``i = s-1, ..., 0`` of a step of 
 (``-h`` in place of ``-h b_i`` where ``b_i = 0``, ``w_i`` then built without the division), ``h``
 negative in the adjoint. Both products come from one VJP of the stage's graph. Given a parameter
 gradient vector PETSc asks for the second product through two more callbacks per stage (pointing
-``J_p`` at the stage, then applying it) and two vector operations; :class:`ParamGradientSum` takes
-it instead from the VJP that served ``J^T``, with the same arithmetic (the factor ``-h b_i`` in
-PETSc's real type, the product cast to PETSc's scalar, scaled, then added), and PETSc runs the
-adjoint without a parameter vector.
+``J_p`` at the stage, then applying it); :class:`ParamGradientSum` takes it instead from the VJP
+that served ``J^T``, with the same arithmetic (the factor ``-h b_i`` in PETSc's real type, the
+product cast into a PETSc Vec, scaled and added by PETSc), and PETSc runs the adjoint without a
+parameter vector. PETSc 3.18 skips ``dmu_i`` of zero-weight stages; this sum does not.
 
-Interface: ``ParamGradientSum.for_ts(ts, numels, one_device, device)`` (None where PETSc does not
-export the tableau or the stages), then per stage :meth:`ParamGradientSum.point` (from the RHS
-Jacobian callback, with the stage's Vec) and :meth:`ParamGradientSum.add` (from ``J^T``'s VJP).
+Interface: ``ParamGradientSum.for_ts(ts, numels, one_device, total, product)`` (None where PETSc
+does not export the tableau or the stages; ``total``: the parameter gradient Vec, ``product``: a
+work Vec like it), then per stage :meth:`ParamGradientSum.point` (from the RHS Jacobian callback,
+with the stage's Vec) and :meth:`ParamGradientSum.add` (from ``J^T``'s VJP).
 """
 
 import ctypes
 from typing import Dict, Optional, Sequence
 
-import torch
-
 from .._compat import PETSc, petsc_function, petsc_int
-from .bridge import petsc_dtype
+from .bridge import writable_view
 from .operators import pack_param_grads
 from .tableaus import petsc_tableau
 
@@ -43,36 +42,43 @@ def stage_vec_handles(ts) -> Optional[Sequence[int]]:
 class ParamGradientSum:
     """``mu = sum over steps and stages of -h b_i J_p,i^T w_i`` for one adjoint pass of an explicit RK TS.
 
-    Attributes:
-        total: ``(sum(numels),)``, PETSc's scalar dtype, on ``device``: the sum so far (zero at
-            :meth:`for_ts`).
+    ``total`` (the parameter gradient, zeroed here) and ``product`` are PETSc Vecs of the local
+    parameter size; each :meth:`add` packs ``J_p^T w`` into ``product`` (one cast), then scales and
+    adds it with PETSc's own ``VecScale`` and ``VecAXPY``, as ``TSAdjointStep_RK`` would (three
+    torch operations per stage cost more than the two callbacks they replace).
     """
 
-    def __init__(self, weights: Dict[int, float], numels: Sequence[int], one_device: bool, device: torch.device):
-        self._weights = weights  # stage Vec address -> b_i (PETSc's real)
+    def __init__(self, weights: Dict[int, float], numels: Sequence[int], one_device: bool, total, product):
+        self._double = PETSc.RealType().itemsize == 8
+        # stage Vec address -> b_i (PETSc's real; a Python float, whose arithmetic is double's)
+        self._weights = {k: float(b) for k, b in weights.items()} if self._double else weights
         self._numels = tuple(numels)
         self._one_device = one_device
-        self.total = torch.zeros(sum(self._numels), dtype=petsc_dtype(), device=device)
-        self._product = torch.empty_like(self.total)
+        self._total, self._product = total, product
         self._factor = 0.0
+        total.zeroEntries()
 
     @classmethod
-    def for_ts(cls, ts, numels: Sequence[int], one_device: bool, device: torch.device) -> Optional["ParamGradientSum"]:
-        """A zero sum for ``ts`` (type rk, set up), or None where this PETSc does not export
-        ``TSRKGetTableau`` or ``TSGetStages`` (PETSc's own ``J_p`` products then serve)."""
+    def for_ts(cls, ts, numels: Sequence[int], one_device: bool, total, product) -> Optional["ParamGradientSum"]:
+        """A zero sum into ``total`` for ``ts`` (type rk, set up), or None where this PETSc does not
+        export ``TSRKGetTableau`` or ``TSGetStages`` (PETSc's own ``J_p`` products then serve)."""
         tableau, handles = petsc_tableau(ts), stage_vec_handles(ts)
         if tableau is None or handles is None or len(handles) != len(tableau[1]):
             return None
-        return cls(dict(zip(handles, tableau[1])), numels, one_device, device)
+        return cls(dict(zip(handles, tableau[1])), numels, one_device, total, product)
 
     def point(self, ts, stage_vec) -> None:
         """The next :meth:`add` is for the stage whose Vec is ``stage_vec``, in the step ``ts`` reverses."""
-        h = PETSc.RealType(ts.getTimeStep())
         b = self._weights[stage_vec.handle]
-        self._factor = float(-h * b) if b else float(-h)
+        if self._double:
+            h = ts.getTimeStep()
+            self._factor = -h * b if b else -h
+        else:
+            h = PETSc.RealType(ts.getTimeStep())
+            self._factor = float(-h * b) if b else float(-h)
 
     def add(self, param_grads) -> None:
         """Add ``factor * J_p^T w`` given ``J_p^T w`` as one gradient (or None) per parameter."""
-        pack_param_grads(param_grads, self._numels, self._one_device, self._product)
-        self._product.mul_(self._factor)
-        self.total.add_(self._product)
+        pack_param_grads(param_grads, self._numels, self._one_device, writable_view(self._product))
+        self._product.scale(self._factor)
+        self._total.axpy(1.0, self._product)

@@ -174,7 +174,7 @@ class Solver:
     # every attribute a solver has, written by its own methods only (see tests/test_house.py)
     __slots__ = ("config", "comm", "record", "local_size", "param_size", "device", "trap", "solution", "jacobian",
                  "adjoint_state", "param_gradient", "param_jacobian", "_jacobian_ops", "_param_ops", "_param_sum",
-                 "_mu_in_torch",
+                 "_param_product", "_mu_in_torch",
                  "tolerance_vectors", "ts", "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator",
                  "_has_trajectory", "__weakref__")
 
@@ -195,10 +195,11 @@ class Solver:
         self.jacobian = create_shell(self._jacobian_ops, local_size, local_size, comm)
         place_operator(self.jacobian, device)
         self.adjoint_state = self.solution.duplicate() if record else None
-        self.param_gradient = self.param_jacobian = self._param_ops = self._param_sum = None
+        self.param_gradient = self.param_jacobian = self._param_ops = self._param_sum = self._param_product = None
         self._mu_in_torch: Optional[bool] = None  # how the last adjoint pass summed the parameter gradient
         if record and param_size:
             self.param_gradient = create_vec(param_size, comm, device)
+            self._param_product = self.param_gradient.duplicate()  # an RK stage's J_p^T w (rk_adjoint)
             self._param_ops = ParamJacobianShell(self.trap)
             self.param_jacobian = create_shell(self._param_ops, local_size, param_size, comm)
             place_operator(self.param_jacobian, device)
@@ -229,7 +230,7 @@ class Solver:
             return
         self.detach()
         for obj in (self.ts, self.jacobian, self.param_jacobian, self.solution, self.adjoint_state,
-                    self.param_gradient, *(self.tolerance_vectors or ())):
+                    self.param_gradient, self._param_product, *(self.tolerance_vectors or ())):
             if obj is not None:
                 obj.destroy()
         self.form.destroy()
@@ -474,7 +475,8 @@ class Solver:
         self._end_param_sum()
         if self.param_gradient is not None and self.ts.getType() == "rk":
             ops = self._param_ops
-            self._param_sum = ParamGradientSum.for_ts(self.ts, ops.param_numels, ops.one_device, self.device)
+            self._param_sum = ParamGradientSum.for_ts(self.ts, ops.param_numels, ops.one_device, self.param_gradient,
+                                                      self._param_product)
             self._jacobian_ops.param_sum = self._param_sum
         mu_in_torch = self._param_sum is not None
         if self._mu_in_torch is not None and mu_in_torch != self._mu_in_torch:
@@ -536,8 +538,6 @@ class Solver:
 
     def param_gradient_tensor(self) -> Optional[torch.Tensor]:
         """The adjoint pass's parameter gradient, ``(param_size,)``, PETSc dtype (a new tensor), or None."""
-        if self._param_sum is not None:
-            return self._param_sum.total  # a new tensor each pass
         return None if self.param_gradient is None else vec_view(self.param_gradient).clone()
 
     def run_petsc(self, call, phase: str) -> None:
