@@ -102,6 +102,10 @@ class ParamJacobianShell(_ScaledShell):
             target.mul_(self.scale_factor)
 
 
+# torch's concatenation of flattened tensors (its data-parallel code's), where this torch has it
+_flatten = getattr(getattr(torch._C, "_nn", None), "flatten_dense_tensors", None)
+
+
 def pack_param_grads(param_grads, numels: Tuple[int, ...], one_device: bool, target: torch.Tensor) -> None:
     """Write one gradient (or None: zeros) per parameter, flattened in order, into ``target``.
 
@@ -114,6 +118,8 @@ def pack_param_grads(param_grads, numels: Tuple[int, ...], one_device: bool, tar
         target.zero_()
     elif len(param_grads) == 1:
         target.copy_(like.reshape(-1))
+    elif one_device and _flatten is not None and all(g is not None for g in param_grads):
+        target.copy_(_flatten(param_grads))  # one C++ call: half the time of reshapes and a cat
     else:
         parts = [g.reshape(-1) if g is not None else like.new_zeros(n) for g, n in zip(param_grads, numels)]
         if not one_device:  # e.g. a 0-dim CPU parameter beside a CUDA state
