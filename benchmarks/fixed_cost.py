@@ -243,11 +243,12 @@ def run_row(row: Row, paths: Dict[str, str], args) -> Dict[str, object]:
 
 def paired_ratio(res: Dict[str, object]) -> str:
     """The median and quartiles of a paired row's per-pair ratios (its step over torchdiffeq's step
-    timed next to it), or '–' for a row without pairs."""
+    timed next to it), or '–' for a row without pairs. The quartiles interpolate between observed
+    ratios (``statistics.quantiles``' inclusive method), never beyond them."""
     pairs = [t / r for t, r in zip(res.get("times", []), res.get("reference_times", []))]
     if len(pairs) < 2:
         return "–"
-    q1, median, q3 = statistics.quantiles(pairs, n=4)
+    q1, median, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
     return f"{median:.2f} ({q1:.2f}–{q3:.2f})"
 
 

@@ -140,7 +140,7 @@ def test_paired_ratio_is_the_median_and_quartiles_of_the_per_pair_ratios():
 
     # per-pair ratios 1, 2, 3, 4, 5 (the reference's times move; a ratio of medians would give 6/3 = 2)
     res = {"times": [1.0, 4.0, 9.0, 16.0, 25.0], "reference_times": [1.0, 2.0, 3.0, 4.0, 5.0]}
-    assert paired_ratio(res) == "3.00 (1.50–4.50)"
+    assert paired_ratio(res) == "3.00 (2.00–4.00)"  # quartiles within the observed ratios
     assert paired_ratio({"times": [1.0]}) == "–"
 
 
@@ -168,3 +168,44 @@ def test_stage_adjoint_floor_s_three_backward_passes_agree(workload):
     for other in (graphs, states):
         assert abs(other - backprop) <= 1e-5 * abs(backprop)
     assert "| 0 |" in proc.stdout
+
+
+def test_interleaved_pairs_alternate_their_order_and_divide_this_step_by_the_other():
+    from benchmarks.interleaved import paired_ratios, summary
+
+    now, order = [0.0], []
+
+    def stepping(name, duration):
+        def step():
+            order.append(name)
+            now[0] += duration
+        return step
+
+    ratios = paired_ratios(stepping("this", 3.0), stepping("other", 2.0), 4, clock=lambda: now[0])
+    assert ratios == [1.5] * 4
+    assert order == ["this", "other", "other", "this", "this", "other", "other", "this"]
+    assert summary([1.0, 2.0, 3.0, 4.0, 5.0]) == "3.000 (2.000–4.000)"  # quartiles within the ratios
+
+
+def test_interleaved_runs_another_checkout_s_pnode_in_the_same_process():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.interleaved", "--other", ROOT, "--rows", "scale/rk4-50/*",
+                           "--pairs", "3", "--warmup", "1", "--quick"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = re.findall(r"^\| (scale/rk4-50/\w+) \| (\d+\.\d+) \((\d+\.\d+)–(\d+\.\d+)\) \|$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["scale/rk4-50/graphs", "scale/rk4-50/states"], proc.stdout
+    for _, median, low, high in rows:
+        assert float(low) <= float(median) <= float(high)
+
+
+def test_interleaved_loads_the_other_checkout_under_its_own_name(tmp_path):
+    code = ("import sys, pnode; from benchmarks.interleaved import load_other; "
+            f"other = load_other({ROOT!r}); "
+            "assert other is not pnode and other.odeint is not pnode.odeint; "
+            "assert sys.modules['pnode_other._impl.solver'].Solver is not sys.modules['pnode._impl.solver'].Solver; "
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    missing = subprocess.run([sys.executable, "-m", "benchmarks.interleaved", "--other", str(tmp_path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no pnode/__init__.py there" in missing.stderr
