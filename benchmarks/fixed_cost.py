@@ -196,6 +196,8 @@ def worker() -> None:
     import torch
 
     spec = json.loads(sys.stdin.read())
+    # the row's checkout first: `python -m` put this one's root (the working folder) ahead of PYTHONPATH
+    sys.path.insert(0, spec["pnode_path"])
     torch.set_num_threads(spec["threads"])
     row = Row(**spec["row"])
     step = _training_step(row, spec["quick"])
@@ -215,6 +217,10 @@ def worker() -> None:
         if reference is not None and not i % 2:
             reference_times.append(_timed(reference)[0])
     result = {"times": times, "stages": stages, "calls": calls}
+    if row.library == "pnode":
+        import pnode
+
+        result["pnode"] = os.path.dirname(os.path.abspath(pnode.__file__))
     if reference is not None:
         result["reference_times"] = reference_times
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -229,15 +235,18 @@ def _timed(step):
 # ---------------------------------------------------------------------------------------------- driver
 def run_row(row: Row, paths: Dict[str, str], args) -> Dict[str, object]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    path = paths.get(row.build, REPO_ROOT)
-    env["PYTHONPATH"] = os.pathsep.join([path, REPO_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    path = os.path.abspath(paths.get(row.build, REPO_ROOT))
     spec = {"row": asdict(row), "quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-            "threads": args.threads, "paired": args.paired}
+            "threads": args.threads, "paired": args.paired, "pnode_path": path}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.fixed_cost", "--worker"], input=json.dumps(spec),
                           capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            result = json.loads(line[len(RESULT_TAG):])
+            ran = result.pop("pnode", None)
+            if row.library == "pnode" and ran != os.path.join(path, "pnode"):
+                return {"error": f"{row.id} ran the pnode in {ran}, not {path}'s"}
+            return result
     return {"error": (proc.stderr or proc.stdout)[-2000:]}
 
 

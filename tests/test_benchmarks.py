@@ -209,3 +209,27 @@ def test_interleaved_loads_the_other_checkout_under_its_own_name(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "benchmarks.interleaved", "--other", str(tmp_path)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no pnode/__init__.py there" in missing.stderr
+
+
+def test_fixed_cost_compare_rows_run_the_other_checkout_s_pnode(tmp_path):
+    # `python -m` puts the working folder (this checkout) ahead of PYTHONPATH: a compared row must
+    # still import the other checkout's pnode, and a row that did not is reported as an error
+    import argparse
+
+    from benchmarks.fixed_cost import Row, run_row
+
+    stub = tmp_path / "other" / "pnode"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(
+        "import torch\n"
+        "def odeint_adjoint(func, y0, t, **kwargs):\n"
+        "    return torch.stack([y0 + 0 * func(t[0], y0)] * len(t))\n")
+    args = argparse.Namespace(threads=1, quick=True, warmup=0, repeats=1, paired=False)
+    row = Row("scale", "rk4-50", "pnode", "graphs", "other")
+    result = run_row(row, {"other": str(tmp_path / "other")}, args)
+    assert "error" not in result and len(result["times"]) == 1, result
+    assert result["stages"] == 1  # the stub's one call of f, not pnode's 200 stages
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_row(row, {"other": str(empty)}, args)
+    assert "not " + str(empty) in result["error"]
