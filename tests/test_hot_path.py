@@ -24,10 +24,11 @@ PNODE_DIR = os.path.dirname(os.path.abspath(pnode.__file__))
 # per stage, forward and adjoint together (rk4, an MLP state of 16 x 2, float64); the tensors
 # constructed are the times f is given, one per distinct stage time (rk4: two a step, four stages);
 # a state comparison (torch.equal of a stage's state against a graph's input) is needed only where
-# the stage Vec and time cannot tell which graph a stage is
-BUDGETS = {"graphs": {"pnode python calls": 72, "autograd engine runs": 1, "tensor constructions": 0.5,
-                      "vec array views": 0.1, "state comparisons": 0.1},
-           "states": {"pnode python calls": 71, "autograd engine runs": 1, "tensor constructions": 0.5,
+# the stage Vec and time cannot tell which graph a stage is: with kept graphs, once a step, where
+# PETSc's adjoint recomputes a stage time an ulp off the forward pass's
+BUDGETS = {"graphs": {"pnode python calls": 69, "autograd engine runs": 1, "tensor constructions": 0.5,
+                      "vec array views": 0.1, "state comparisons": 0.3},
+           "states": {"pnode python calls": 68, "autograd engine runs": 1, "tensor constructions": 0.5,
                       "vec array views": 0.1, "state comparisons": 0.1}}
 _C_CALLS = {"run_backward": "autograd engine runs", "tensor": "tensor constructions", "getArray": "vec array views",
             "from_numpy": "vec array views", "equal": "state comparisons"}

@@ -136,7 +136,7 @@ def _time_gradient(ctx, grad64: torch.Tensor, before_first: torch.Tensor) -> tor
 def zero_weight_param_gradients_ok() -> bool:
     """Whether this PETSc's RK adjoint gets parameter gradients of zero-weight stages right.
 
-    PETSc 3.18's ``TSAdjointStep_RK`` skips ``J_p^T`` for a stage with ``b_i = 0`` (explicit
+    PETSc 3.18's ``TSAdjointStep_RK`` gets ``J_p^T`` wrong for a stage with ``b_i = 0`` (explicit
     midpoint, Dormand-Prince, ...); pnode's own sum (:mod:`pnode._impl.rk_adjoint`) does not, and
     only a PETSc without ``TSRKGetTableau``/``TSGetStages`` leaves the sum to PETSc. Checked once
     per process on ``dy/dt = p y`` with one explicit midpoint step, whose exact discrete derivative

@@ -170,10 +170,10 @@ class GraphStore:
         """The graph just before the last one found, or the one before it, when it is at ``(tau, u)``
         exactly: an adjoint goes back through the stages in the order they were built (an FSAL
         method's last stage has no request), so this finds most without searching. A graph built
-        at the same stage Vec and stage time is that stage, restored by the trajectory or re-taken
-        (a re-take whose step size is an ulp off moves the state by ulps, where the forward pass's
-        graph is the one to use anyway); in an ``exact`` store, whose right graph may be gone, the
-        state is compared."""
+        at the same stage Vec and at exactly the same time is that stage (restored by the
+        trajectory, or re-taken at the step size taken); at a time within round-off only, the
+        state is compared: a step shorter than the round-off window would put the next step's
+        stage there too. An ``exact`` store, whose right graph may be gone, always compares."""
         if self._cursor is None:
             return None
         user = None
@@ -183,7 +183,8 @@ class GraphStore:
                 continue
             if key is not None and key == lin.key:
                 return lin, serial
-            if not self.exact and key is not None and lin.key is not None and key[0] == lin.key[0]:
+            if (not self.exact and lin.tau == tau and key is not None and lin.key is not None
+                    and key[0] == lin.key[0]):
                 return lin, serial
             user = rhs.to_user(u) if user is None else user
             if torch.equal(lin.u, user):

@@ -11,7 +11,7 @@ gradient vector PETSc asks for the second product through two more callbacks per
 ``J_p`` at the stage, then applying it); :class:`ParamGradientSum` takes it instead from the VJP
 that served ``J^T``, with the same arithmetic (the factor ``-h b_i`` in PETSc's real type, the
 product cast into a PETSc Vec, scaled and added by PETSc), and PETSc runs the adjoint without a
-parameter vector. PETSc 3.18 skips ``dmu_i`` of zero-weight stages; this sum does not.
+parameter vector. PETSc 3.18's own ``dmu_i`` is wrong for zero-weight stages; this sum is not.
 
 Interface: ``ParamGradientSum.for_ts(ts, numels, one_device, total, product)`` (None where PETSc
 does not export the tableau or the stages; ``total``: the parameter gradient Vec, ``product``: a
@@ -55,7 +55,7 @@ class ParamGradientSum:
         self._numels = tuple(numels)
         self._one_device = one_device
         self._total, self._product = total, product
-        self._factor = 0.0
+        self._factor: Optional[float] = None  # the pointed stage's -h b_i, until its add
         total.zeroEntries()
 
     @classmethod
@@ -79,6 +79,10 @@ class ParamGradientSum:
 
     def add(self, param_grads) -> None:
         """Add ``factor * J_p^T w`` given ``J_p^T w`` as one gradient (or None) per parameter."""
+        if self._factor is None:
+            raise RuntimeError("PETSc applied J^T without pointing the Jacobian at a stage first: "
+                               "the stage's weight -h b_i is unknown (pnode's explicit RK adjoint needs both)")
         pack_param_grads(param_grads, self._numels, self._one_device, writable_view(self._product))
         self._product.scale(self._factor)
         self._total.axpy(1.0, self._product)
+        self._factor = None

@@ -467,7 +467,7 @@ class Solver:
     def begin_adjoint(self, cotangent: torch.Tensor) -> None:
         """Start an adjoint pass: ``lambda = cotangent`` (flat, PETSc dtype), parameter gradient zero.
 
-        An explicit RK adjoint sums the parameter gradient in torch from the VJPs that serve ``J^T``
+        An explicit RK adjoint sums the parameter gradient itself from the VJPs that serve ``J^T``
         (:mod:`pnode._impl.rk_adjoint`), and PETSc's runs without a parameter vector; other types
         (or a PETSc that exports no RK tableau) accumulate it in PETSc's ``mu`` through ``J_p^T``.
         """
