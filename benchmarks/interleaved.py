@@ -42,24 +42,19 @@ def load_other(checkout: str, name: str = "pnode_other"):
 
 def training_step(library, row: str, quick: bool) -> Callable[[], None]:
     """A zero-argument training step of ``row`` ('workload/solver/mode') solved by ``library`` (a pnode)."""
-    from benchmarks.workloads import build, loss_of
+    from benchmarks.fixed_cost import _solver
+    from benchmarks.workloads import build
+    from benchmarks.workloads import training_step as workload_step
 
     workload, solver, mode = row.split("/")
     problem = build(workload, quick)
-    method, value = solver.split("-", 1)
-    options = {"adjoint": mode}
-    tolerances = {}
-    if method == "rk4":
-        options["step_size"] = float(problem.t[-1]) / int(value)
-    else:
-        tolerances = {"rtol": float(value), "atol": float(value)}
+    method, steps, tol = _solver(solver)
+    options = {"adjoint": mode} if steps is None else {"adjoint": mode, "step_size": float(problem.t[-1]) / steps}
+    tolerances = {} if tol is None else {"rtol": tol, "atol": tol}
 
-    def step():
-        problem.func.zero_grad(set_to_none=True)
-        y0 = problem.x.detach().requires_grad_(True)
-        ys = library.odeint_adjoint(problem.func, y0, problem.t, method=method, options=options, **tolerances)
-        loss_of(problem, ys[-1]).backward()
-    return step
+    def solve(y0):
+        return library.odeint_adjoint(problem.func, y0, problem.t, method=method, options=options, **tolerances)[-1]
+    return lambda: workload_step(problem, solve)
 
 
 def paired_ratios(first: Callable[[], None], second: Callable[[], None], pairs: int,

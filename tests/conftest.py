@@ -42,7 +42,7 @@ def zero_weight_ok():
 
 def skip_if_zero_weight_broken(method):
     """Skip where pnode refuses zero-weight methods: PETSc sums the parameter gradient (no exported
-    RK tableau) and its RK adjoint drops zero-weight stages (PETSc 3.18)."""
+    RK tableau) and its RK adjoint gets zero-weight stages wrong (PETSc 3.18)."""
     from pnode._impl.methods import resolve_method
 
     if resolve_method(method).zero_weight_stage and not zero_weight_ok():

@@ -1,4 +1,4 @@
-"""An explicit RK adjoint sums the parameter gradient in torch from the VJPs that serve ``J^T``
+"""An explicit RK adjoint sums the parameter gradient itself from the VJPs that serve ``J^T``
 (:mod:`pnode._impl.rk_adjoint`): checked bit for bit against PETSc's own ``J_p^T`` path, and by the
 callbacks PETSc no longer makes. (``tests/test_gradients.py`` checks every explicit method's
 parameter gradient against autograd through a hand-written tableau.)"""

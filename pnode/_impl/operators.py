@@ -94,10 +94,14 @@ class ParamJacobianShell(_ScaledShell):
     def multTranspose(self, mat, x, y) -> None:
         self.trap.call(self._param_vjp, x, y)
 
+    def pack(self, param_grads, target: torch.Tensor) -> None:
+        """Write the parameters' gradients (None: zeros) into ``target`` (see :func:`pack_param_grads`)."""
+        pack_param_grads(param_grads, self.param_numels, self.one_device, target)
+
     def _param_vjp(self, x, y) -> None:
         _, param_grads = self.linearization.vjp(vec_view(x), vec_key(x))
         target = writable_view(y)
-        pack_param_grads(param_grads, self.param_numels, self.one_device, target)
+        self.pack(param_grads, target)
         if self.scale_factor != 1.0:
             target.mul_(self.scale_factor)
 

@@ -13,18 +13,18 @@ that served ``J^T``, with the same arithmetic (the factor ``-h b_i`` in PETSc's 
 product cast into a PETSc Vec, scaled and added by PETSc), and PETSc runs the adjoint without a
 parameter vector. PETSc 3.18's own ``dmu_i`` is wrong for zero-weight stages; this sum is not.
 
-Interface: ``ParamGradientSum.for_ts(ts, numels, one_device, total, product)`` (None where PETSc
-does not export the tableau or the stages; ``total``: the parameter gradient Vec, ``product``: a
-work Vec like it), then per stage :meth:`ParamGradientSum.point` (from the RHS Jacobian callback,
-with the stage's Vec) and :meth:`ParamGradientSum.add` (from ``J^T``'s VJP).
+Interface: ``ParamGradientSum.for_ts(ts, pack, total, product)`` (None where PETSc does not
+export the tableau or the stages; ``pack(param_grads, target)``: the parameter Jacobian shell's
+packing, ``total``: the parameter gradient Vec, ``product``: a work Vec like it), then per stage
+:meth:`ParamGradientSum.point` (from the RHS Jacobian callback, with the stage's Vec) and
+:meth:`ParamGradientSum.add` (from ``J^T``'s VJP).
 """
 
 import ctypes
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 from .._compat import PETSc, petsc_function, petsc_int
 from .bridge import writable_view
-from .operators import pack_param_grads
 from .tableaus import petsc_tableau
 
 
@@ -48,24 +48,23 @@ class ParamGradientSum:
     torch operations per stage cost more than the two callbacks they replace).
     """
 
-    def __init__(self, weights: Dict[int, float], numels: Sequence[int], one_device: bool, total, product):
+    def __init__(self, weights: Dict[int, float], pack: Callable, total, product):
         self._double = PETSc.RealType().itemsize == 8
         # stage Vec address -> b_i (PETSc's real; a Python float, whose arithmetic is double's)
         self._weights = {k: float(b) for k, b in weights.items()} if self._double else weights
-        self._numels = tuple(numels)
-        self._one_device = one_device
+        self._pack = pack
         self._total, self._product = total, product
         self._factor: Optional[float] = None  # the pointed stage's -h b_i, until its add
         total.zeroEntries()
 
     @classmethod
-    def for_ts(cls, ts, numels: Sequence[int], one_device: bool, total, product) -> Optional["ParamGradientSum"]:
+    def for_ts(cls, ts, pack: Callable, total, product) -> Optional["ParamGradientSum"]:
         """A zero sum into ``total`` for ``ts`` (type rk, set up), or None where this PETSc does not
         export ``TSRKGetTableau`` or ``TSGetStages`` (PETSc's own ``J_p`` products then serve)."""
         tableau, handles = petsc_tableau(ts), stage_vec_handles(ts)
         if tableau is None or handles is None or len(handles) != len(tableau[1]):
             return None
-        return cls(dict(zip(handles, tableau[1])), numels, one_device, total, product)
+        return cls(dict(zip(handles, tableau[1])), pack, total, product)
 
     def point(self, ts, stage_vec) -> None:
         """The next :meth:`add` is for the stage whose Vec is ``stage_vec``, in the step ``ts`` reverses."""
@@ -82,7 +81,7 @@ class ParamGradientSum:
         if self._factor is None:
             raise RuntimeError("PETSc applied J^T without pointing the Jacobian at a stage first: "
                                "the stage's weight -h b_i is unknown (pnode's explicit RK adjoint needs both)")
-        pack_param_grads(param_grads, self._numels, self._one_device, writable_view(self._product))
+        self._pack(param_grads, writable_view(self._product))
         self._product.scale(self._factor)
         self._total.axpy(1.0, self._product)
         self._factor = None

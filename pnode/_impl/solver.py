@@ -174,7 +174,7 @@ class Solver:
     # every attribute a solver has, written by its own methods only (see tests/test_house.py)
     __slots__ = ("config", "comm", "record", "local_size", "param_size", "device", "trap", "solution", "jacobian",
                  "adjoint_state", "param_gradient", "param_jacobian", "_jacobian_ops", "_param_ops", "_param_sum",
-                 "_param_product", "_mu_in_torch",
+                 "_param_product", "_pnode_sums_mu",
                  "tolerance_vectors", "ts", "resolved_options", "form", "explicit", "rhs", "_call", "_last_evaluator",
                  "_has_trajectory", "__weakref__")
 
@@ -196,7 +196,7 @@ class Solver:
         place_operator(self.jacobian, device)
         self.adjoint_state = self.solution.duplicate() if record else None
         self.param_gradient = self.param_jacobian = self._param_ops = self._param_sum = self._param_product = None
-        self._mu_in_torch: Optional[bool] = None  # how the last adjoint pass summed the parameter gradient
+        self._pnode_sums_mu: Optional[bool] = None  # whether the last adjoint pass summed mu itself (rk_adjoint)
         if record and param_size:
             self.param_gradient = create_vec(param_size, comm, device)
             self._param_product = self.param_gradient.duplicate()  # an RK stage's J_p^T w (rk_adjoint)
@@ -474,15 +474,14 @@ class Solver:
         tensor_into_vec(cotangent, self.adjoint_state)
         self._end_param_sum()
         if self.param_gradient is not None and self.ts.getType() == "rk":
-            ops = self._param_ops
-            self._param_sum = ParamGradientSum.for_ts(self.ts, ops.param_numels, ops.one_device, self.param_gradient,
+            self._param_sum = ParamGradientSum.for_ts(self.ts, self._param_ops.pack, self.param_gradient,
                                                       self._param_product)
             self._jacobian_ops.param_sum = self._param_sum
-        mu_in_torch = self._param_sum is not None
-        if self._mu_in_torch is not None and mu_in_torch != self._mu_in_torch:
+        pnode_sums_mu = self._param_sum is not None
+        if self._pnode_sums_mu is not None and pnode_sums_mu != self._pnode_sums_mu:
             self.ts.adjointReset()  # PETSc sized its adjoint work vectors with or without mu's, once
-        self._mu_in_torch = mu_in_torch
-        if self.param_gradient is not None and not mu_in_torch:
+        self._pnode_sums_mu = pnode_sums_mu
+        if self.param_gradient is not None and not pnode_sums_mu:
             self.param_gradient.zeroEntries()
             self.ts.setCostGradients(self.adjoint_state, self.param_gradient)
         else:
