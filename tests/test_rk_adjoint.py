@@ -96,3 +96,10 @@ def test_kept_graphs_find_each_step_s_own_stages_where_steps_are_shorter_than_th
         ys = pnode.odeint_adjoint(func, y0, t, method=method, options={"step_size": h, "adjoint": adjoint})
         (grads[adjoint],) = torch.autograd.grad(ys[-1].square().sum(), (func.a,))
     assert abs(float(grads["graphs"] - grads["states"])) <= 1e-12 * abs(float(grads["states"]))
+
+
+def test_a_parameter_sum_refuses_a_product_no_stage_pointing_preceded():
+    total = PETSc.Vec().createSeq(3, comm=PETSc.COMM_SELF)
+    param_sum = rk_adjoint.ParamGradientSum({}, lambda grads, target: target.copy_(grads[0]), total, total.duplicate())
+    with pytest.raises(RuntimeError, match="without pointing the Jacobian at a stage first"):
+        param_sum.add((torch.ones(3),))
