@@ -155,19 +155,42 @@ def test_vec_traffic_counts_one_step_per_time_step_with_kept_graphs():
 
 
 @pytest.mark.parametrize("workload", ["scale", "small"])
-def test_stage_adjoint_floor_s_three_backward_passes_agree(workload):
-    # the script times two discrete RK adjoints written in torch (kept graphs, stored states) against
-    # backprop: all three must give one gradient
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "stage_adjoint_floor.py"), "--steps", "7",
-                           "--rounds", "1", "--repeats", "1", "--workload", workload],
-                          capture_output=True, text=True, timeout=300, check=False)
+def test_floor_s_five_backward_passes_agree_and_its_table_has_both_designs(workload):
+    # benchmarks.floor times two discrete RK adjoints written in torch (kept graphs, stored states),
+    # backprop, torchdiffeq and pnode's two strategies: every one must give the same gradient
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.floor", "--quick", "--steps", "7", "--pairs", "2",
+                           "--warmup", "1", "--workload", workload],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("dL/dp[0]:"))
-    backprop, graphs, states = (float(part.split()[-1]) for part in line[len("dL/dp[0]:"):].split(","))
+    values = dict(part.split() for part in line[len("dL/dp[0]:"):].split(","))
+    assert list(values) == ["backprop", "torch:graphs", "torch:states", "pnode:graphs", "pnode:states"]
+    backprop = float(values.pop("backprop"))
     assert backprop != 0.0
-    for other in (graphs, states):
-        assert abs(other - backprop) <= 1e-5 * abs(backprop)
-    assert "| 0 |" in proc.stdout
+    for name, value in values.items():  # pnode sums in PETSc's float64: float32 round-off apart
+        assert abs(float(value) - backprop) <= 1e-5 * abs(backprop), (name, line)
+    rows = re.findall(r"^\| (kept graphs|stored states) \| (.*) \|$", proc.stdout, re.M)
+    assert [r[0] for r in rows] == ["kept graphs", "stored states"], proc.stdout
+    for _, cells in rows:
+        for median, low, high in re.findall(r"(\d+\.\d+) \((\d+\.\d+)–(\d+\.\d+)\)", cells):
+            assert float(low) <= float(median) <= float(high)
+
+
+def test_floor_rotations_time_every_step_once_each_starting_one_later():
+    from benchmarks.floor import rotations
+
+    now, order = [0.0], []
+
+    def stepping(name, duration):
+        def step():
+            order.append(name)
+            now[0] += duration
+        return step
+
+    steps = {"a": stepping("a", 1.0), "b": stepping("b", 2.0), "c": stepping("c", 4.0)}
+    times = rotations(steps, 4, clock=lambda: now[0])
+    assert times == [{"a": 1.0, "b": 2.0, "c": 4.0}] * 4
+    assert "".join(order) == "abc" "bca" "cab" "abc"
 
 
 def test_interleaved_pairs_alternate_their_order_and_divide_this_step_by_the_other():
