@@ -29,10 +29,11 @@ casts between the network's dtype and PETSc's). All five backward passes give th
 
 import argparse
 import statistics
-import time
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Sequence, Tuple
 
 import torch
+
+from benchmarks.interleaved import rotations, summary, training_step
 
 A = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0))  # classic RK4
 B = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
@@ -132,7 +133,6 @@ def steps_of(workload: str, steps: int, quick: bool = False) -> Dict[str, Callab
     import torchdiffeq
 
     import pnode
-    from benchmarks.interleaved import training_step
     from benchmarks.workloads import build
     from benchmarks.workloads import training_step as workload_step
 
@@ -148,31 +148,10 @@ def steps_of(workload: str, steps: int, quick: bool = False) -> Dict[str, Callab
     return out
 
 
-def rotations(steps: Dict[str, Callable[[], object]], count: int,
-              clock: Callable[[], float] = time.perf_counter) -> List[Dict[str, float]]:
-    """``count`` rotations: each times every step once (seconds, by name), starting one name later
-    than the rotation before."""
-    names, out = list(steps), []
-    for r in range(count):
-        times = {}
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = clock()
-            steps[name]()
-            times[name] = clock() - start
-        out.append(times)
-    return out
-
-
-def summary(ratios: Sequence[float]) -> str:
-    """Median and quartiles (inclusive method: within the observed ratios) as ``'1.23 (1.20–1.27)'``."""
-    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-    return f"{statistics.median(ratios):.2f} ({low:.2f}–{high:.2f})"
-
-
 def table(times: Sequence[Dict[str, float]]) -> str:
     """The markdown table of per-rotation ratios (see the module's docstring)."""
     def ratio(a, b):
-        return summary([t[a] / t[b] for t in times])
+        return summary([t[a] / t[b] for t in times], digits=2)
     lines = ["| design | torch alone × torchdiffeq | pnode × torchdiffeq | pnode × torch alone |",
              "|---|---|---|---|",
              f"| backprop (one backward pass) | {ratio('backprop', 'torchdiffeq')} | – | – |"]

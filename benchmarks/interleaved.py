@@ -57,25 +57,31 @@ def training_step(library, row: str, quick: bool) -> Callable[[], None]:
     return lambda: workload_step(problem, solve)
 
 
+def rotations(steps: Dict[str, Callable[[], object]], count: int,
+              clock: Callable[[], float] = time.perf_counter) -> List[Dict[str, float]]:
+    """``count`` rotations: each times every step once (seconds, by name), starting one name later
+    than the rotation before (two steps: their order alternates)."""
+    names, out = list(steps), []
+    for r in range(count):
+        times = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = clock()
+            steps[name]()
+            times[name] = clock() - start
+        out.append(times)
+    return out
+
+
 def paired_ratios(first: Callable[[], None], second: Callable[[], None], pairs: int,
                   clock: Callable[[], float] = time.perf_counter) -> List[float]:
     """``time(first) / time(second)`` for each of ``pairs`` pairs, the order alternating pair by pair."""
-    ratios = []
-    for i in range(pairs):
-        times = {}
-        for name, step in ((("first", first), ("second", second)) if i % 2 == 0 else
-                           (("second", second), ("first", first))):
-            start = clock()
-            step()
-            times[name] = clock() - start
-        ratios.append(times["first"] / times["second"])
-    return ratios
+    return [t["first"] / t["second"] for t in rotations({"first": first, "second": second}, pairs, clock)]
 
 
-def summary(ratios: Sequence[float]) -> str:
-    """Median and quartiles (inclusive method: within the observed ratios) as ``'0.93 (0.90–0.97)'``."""
+def summary(ratios: Sequence[float], digits: int = 3) -> str:
+    """Median and quartiles (inclusive method: within the observed ratios) as ``'0.930 (0.900–0.970)'``."""
     low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
-    return f"{statistics.median(ratios):.3f} ({low:.3f}–{high:.3f})"
+    return f"{statistics.median(ratios):.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 
 def main(argv: Sequence[str] = None) -> None:

@@ -176,9 +176,8 @@ def test_floor_s_five_backward_passes_agree_and_its_table_has_both_designs(workl
             assert float(low) <= float(median) <= float(high)
 
 
-def test_floor_rotations_time_every_step_once_each_starting_one_later():
-    from benchmarks.floor import rotations
-
+def _stub_steps(durations):
+    """Steps that take ``durations`` (name -> seconds) on a stub clock: (steps, clock, order run)."""
     now, order = [0.0], []
 
     def stepping(name, duration):
@@ -186,9 +185,14 @@ def test_floor_rotations_time_every_step_once_each_starting_one_later():
             order.append(name)
             now[0] += duration
         return step
+    return {name: stepping(name, d) for name, d in durations.items()}, (lambda: now[0]), order
 
-    steps = {"a": stepping("a", 1.0), "b": stepping("b", 2.0), "c": stepping("c", 4.0)}
-    times = rotations(steps, 4, clock=lambda: now[0])
+
+def test_rotations_time_every_step_once_each_starting_one_later():
+    from benchmarks.interleaved import rotations
+
+    steps, clock, order = _stub_steps({"a": 1.0, "b": 2.0, "c": 4.0})
+    times = rotations(steps, 4, clock=clock)
     assert times == [{"a": 1.0, "b": 2.0, "c": 4.0}] * 4
     assert "".join(order) == "abc" "bca" "cab" "abc"
 
@@ -196,18 +200,12 @@ def test_floor_rotations_time_every_step_once_each_starting_one_later():
 def test_interleaved_pairs_alternate_their_order_and_divide_this_step_by_the_other():
     from benchmarks.interleaved import paired_ratios, summary
 
-    now, order = [0.0], []
-
-    def stepping(name, duration):
-        def step():
-            order.append(name)
-            now[0] += duration
-        return step
-
-    ratios = paired_ratios(stepping("this", 3.0), stepping("other", 2.0), 4, clock=lambda: now[0])
+    steps, clock, order = _stub_steps({"this": 3.0, "other": 2.0})
+    ratios = paired_ratios(steps["this"], steps["other"], 4, clock=clock)
     assert ratios == [1.5] * 4
     assert order == ["this", "other", "other", "this", "this", "other", "other", "this"]
     assert summary([1.0, 2.0, 3.0, 4.0, 5.0]) == "3.000 (2.000–4.000)"  # quartiles within the ratios
+    assert summary([1.0, 2.0, 3.0, 4.0, 5.0], digits=2) == "3.00 (2.00–4.00)"
 
 
 def test_interleaved_runs_another_checkout_s_pnode_in_the_same_process():
