@@ -20,7 +20,8 @@ order rotating from one rotation to the next:
   ``options={'adjoint': 'graphs' | 'states'}``.
 
 The table gives, per design, the median (and quartiles) of the per-rotation ratios to torchdiffeq
-and of pnode's to torch alone: the torch-alone ratios are what any implementation of that design
+and of pnode's to torch alone (then the cost of one evaluation of f without its graph, beside
+torchdiffeq's time per stage): the torch-alone ratios are what any implementation of that design
 costs on this machine (an engine call per stage; for stored states one more evaluation of f per
 stage), pnode's ratio to them what its boundary adds (PETSc's callbacks, its vector work, the
 casts between the network's dtype and PETSc's). All five backward passes give the same gradient
@@ -29,6 +30,7 @@ casts between the network's dtype and PETSc's). All five backward passes give th
 
 import argparse
 import statistics
+import time
 from typing import Callable, Dict, NamedTuple, Sequence, Tuple
 
 import torch
@@ -163,6 +165,19 @@ def table(times: Sequence[Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def evaluation_seconds(p: Problem, calls: int = 200, rounds: int = 5) -> float:
+    """Seconds one evaluation of f takes without its graph (what stored states add per stage):
+    the median over ``rounds`` of ``calls`` evaluations at ``y0``."""
+    times = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                p.f(p.y0)
+            times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
 def check_gradients(workload: str, steps: int, quick: bool = False) -> str:
     """One line: dL/dp[0] of backprop, both torch-alone adjoints and both pnode strategies (all equal
     to round-off)."""
@@ -195,7 +210,12 @@ def main(argv: Sequence[str] = None) -> None:
     rotations(steps, args.warmup)
     print(f"{args.workload}, rk4 with {args.steps} steps, torch threads {args.threads}; per-rotation time "
           "ratios: median (quartiles)\n")
-    print(table(rotations(steps, args.pairs)))
+    times = rotations(steps, args.pairs)
+    print(table(times))
+    stage = statistics.median(t["torchdiffeq"] for t in times) / (4 * args.steps)
+    f_eval = evaluation_seconds(from_workload(args.workload, args.steps, args.quick))
+    print(f"one evaluation of f without its graph: {1e6 * f_eval:.0f} µs; torchdiffeq's training step: "
+          f"{1e6 * stage:.0f} µs per stage")
 
 
 if __name__ == "__main__":
